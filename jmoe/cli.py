@@ -73,6 +73,19 @@ def _build_train_configs(args):
             p = preset(args.preset)
             if p["model"] != model_cfg and not args.dense:
                 raise ValueError(f"cannot resume: --preset {args.preset} differs from the run in {out}")
+    elif args.resume_from:
+        if args.preset is not None:
+            raise ValueError("--resume-from takes the model of that run; it conflicts with --preset")
+        source = Path(args.resume_from)
+        try:
+            saved = json.loads((source / "config.json").read_text())
+            model_cfg = LMConfig.from_dict(saved["model"])
+            tc = TrainConfig.from_dict(saved["train"])
+        except FileNotFoundError:
+            raise ValueError(f"--resume-from {source} is not a jmoe run directory (no config.json)") from None
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{source / 'config.json'} is corrupt: {e}") from None
+        tc = tc.replace(init_from=str(source.absolute()), distill_from=None)
     else:
         p = preset(args.preset or "tiny")
         model_cfg, tc = p["model"], TrainConfig(**p["train"])
@@ -113,6 +126,9 @@ def _build_train_configs(args):
             "mesh": args.mesh,
             "ep_impl": args.ep_impl,
             "ep_capacity_factor": args.ep_capacity_factor,
+            "distill_from": None if args.distill_from is None else str(Path(args.distill_from).absolute()),
+            "distill_weight": args.distill_weight,
+            "distill_temperature": args.distill_temperature,
         }.items()
         if v is not None
     }
@@ -210,6 +226,19 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_compress(args) -> int:
+    from jmoe.merge.experts.run import compress_run
+
+    compress_run(
+        args.ckpt, args.out, method=args.method, target_experts=args.target_experts, rank=args.rank,
+        sparsity=args.sparsity, budget=args.budget, importance=args.importance, router=args.router,
+        align=None if args.align == "none" else args.align, calib_batches=args.calib_batches,
+        calib_data=args.calib_data, stats=args.stats, step=args.step, seed=args.seed,
+        log=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)),
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jmoe", description="Sparse Mixture-of-Experts in JAX.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -235,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--keep-ckpts", type=int)
     t.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override any config field (model., moe., train.)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--resume-from", metavar="DIR", help="start from the model of another run (e.g. one written by 'jmoe compress'), with a fresh optimizer")
+    t.add_argument("--distill-from", metavar="DIR", help="distil from this run's model (knowledge distillation)")
+    t.add_argument("--distill-weight", type=float, help="weight of the distillation loss (default 0.5)")
+    t.add_argument("--distill-temperature", type=float, help="softmax temperature of distillation (default 1)")
     t.add_argument("--mesh", help='device mesh, e.g. "data=2,expert=4" (axes: data, fsdp, expert, model)')
     t.add_argument("--ep-impl", help="expert-parallel token exchange: auto | padded | ragged | allgather")
     t.add_argument("--ep-capacity-factor", type=float, help="expert-parallel buffer size factor (default 2.0)")
@@ -269,6 +302,27 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--force", action="store_true", help="write into a non-empty OUT_DIR")
     m.add_argument("--quiet", action="store_true")
     m.set_defaults(func=cmd_merge)
+
+    c = sub.add_parser("compress", help="merge, prune or compress the experts of a run (M-SMoE, MC-SMoE, baselines)")
+    c.add_argument("--ckpt", required=True, help="run directory to reduce")
+    c.add_argument("--out", required=True, help="new run directory (jmoe eval / train --resume-from accept it)")
+    c.add_argument("--method", required=True, choices=["msmoe", "mcsmoe", "average", "random", "prune"])
+    c.add_argument("--target-experts", type=float, required=True, help="experts per MoE layer, on average over layers")
+    c.add_argument("--rank", type=int, help="mcsmoe: rank of the low-rank factors")
+    c.add_argument("--sparsity", type=float, help="mcsmoe: fraction of the sparse residual dropped")
+    c.add_argument("--budget", type=float, help="mcsmoe: stored size as a fraction of the experts (instead of --sparsity)")
+    c.add_argument("--importance", default="magnitude", choices=["magnitude", "sensitivity"],
+                   help="mcsmoe: how residual columns are ranked (|w| or |w * grad|)")
+    c.add_argument("--router", default="share", choices=["share", "merge"],
+                   help="share: the router keeps its outputs, grouped experts share weights; merge: router columns merged too")
+    c.add_argument("--align", default="weight", choices=["weight", "activation", "none"], help="msmoe: neuron alignment before merging")
+    c.add_argument("--calib-batches", type=int, default=8, help="calibration batches from the training split")
+    c.add_argument("--calib-data", help="calibrate on this text instead of the run's corpus")
+    c.add_argument("--stats", help="routing statistics (.npz) saved by an earlier compress")
+    c.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=cmd_compress)
     return parser
 
 

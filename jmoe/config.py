@@ -37,6 +37,9 @@ class MoEConfig:
       num_shared_experts: experts every token passes through (DeepSeekMoE); they are
         stored fused as one FFN of hidden width `num_shared_experts * d_ff_shared`.
       shared_gate: scale the shared experts' output by sigmoid(x w_g), w_g: [d, 1] (Qwen2-MoE).
+      expert_map: router choice i runs expert expert_map[i] (experts merged into shared
+        weights keep their router outputs); None: choice i is expert i. With a map the router
+        has len(expert_map) outputs and num_experts counts the expert parameter sets.
       d_ff_shared: hidden width of one shared expert (defaults to `d_ff`).
 
     Routing (`router` names a registry entry, see `jmoe.registry.ROUTERS`):
@@ -100,6 +103,7 @@ class MoEConfig:
     num_shared_experts: int = 0
     d_ff_shared: int | None = None
     shared_gate: bool = False
+    expert_map: tuple | None = None
     dtype: str | None = None
     param_dtype: str = "float32"
     aux_loss_coef: float = 1e-2
@@ -135,7 +139,7 @@ class MoEConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"MoEConfig.{name}={v!r} must be an integer >= 0")
-        if self.top_k > self.num_experts:
+        if self.top_k > self.num_experts and not self.expert_map:
             raise ValueError(
                 f"MoEConfig.top_k={self.top_k} must be <= num_experts={self.num_experts}"
             )
@@ -173,12 +177,23 @@ class MoEConfig:
                 f"MoEConfig.impl={self.impl!r} is unknown; known: auto, "
                 f"{', '.join(DROPLESS_IMPLS.names())}"
             )
+        if self.expert_map is not None:
+            object.__setattr__(self, "expert_map", tuple(int(e) for e in self.expert_map))
+            if not self.expert_map or min(self.expert_map) < 0 or max(self.expert_map) >= self.num_experts:
+                raise ValueError(f"MoEConfig.expert_map entries must be expert indices in [0, num_experts={self.num_experts})")
+            if self.top_k > len(self.expert_map):
+                raise ValueError(f"MoEConfig.top_k={self.top_k} exceeds the {len(self.expert_map)} router outputs of expert_map")
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype, "MoEConfig.dtype"))
         pd = canonical_dtype(self.param_dtype, "MoEConfig.param_dtype")
         if pd is None:
             raise ValueError("MoEConfig.param_dtype must not be None")
         object.__setattr__(self, "param_dtype", pd)
         ROUTERS.get(self.router).validate(self)
+
+    @property
+    def num_routed(self) -> int:
+        """Router outputs that run an FFN expert (len(expert_map), or num_experts)."""
+        return len(self.expert_map) if self.expert_map else self.num_experts
 
     @property
     def num_choices(self) -> int:
@@ -198,7 +213,12 @@ class MoEConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.expert_map is None:  # written only when set, so older configs read the same
+            del d["expert_map"]
+        else:
+            d["expert_map"] = list(self.expert_map)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "MoEConfig":

@@ -64,7 +64,7 @@ def init_moe(key: jax.Array, cfg: MoEConfig) -> dict:
 
     Returns:
       {"router": {...}, "experts": {"w_gate", "w_up": [E, d, f], "w_down": [E, f, d]},
-       "shared": {"w_gate", "w_up": [d, S], "w_down": [S, d]}} with S = cfg.shared_d_ff;
+      "shared": {"w_gate", "w_up": [d, S], "w_down": [S, d]}} with S = cfg.shared_d_ff;
       "shared" only when cfg.num_shared_experts > 0, "w_gate" only for gated activations.
       The router's tree depends on the router ("topk": {"w": [d, E]}).
     """
@@ -195,7 +195,10 @@ def route_and_compute(params, xt, cfg, experts, *, state, key, carry, dispatch):
     with jax.named_scope("router"):
         routing = router.apply(params["router"], xt, cfg, state=state, key=key, carry=carry)
     with jax.named_scope("dispatch"):
-        y, dropped = dispatch(experts, xt, routing.for_ffn_experts(cfg.num_experts), cfg)
+        ffn_routing = routing.for_ffn_experts(cfg.num_routed)
+        if cfg.expert_map:
+            ffn_routing = ffn_routing.replace(expert_ids=jnp.asarray(cfg.expert_map, jnp.int32)[ffn_routing.expert_ids])
+        y, dropped = dispatch(experts, xt, ffn_routing, cfg)
     if router.extra_output is not None:
         with jax.named_scope("flop_free_experts"):
             y = y + router.extra_output(params["router"], xt, routing, cfg).astype(y.dtype)
@@ -231,7 +234,7 @@ def moe_aux(
 ) -> MoEAux:
     """Losses and statistics of one routing; `reduce` sums over the shards of the batch."""
     router = ROUTERS.get(cfg.router)
-    E = cfg.num_experts
+    E = cfg.num_routed
     C = routing.num_experts
     counts = reduce(losses.expert_counts(routing.expert_ids, routing.mask, C))
     selected = jnp.maximum(jnp.sum(counts), 1.0)

@@ -171,7 +171,7 @@ def _lm_grams_one(params, tokens, cfg):
         g = _gram(hf)
         if cfg.is_moe_layer(i):
             m = p["moe"]
-            mc = cfg.moe
+            mc = cfg.moe_for(i)
             y, aux = moe_layer(m, h, mc, carry=carry)
             carry = aux.routing.carry
             if "w" in m["router"] and m["router"]["w"].ndim == 2:

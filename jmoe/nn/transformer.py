@@ -43,6 +43,8 @@ class LMConfig:
     moe_every: layer i is an MoE layer when (i + 1) % moe_every == 0 (1: every layer) and i
       is not in dense_layers.
     dense_layers: layers that keep a dense FFN (e.g. DeepSeek's first layers).
+    layer_moe: (layer, MoEConfig) pairs for MoE layers that differ from `moe` (e.g. a
+      different number of experts after compression).
     max_seq_len: longest sequence the model is trained or sampled with.
     attention: the attention variant (GQA with optional biases and q/k norms, or MLA) and its
       RoPE settings.
@@ -69,6 +71,7 @@ class LMConfig:
     param_dtype: str = "float32"
     attention: AttentionConfig = AttentionConfig()
     dense_layers: tuple = ()
+    layer_moe: tuple = ()
     meta: tuple = ()
 
     def __post_init__(self):
@@ -87,6 +90,13 @@ class LMConfig:
         if isinstance(self.attention, dict):
             object.__setattr__(self, "attention", AttentionConfig(**self.attention))
         object.__setattr__(self, "dense_layers", tuple(int(i) for i in self.dense_layers))
+        overrides = []
+        for layer, moe in (self.layer_moe.items() if isinstance(self.layer_moe, dict) else self.layer_moe):
+            moe = MoEConfig.from_dict(moe) if isinstance(moe, dict) else moe
+            if moe.d_model != self.d_model:
+                raise ValueError(f"LMConfig.layer_moe[{layer}].d_model={moe.d_model} must equal d_model={self.d_model}")
+            overrides.append((int(layer), moe))
+        object.__setattr__(self, "layer_moe", tuple(sorted(overrides, key=lambda kv: kv[0])))
         if isinstance(self.meta, dict):
             object.__setattr__(self, "meta", tuple(sorted(self.meta.items())))
         else:
@@ -118,6 +128,13 @@ class LMConfig:
         """Per-head width: d_head, or d_model // n_heads when unset."""
         return self.d_head or self.d_model // self.n_heads
 
+    def moe_for(self, i: int) -> MoEConfig:
+        """The MoE config of layer i (its override, or `moe`)."""
+        for layer, moe in self.layer_moe:
+            if layer == i:
+                return moe
+        return self.moe
+
     def is_moe_layer(self, i: int) -> bool:
         return self.moe is not None and (i + 1) % self.moe_every == 0 and i not in self.dense_layers
 
@@ -136,6 +153,10 @@ class LMConfig:
         d["moe"] = None if self.moe is None else self.moe.to_dict()
         d["attention"] = self.attention.to_dict()
         d["dense_layers"] = list(self.dense_layers)
+        if self.layer_moe:  # written only when set, so older configs read the same
+            d["layer_moe"] = {str(i): m.to_dict() for i, m in self.layer_moe}
+        else:
+            del d["layer_moe"]
         d["meta"] = dict(self.meta)
         return d
 
@@ -159,7 +180,8 @@ class LMConfig:
                 n *= s
             keys = [getattr(p, "key", None) for p in path]
             if active and "experts" in keys and self.moe is not None:
-                n = n // self.moe.num_experts * self.moe.top_k
+                moe = self.moe_for(int(keys[1])) if keys[0] == "layers" else self.moe
+                n = n // moe.num_experts * min(moe.top_k, moe.num_experts)
             total += n
         return total
 
@@ -188,7 +210,7 @@ def _init_lm(key, cfg):
             "ffn_norm": init_rms_norm(cfg.d_model, dt),
         }
         if cfg.is_moe_layer(i):
-            layer["moe"] = init_moe(k_ffn, cfg.moe.replace(param_dtype=dt))
+            layer["moe"] = init_moe(k_ffn, cfg.moe_for(i).replace(param_dtype=dt))
         else:
             layer["ffn"] = init_ffn(k_ffn, cfg.d_model, cfg.d_ff, cfg.activation, dt)
         params["layers"][str(i)] = layer
@@ -203,21 +225,30 @@ def init_lm_state(cfg: LMConfig) -> dict:
     """Explicit router state per MoE layer ({} when no router has state)."""
     if cfg.moe is None:
         return {}
-    if init_moe_state(cfg.moe) is None:
-        return {}
-    return {str(i): init_moe_state(cfg.moe) for i in cfg.moe_layers}  # one fresh state per layer
+    states = {str(i): init_moe_state(cfg.moe_for(i)) for i in cfg.moe_layers}  # a fresh state per layer
+    return {k: v for k, v in states.items() if v is not None}
+
+
+def stack_padded(rows: list[jax.Array]) -> jax.Array:
+    """[len(rows), max C] from 1-D arrays of possibly different lengths, zero-padded."""
+    width = max(r.shape[0] for r in rows)
+    return jnp.stack([jnp.pad(r, (0, width - r.shape[0])) for r in rows])
 
 
 @struct.dataclass
 class LMAux:
-    """moe_loss: sum of the MoE layers' weighted aux losses; moe: MoEAux per MoE layer (in order)."""
+    """moe_loss: sum of the MoE layers' weighted aux losses; moe: MoEAux per MoE layer (in order);
+    moe_inputs: the MoE layers' inputs [B, S, d] (normed residual), with `lm_apply(...,
+    keep_moe_inputs=True)` only."""
 
     moe_loss: jax.Array
     moe: tuple[MoEAux, ...]
+    moe_inputs: tuple = ()
 
     def load(self) -> jax.Array:
-        """[L_moe, C] per-layer load over the router's choices."""
-        return jnp.stack([a.load for a in self.moe]) if self.moe else jnp.zeros((0, 0))
+        """[L_moe, C] per-layer load over the router's choices (zero-padded to the widest layer
+        when merged or pruned layers differ; `MoEConfig.num_choices` gives each layer's C)."""
+        return stack_padded([a.load for a in self.moe]) if self.moe else jnp.zeros((0, 0))
 
     def counts(self, cfg: LMConfig) -> dict:
         """{layer: [C] selected-slot counts} of this call (sum them over micro-batches)."""
@@ -228,10 +259,12 @@ def update_lm_state(state: dict, counts: dict, cfg: LMConfig) -> dict:
     """The routers' once-per-step state update from the step's per-layer counts."""
     if not state:
         return state
-    update = ROUTERS.get(cfg.moe.router).update_state
-    if update is None:
-        return state
-    return {layer: update(s, counts[layer], cfg.moe) for layer, s in state.items()}
+    out = {}
+    for layer, s in state.items():
+        moe = cfg.moe_for(int(layer))
+        update = ROUTERS.get(moe.router).update_state
+        out[layer] = s if update is None else update(s, counts[layer], moe)
+    return out
 
 
 def lm_apply(
@@ -244,6 +277,7 @@ def lm_apply(
     positions: jax.Array | None = None,
     ep: Any = None,
     balance_counts: dict | None = None,
+    keep_moe_inputs: bool = False,
 ) -> tuple[jax.Array, LMAux]:
     """Logits of the next token.
 
@@ -270,6 +304,7 @@ def lm_apply(
     balance_counts = balance_counts or {}
     carry = None
     auxes = []
+    inputs = []
     moe_loss = jnp.zeros((), jnp.float32)
     layer_keys = jax.random.split(key, cfg.n_layers) if key is not None else [None] * cfg.n_layers
     for i in range(cfg.n_layers):
@@ -280,11 +315,13 @@ def lm_apply(
             h = rms_norm(p["ffn_norm"], x, cfg.norm_eps)
             if cfg.is_moe_layer(i):
                 y, aux = moe_layer(
-                    p["moe"], h, cfg.moe, state=state.get(str(i)), key=layer_keys[i], ep=ep, carry=carry,
+                    p["moe"], h, cfg.moe_for(i), state=state.get(str(i)), key=layer_keys[i], ep=ep, carry=carry,
                     balance_counts=balance_counts.get(str(i)),
                 )
                 carry = aux.routing.carry
                 auxes.append(aux)
+                if keep_moe_inputs:
+                    inputs.append(h)
                 moe_loss = moe_loss + aux.loss
             else:
                 y = ffn(p["ffn"], h, cfg.activation)
@@ -292,7 +329,7 @@ def lm_apply(
     x = rms_norm(params["final_norm"], x, cfg.norm_eps)
     w_out = params["embed"]["w"].T if cfg.tie_embeddings else params["unembed"]["w"]
     logits = jnp.einsum("bsd,dv->bsv", x.astype(jnp.float32), w_out.astype(jnp.float32))
-    return logits, LMAux(moe_loss=moe_loss, moe=tuple(auxes))
+    return logits, LMAux(moe_loss=moe_loss, moe=tuple(auxes), moe_inputs=tuple(inputs))
 
 
 class TransformerLM(ParamModule):

@@ -79,6 +79,7 @@ class ExpertParallel:
 
 
 def exclusive_cumsum(a: jax.Array, axis: int = 0) -> jax.Array:
+    """Cumulative sum along `axis` that excludes each element itself (0 first); `a`'s shape and dtype."""
     return jnp.cumsum(a, axis=axis) - a
 
 
@@ -327,7 +328,7 @@ def ep_moe_layer(params, x, cfg, ep: ExpertParallel, *, state=None, key=None, ca
     aux_specs = MoEAux(
         loss=scalar, balance_loss=scalar, z_loss=scalar, load=scalar, tokens_per_expert=scalar,
         dropped_fraction=scalar, router_entropy=scalar, experts_per_token=scalar, zero_compute_fraction=scalar,
-        routing=tok_spec, num_ffn_experts=cfg.num_experts,
+        routing=tok_spec, num_ffn_experts=cfg.num_routed,
     )
     key_arg = key if has_key else jnp.zeros((), jnp.uint32)
     # check_vma=False: the dropless loop's lax.switch mixes device-invariant (empty chunk)

@@ -75,7 +75,7 @@ class Router:
 
     init(key, cfg) -> params pytree.
     apply(params, x [T, d], cfg, *, state, key, carry) -> Routing.
-    num_choices(cfg) -> C, the width of `Routing.probs` (default cfg.num_experts).
+    num_choices(cfg) -> C, the width of `Routing.probs` (default cfg.num_routed).
     init_state(cfg) -> explicit non-gradient state (e.g. a selection bias), or None.
     update_state(state, tokens_per_choice [C], cfg) -> new state, applied once per optimizer
       step outside the gradient (None: stateless).
@@ -89,7 +89,7 @@ class Router:
 
     init: Callable[[jax.Array, Any], Any]
     apply: Callable[..., Routing]
-    num_choices: Callable[[Any], int] = lambda cfg: cfg.num_experts
+    num_choices: Callable[[Any], int] = lambda cfg: cfg.num_routed
     init_state: Callable[[Any], Any] = _none
     update_state: Callable[..., Any] | None = None
     extra_output: Callable[..., jax.Array] | None = None

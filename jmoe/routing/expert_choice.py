@@ -24,13 +24,14 @@ from jmoe.routing.topk import init_linear_router, router_logits
 
 
 def expert_choice_capacity(num_tokens: int, top_k: int, num_experts: int) -> int:
+    """Tokens per expert C = ceil(num_tokens * top_k / num_experts), clamped to [1, num_tokens]."""
     return max(1, min(num_tokens, math.ceil(num_tokens * top_k / num_experts)))
 
 
 def expert_choice_route(params, x, cfg, *, state=None, key=None, carry=None) -> Routing:
     """x: [T, d] -> Routing with k = E slots per token (slot e is expert e, masked if not chosen)."""
     T = x.shape[0]
-    E = cfg.num_experts
+    E = cfg.num_routed
     logits = router_logits(params, x, cfg, key)
     probs = jax.nn.softmax(logits, axis=-1)
     C = expert_choice_capacity(T, cfg.top_k, E)

@@ -25,10 +25,13 @@ from jmoe.routing.topk import init_linear_router, router_logits
 
 
 def num_choices(cfg) -> int:
-    return cfg.num_experts + cfg.num_zero_experts + cfg.num_copy_experts + cfg.num_constant_experts
+    """Number of router choices C = E + Z + P + Q (FFN, zero, copy and constant experts)."""
+    return cfg.num_routed + cfg.num_zero_experts + cfg.num_copy_experts + cfg.num_constant_experts
 
 
 def init_moepp_router(key, cfg) -> dict:
+    """MoE++ router parameters in `cfg.param_dtype`: `w: [d, C]`; `gate_map: [C, C]` (zeros) with
+    `gating_residual`; `const_w: [Q, d, 2]` and `const_v: [Q, d]` for Q constant experts."""
     k_w, k_c, k_v = jax.random.split(key, 3)
     C = num_choices(cfg)
     params = init_linear_router(k_w, cfg, C)
@@ -49,7 +52,7 @@ def moepp_route(params, x, cfg, *, state=None, key=None, carry=None) -> Routing:
         logits = logits + carry.astype(jnp.float32) @ params["gate_map"].astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
     top, ids = lax.top_k(probs, cfg.top_k)
-    E, Z = cfg.num_experts, cfg.num_zero_experts
+    E, Z = cfg.num_routed, cfg.num_zero_experts
     zero = (ids >= E) & (ids < E + Z)
     w = jnp.where(zero, 0.0, top)
     total = jnp.sum(w, axis=-1, keepdims=True)
@@ -60,7 +63,7 @@ def moepp_route(params, x, cfg, *, state=None, key=None, carry=None) -> Routing:
 
 def moepp_extra_output(params, x, routing, cfg) -> jax.Array:
     """The copy and constant experts' contribution. x: [T, d] -> [T, d]."""
-    E, Z, P, Q = cfg.num_experts, cfg.num_zero_experts, cfg.num_copy_experts, cfg.num_constant_experts
+    E, Z, P, Q = cfg.num_routed, cfg.num_zero_experts, cfg.num_copy_experts, cfg.num_constant_experts
     ids, w = routing.expert_ids, jnp.where(routing.mask, routing.weights, 0.0)
     x32 = x.astype(jnp.float32)
     copy_w = jnp.sum(jnp.where((ids >= E + Z) & (ids < E + Z + P), w, 0.0), axis=-1)
@@ -85,8 +88,8 @@ ROUTERS.add(
         num_choices=num_choices,
         extra_output=moepp_extra_output,
         balance_weights=lambda cfg: jnp.concatenate([
-            jnp.ones((cfg.num_experts,), jnp.float32),
-            jnp.full((num_choices(cfg) - cfg.num_experts,), cfg.zero_compute_loss_weight, jnp.float32),
+            jnp.ones((cfg.num_routed,), jnp.float32),
+            jnp.full((num_choices(cfg) - cfg.num_routed,), cfg.zero_compute_loss_weight, jnp.float32),
         ]),
         validate=_validate,
     ),

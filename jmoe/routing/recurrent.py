@@ -19,7 +19,9 @@ from jmoe.routing.base import Router, Routing
 
 
 def init_recurrent_router(key, cfg) -> dict:
-    d, h, E = cfg.d_model, cfg.recurrent_dim, cfg.num_experts
+    """RMoE router parameters in `cfg.param_dtype`, h = `recurrent_dim`: `w_in: [d, h]`, a GRU cell
+    (`w_x`, `w_h`: [h, 3h]; `b_x`, `b_h`: [3h] zeros) and `w_out: [h, E]`."""
+    d, h, E = cfg.d_model, cfg.recurrent_dim, cfg.num_routed
     k1, k2, k3, k4 = jax.random.split(key, 4)
     n = lambda k, shape, fan: (fan**-0.5 * jax.random.truncated_normal(k, -2, 2, shape)).astype(cfg.param_dtype)
     return {

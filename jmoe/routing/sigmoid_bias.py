@@ -64,7 +64,7 @@ def sigmoid_bias_route(params, x, cfg, *, state=None, key=None, carry=None) -> R
 
 
 def _validate(cfg):
-    E, G, g = cfg.num_experts, cfg.expert_groups, cfg.topk_groups
+    E, G, g = cfg.num_routed, cfg.expert_groups, cfg.topk_groups
     if E % G:
         raise ValueError(f"MoEConfig.expert_groups={G} must divide num_experts={E}")
     if g > G:
@@ -78,9 +78,9 @@ ROUTERS.add(
     Router(
         init=init_linear_router,
         apply=sigmoid_bias_route,
-        init_state=lambda cfg: {"bias": jnp.zeros((cfg.num_experts,), jnp.float32)},
+        init_state=lambda cfg: {"bias": jnp.zeros((cfg.num_routed,), jnp.float32)},
         update_state=lambda state, counts, cfg: {
-            "bias": update_selection_bias(state["bias"], counts[: cfg.num_experts], cfg.bias_update_rate)
+            "bias": update_selection_bias(state["bias"], counts[: cfg.num_routed], cfg.bias_update_rate)
         },
         validate=_validate,
     ),

@@ -13,7 +13,7 @@ from jmoe.routing.base import Router, Routing
 def init_linear_router(key: jax.Array, cfg, num_choices: int | None = None) -> dict:
     """Router weight `w: [d, C]` (C = num_choices, default E), truncated normal with
     variance 0.1 / d (Switch init)."""
-    C = cfg.num_experts if num_choices is None else num_choices
+    C = cfg.num_routed if num_choices is None else num_choices
     std = (0.1 / cfg.d_model) ** 0.5
     w = std * jax.random.truncated_normal(key, -2.0, 2.0, (cfg.d_model, C))
     return {"w": w.astype(cfg.param_dtype)}

@@ -17,6 +17,10 @@ class TrainConfig:
     log_every: steps between metrics.jsonl records.
     mesh: None for one device, or a mesh spec such as "data=2,expert=4" (see jmoe.parallel).
     ep_impl, ep_capacity_factor: how MoE layers move tokens on a mesh (jmoe.parallel.ExpertParallel).
+    init_from: a run directory whose latest parameters (and router state) start this run, with a
+      fresh optimizer (recovery fine-tuning of a merged or compressed model).
+    distill_from, distill_weight, distill_temperature: knowledge distillation from another run's
+      model: loss = (1 - w) CE + w T^2 KL(teacher_T || student_T) (+ the MoE losses).
     """
 
     steps: int = 600
@@ -40,6 +44,10 @@ class TrainConfig:
     mesh: str | None = None
     ep_impl: str = "auto"
     ep_capacity_factor: float = 2.0
+    init_from: str | None = None
+    distill_from: str | None = None
+    distill_weight: float = 0.5
+    distill_temperature: float = 1.0
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches", "ckpt_every", "keep_ckpts", "log_every"):
@@ -62,6 +70,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.ep_impl={self.ep_impl!r} is unknown; known: {', '.join(EP_IMPLS)}")
         if not self.ep_capacity_factor > 0:
             raise ValueError(f"TrainConfig.ep_capacity_factor={self.ep_capacity_factor!r} must be > 0")
+        if not 0 <= self.distill_weight <= 1:
+            raise ValueError(f"TrainConfig.distill_weight={self.distill_weight!r} must be in [0, 1]")
+        if not self.distill_temperature > 0:
+            raise ValueError(f"TrainConfig.distill_temperature={self.distill_temperature!r} must be > 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"TrainConfig.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
 
@@ -72,7 +84,11 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for name in _WRITTEN_WHEN_SET:  # so that the configurations of earlier runs read the same
+            if d[name] == _DEFAULTS[name]:
+                del d[name]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -80,3 +96,7 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"TrainConfig has no field(s) {', '.join(sorted(unknown))}")
         return cls(**d)
+
+
+_WRITTEN_WHEN_SET = ("init_from", "distill_from", "distill_weight", "distill_temperature")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}

@@ -27,7 +27,7 @@ import optax
 
 import jmoe
 from jmoe.data import Corpus, eval_batches, load_corpus, train_batch
-from jmoe.nn.transformer import LMConfig, init_lm, init_lm_state, lm_apply, update_lm_state
+from jmoe.nn.transformer import LMConfig, init_lm, init_lm_state, lm_apply, stack_padded, update_lm_state
 from jmoe.parallel import ExpertParallel, batch_sharding, global_array, is_primary, make_mesh, shardings, to_host
 from jmoe.train.checkpoint import CheckpointError, CheckpointStore
 from jmoe.train.config import TrainConfig
@@ -114,7 +114,7 @@ def _moe_metrics(auxes) -> dict:
         return {}
     stack = lambda f: jnp.stack([f(a) for a in auxes])
     return {
-        "load": stack(lambda a: a.load),
+        "load": stack_padded([a.load for a in auxes]),
         "max_vio": stack(lambda a: a.max_violation),
         "dropped": stack(lambda a: a.dropped_fraction),
         "entropy": stack(lambda a: a.router_entropy),
@@ -125,6 +125,8 @@ def _moe_metrics(auxes) -> dict:
 
 
 def init_train_state(model_cfg: LMConfig, tc: TrainConfig, tx) -> dict:
+    """A fresh train state from `tc.seed`: "step" and "data_position" (int32 zeros), "params",
+    "opt_state" (`tx.init`), "rng" (key data), and "router_state" when the routers keep state."""
     key = jax.random.key(tc.seed)
     k_init, k_run = jax.random.split(key)
     params = init_lm(k_init, model_cfg)
@@ -141,29 +143,43 @@ def init_train_state(model_cfg: LMConfig, tc: TrainConfig, tx) -> dict:
     return state
 
 
+def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float) -> jax.Array:
+    """T^2 * mean over positions of KL(softmax(teacher / T) || softmax(student / T)); logits [B, S, V]."""
+    t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+    s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    return temperature**2 * jnp.mean(jnp.sum(jnp.exp(t) * (t - s), axis=-1))
+
+
 def make_train_step(model_cfg: LMConfig, tx, schedule, placement: Placement | None = None, state_shardings=None,
-                    grad_accum: int = 1) -> Callable:
-    """Jitted `(state, batch [B, S+1]) -> (state, metrics)`; the state buffers are donated.
+                    grad_accum: int = 1, teacher_cfg: LMConfig | None = None, distill_weight: float = 0.5,
+                    distill_temperature: float = 1.0) -> Callable:
+    """Jitted `(state, batch [B, S+1][, teacher]) -> (state, metrics)`; the state buffers are donated.
 
     With grad_accum > 1 the batch is split into that many micro-batches whose gradients are
     averaged; a global-scope balance loss then sees the counts of the whole batch (a
     forward-only pass collects them first), so the step equals the unsplit one.
+    With teacher_cfg the step takes a third argument {"params", "router_state"} of the teacher
+    and trains on (1 - w) CE + w `distillation_loss`.
     """
     ep = placement.ep if placement is not None else None
     moe = model_cfg.moe
 
-    def loss_fn(params, tokens, key, router_state, counts):
+    def loss_fn(params, tokens, key, router_state, counts, teacher):
         logits, aux = lm_apply(params, tokens[:, :-1], model_cfg, state=router_state, key=key, ep=ep,
                                balance_counts=counts)
         ce = cross_entropy(logits, tokens[:, 1:])
-        return ce + aux.moe_loss, (ce, aux)
+        if teacher is None:
+            return ce + aux.moe_loss, (ce, aux)
+        t_logits, _ = lm_apply(teacher["params"], tokens[:, :-1], teacher_cfg, state=teacher.get("router_state"))
+        kd = distillation_loss(logits, jax.lax.stop_gradient(t_logits), distill_temperature)
+        return (1 - distill_weight) * ce + distill_weight * kd + aux.moe_loss, (ce, aux)
 
-    def step(state, tokens):
+    def step(state, tokens, teacher=None):
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         router_state = state.get("router_state")
         params = state["params"]
         if grad_accum == 1:
-            (_, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens, key, router_state, None)
+            (_, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens, key, router_state, None, teacher)
             counts = aux.counts(model_cfg)
             moe_stats = _moe_metrics(aux.moe)
             aux_loss = aux.moe_loss
@@ -180,7 +196,7 @@ def make_train_step(model_cfg: LMConfig, tx, schedule, placement: Placement | No
 
             def body(acc, inputs):
                 mb, k = inputs
-                (_, (ce, aux)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb, k, router_state, step_counts)
+                (_, (ce, aux)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb, k, router_state, step_counts, teacher)
                 out = (ce, aux.moe_loss, aux.counts(model_cfg), _moe_metrics(aux.moe))
                 return jax.tree.map(jnp.add, acc, g), out
 
@@ -191,7 +207,7 @@ def make_train_step(model_cfg: LMConfig, tx, schedule, placement: Placement | No
             counts = jax.tree.map(lambda c: jnp.sum(c, axis=0), counts_all)
             moe_stats = jax.tree.map(lambda v: jnp.mean(v, axis=0), stats_all)
             if moe_stats:  # the step's load: from the summed counts, not the mean of shares
-                load = jnp.stack([counts[str(i)] for i in model_cfg.moe_layers])
+                load = stack_padded([counts[str(i)] for i in model_cfg.moe_layers])
                 moe_stats["load"] = load / jnp.maximum(jnp.sum(load, axis=-1, keepdims=True), 1.0)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
@@ -251,10 +267,12 @@ def evaluate(
         ces.append(float(ce))
         loads.append(np.asarray(load))
     val = float(np.mean(ces))
-    return {"val_loss": val, "val_bpb": val / math.log(2), "load": np.mean(loads, axis=0).tolist()}
+    load = [row[: model_cfg.moe_for(i).num_choices].tolist() for i, row in zip(model_cfg.moe_layers, np.mean(loads, axis=0))]
+    return {"val_loss": val, "val_bpb": val / math.log(2), "load": load}
 
 
 def abstract_train_state(model_cfg: LMConfig, tc: TrainConfig):
+    """The train state's shapes and dtypes (`jax.eval_shape`), without allocating it."""
     tx, _ = make_optimizer(tc)
     return jax.eval_shape(lambda: init_train_state(model_cfg, tc, tx))
 
@@ -370,6 +388,15 @@ def train(
             "or choose another --out"
         )
 
+    teacher = teacher_cfg = None
+    if tc.distill_from:
+        if placement.mesh is not None:
+            raise TrainError("distillation runs on one device (--distill-from cannot be combined with --mesh)")
+        teacher_cfg, _, t_params, t_state, _, _ = load_run(tc.distill_from)
+        teacher = {"params": t_params, **({"router_state": t_state} if t_state else {})}
+        if teacher_cfg.vocab_size != model_cfg.vocab_size:
+            raise TrainError(f"cannot distill: the teacher's vocabulary ({teacher_cfg.vocab_size}) differs from "
+                             f"the model's ({model_cfg.vocab_size})")
     tx, schedule = make_optimizer(tc)
     metrics_log = MetricsLog(out / "metrics.jsonl")
     abstract = jax.eval_shape(lambda: init_train_state(model_cfg, tc, tx))
@@ -388,6 +415,9 @@ def train(
         log(f"resuming {out} from step {start}")
     else:
         state = jax.jit(lambda: init_train_state(model_cfg, tc, tx), out_shardings=state_shardings)()
+        if tc.init_from:
+            state = _start_from_run(state, tc.init_from, model_cfg, tx, state_shardings)
+            log(f"starting from the parameters of {tc.init_from} (fresh optimizer)")
         start = 0
         if primary:
             metrics_log.truncate_after(0)
@@ -395,7 +425,8 @@ def train(
         atomic_write_text(config_path, json.dumps(_run_config(model_cfg, tc, corpus), indent=1))
 
     train_step = make_train_step(
-        model_cfg, tx, schedule, placement, state_shardings if placement.mesh is not None else None, tc.grad_accum
+        model_cfg, tx, schedule, placement, state_shardings if placement.mesh is not None else None, tc.grad_accum,
+        teacher_cfg=teacher_cfg, distill_weight=tc.distill_weight, distill_temperature=tc.distill_temperature,
     )
     eval_step = make_eval_step(model_cfg, placement)
     val = eval_batches(corpus.val, tc.eval_batches, tc.batch_size, tc.seq_len)
@@ -417,7 +448,7 @@ def train(
         for step in range(start, end):
             batch = placement.batch(train_batch(corpus.train, tc.seed, step, tc.batch_size, tc.seq_len))
             t0 = time.perf_counter()
-            state, m = train_step(state, batch)
+            state, m = train_step(state, batch) if teacher is None else train_step(state, batch, teacher)
             m = to_host(m)
             dt = time.perf_counter() - t0
             done = step + 1
@@ -480,6 +511,18 @@ def train(
         + (f", {summary['tokens_per_s']:,.0f} tokens/s" if summary["tokens_per_s"] else "")
     )
     return summary
+
+
+def _start_from_run(state: dict, run_dir: str, model_cfg: LMConfig, tx, shardings) -> dict:
+    """`state` with the parameters and router state of another run and a fresh optimizer."""
+    src_cfg, _, params, router_state, _, _ = load_run(run_dir)
+    if src_cfg != model_cfg:
+        diffs = _dict_diff(src_cfg.to_dict(), model_cfg.to_dict())
+        raise TrainError(f"cannot start from {run_dir}: its model differs ({diffs})")
+    new = dict(state, params=params, opt_state=tx.init(params))
+    if router_state:
+        new["router_state"] = router_state
+    return jax.device_put(new, shardings) if shardings is not None else new
 
 
 def load_run(run_dir: str | Path, step: int | None = None):

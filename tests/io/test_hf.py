@@ -117,6 +117,33 @@ def test_a_jmoe_merged_checkpoint_loads_in_transformers(arch, tmp_path):
                                atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_merged_and_compressed_experts_load_in_transformers(arch, tmp_path):
+    from jmoe.merge import experts as mx
+
+    _, path = build(arch, tmp_path)
+    cfg, params = hf.load(path)
+    batches = [np.random.default_rng(i).integers(0, 64, (2, 12)) for i in range(2)]
+    stats = mx.collect_routing_stats(params, cfg, batches)
+    merged, mcfg, _ = mx.merge_experts(params, cfg, stats, 2, method="msmoe", router="share")
+    compressed, _, report = mx.compress_experts(merged, mcfg, rank=2, sparsity=0.5)
+    assert report["expert_ratio"] < 1
+    ours = np.asarray(lm_apply(compressed, jnp.asarray(IDS), mcfg)[0])
+    hf.save(tmp_path / "mc", mcfg, compressed)
+    theirs = T.AutoModelForCausalLM.from_pretrained(tmp_path / "mc").eval()
+    np.testing.assert_allclose(hf_logits(theirs, IDS), ours, atol=1e-4, rtol=1e-4)
+    # the router-merged variant exports with fewer experts where every layer has the same count
+    fewer, fcfg, _ = mx.merge_experts(params, cfg, stats, 2, method="random", router="merge")  # 2 in every layer
+    hf.save(tmp_path / "fewer", fcfg, fewer)
+    theirs = T.AutoModelForCausalLM.from_pretrained(tmp_path / "fewer").eval()
+    assert len(load_safetensors(tmp_path / "fewer", lazy=True)) < len(load_safetensors(path, lazy=True))
+    np.testing.assert_allclose(hf_logits(theirs, IDS), np.asarray(lm_apply(fewer, jnp.asarray(IDS), fcfg)[0]),
+                               atol=1e-4, rtol=1e-4)
+    uneven = cfg.replace(layer_moe=((cfg.moe_layers[0], cfg.moe_for(cfg.moe_layers[0]).replace(num_experts=3)),))
+    with pytest.raises(ValueError, match="one MoE shape for all layers"):
+        hf.save(tmp_path / "uneven", uneven, params)
+
+
 def test_clear_errors(tmp_path):
     (tmp_path / "odd").mkdir()
     (tmp_path / "odd" / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))

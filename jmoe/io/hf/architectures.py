@@ -136,6 +136,7 @@ def _mla_attention(hf: dict, scaling: dict, interleave: bool) -> AttentionConfig
 
 
 def mixtral(hf: dict) -> LMConfig:
+    """`LMConfig` of a Mixtral config.json (softmax top-k router, renormalised weights)."""
     common, scaling = _common(hf)
     moe = _moe(hf, num_experts=_get(hf, "num_local_experts"), top_k=hf["num_experts_per_tok"], d_ff=hf["intermediate_size"],
                router="topk", renormalize=True)
@@ -144,6 +145,7 @@ def mixtral(hf: dict) -> LMConfig:
 
 
 def qwen2_moe(hf: dict) -> LMConfig:
+    """`LMConfig` of a Qwen2-MoE config.json (optional gated shared expert, dense `mlp_only_layers`)."""
     common, scaling = _common(hf)
     shared = hf.get("shared_expert_intermediate_size") or 0
     moe = _moe(hf, num_experts=_get(hf, "num_experts"), top_k=hf["num_experts_per_tok"], d_ff=hf["moe_intermediate_size"],
@@ -156,6 +158,7 @@ def qwen2_moe(hf: dict) -> LMConfig:
 
 
 def qwen3_moe(hf: dict) -> LMConfig:
+    """`LMConfig` of a Qwen3-MoE config.json (per-head q/k norms, dense `mlp_only_layers`)."""
     common, scaling = _common(hf)
     moe = _moe(hf, num_experts=_get(hf, "num_experts"), top_k=hf["num_experts_per_tok"], d_ff=hf["moe_intermediate_size"],
                router="topk", renormalize=bool(hf.get("norm_topk_prob", True)))
@@ -167,6 +170,7 @@ def qwen3_moe(hf: dict) -> LMConfig:
 
 
 def olmoe(hf: dict) -> LMConfig:
+    """`LMConfig` of an OLMoE config.json (q/k norms over all heads, optional `clip_qkv`)."""
     common, scaling = _common(hf)
     moe = _moe(hf, num_experts=_get(hf, "num_experts"), top_k=hf["num_experts_per_tok"], d_ff=hf["intermediate_size"],
                router="topk", renormalize=bool(hf.get("norm_topk_prob", False)))
@@ -176,6 +180,8 @@ def olmoe(hf: dict) -> LMConfig:
 
 
 def deepseek_v2(hf: dict) -> LMConfig:
+    """`LMConfig` of a DeepSeek-V2 config.json (MLA attention, grouped softmax router, shared
+    experts, the first `first_k_dense_replace` layers dense)."""
     common, scaling = _common(hf)
     groups = hf.get("n_group") or 1
     limited = hf.get("topk_method", "greedy") == "group_limited_greedy" and groups > 1
@@ -190,6 +196,8 @@ def deepseek_v2(hf: dict) -> LMConfig:
 
 
 def deepseek_v3(hf: dict) -> LMConfig:
+    """`LMConfig` of a DeepSeek-V3 config.json (MLA attention, sigmoid router with selection bias
+    and expert groups, shared experts, the first `first_k_dense_replace` layers dense)."""
     common, scaling = _common(hf)
     moe = _moe(hf, num_experts=_get(hf, "n_routed_experts"), top_k=hf["num_experts_per_tok"], d_ff=hf["moe_intermediate_size"],
                router="sigmoid_bias", renormalize=bool(hf.get("norm_topk_prob", True)),
@@ -315,12 +323,13 @@ def conditions(cfg: LMConfig, layer: int | None) -> set[str]:
     else:
         on.add("q_lora" if a.q_lora_rank else "q_full")
     if cfg.is_moe_layer(layer):
+        moe = cfg.moe_for(layer)
         on.add("moe")
-        if cfg.moe.num_shared_experts:
+        if moe.num_shared_experts:
             on.add("shared")
-            if cfg.moe.shared_gate:
+            if moe.shared_gate:
                 on.add("shared_gate")
-        if cfg.moe.router == "sigmoid_bias":
+        if moe.router == "sigmoid_bias":
             on.add("router_bias")
     else:
         on.add("dense")

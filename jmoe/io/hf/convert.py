@@ -33,6 +33,8 @@ class Item:
 
 
 def plan(cfg: LMConfig, arch: str) -> list[Item]:
+    """The `Item`s of a model with config `cfg` and architecture `arch`: the leaves outside the
+    layers first, then layer by layer (an experts leaf lists one Hugging Face name per expert)."""
     rows = ARCHITECTURES[arch]["rows"]
     items = []
     top = conditions(cfg, None)
@@ -44,7 +46,7 @@ def plan(cfg: LMConfig, arch: str) -> list[Item]:
         for cond, hf, path, tf in rows:
             if "{i}" in hf and cond in on:
                 if tf == "experts":
-                    names = tuple(hf.format(i=i, e=e) for e in range(cfg.moe.num_experts))
+                    names = tuple(hf.format(i=i, e=e) for e in range(cfg.moe_for(i).num_experts))
                 else:
                     names = (hf.format(i=i),)
                 items.append(Item(path.format(i=i), names, tf))
@@ -56,6 +58,8 @@ def _heads(cfg: LMConfig, tf: str) -> int:
 
 
 def to_jmoe(arrays: list[np.ndarray], tf: str, cfg: LMConfig) -> np.ndarray:
+    """One jmoe leaf from its Hugging Face tensors by transform `tf` (see `architectures`);
+    "experts" stacks E [out, in] matrices into [E, in, out]."""
     if tf == "copy":
         return arrays[0]
     if tf == "T":
@@ -74,6 +78,8 @@ def to_jmoe(arrays: list[np.ndarray], tf: str, cfg: LMConfig) -> np.ndarray:
 
 
 def to_hf(leaf: np.ndarray, tf: str) -> list[np.ndarray]:
+    """The inverse of `to_jmoe`: a jmoe leaf back to its Hugging Face tensors (E [out, in]
+    matrices for "experts", one tensor otherwise)."""
     leaf = np.asarray(leaf)
     if tf == "copy":
         return [leaf]
@@ -91,6 +97,7 @@ def to_hf(leaf: np.ndarray, tf: str) -> list[np.ndarray]:
 
 
 def read_config(path: str | Path) -> tuple[str, LMConfig, dict]:
+    """(architecture key, `LMConfig`, config dict) from a Hugging Face model directory's config.json."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise ValueError(f"{path} has no config.json (not a Hugging Face model directory)")
@@ -165,7 +172,13 @@ def load_model(path: str | Path):
 
 def save(path: str | Path, cfg: LMConfig, params: dict, *, max_shard_size: int | str = "5GB",
          architecture: str | None = None) -> list[Path]:
-    """Write a Hugging Face directory (config.json + safetensors) that transformers loads."""
+    """Write a Hugging Face directory (config.json + safetensors) that transformers loads.
+
+    Merged models export as Hugging Face needs them: experts shared through an `expert_map`
+    are written once per router output, and per-layer MoE configs must agree (a model pruned
+    or router-merged to different expert counts per layer has no Hugging Face form).
+    """
+    cfg, params = _uniform_moe(cfg, params)
     meta = dict(cfg.meta)
     base = json.loads(meta["hf_config"]) if "hf_config" in meta else {}
     arch = architecture or (architecture_of(base) if base else None)
@@ -194,6 +207,30 @@ def save(path: str | Path, cfg: LMConfig, params: dict, *, max_shard_size: int |
     files = writer.close()
     (out / "config.json").write_text(json.dumps(hf, indent=2))
     return files + [out / "config.json"]
+
+
+def _uniform_moe(cfg: LMConfig, params: dict) -> tuple[LMConfig, dict]:
+    """cfg and params with expert maps expanded and per-layer MoE configs folded into `moe`."""
+    if cfg.moe is None or not cfg.layer_moe:
+        return cfg, params
+    params = dict(params)
+    params["layers"] = dict(params["layers"])
+    configs = {}
+    for i in cfg.moe_layers:
+        moe = cfg.moe_for(i)
+        if moe.expert_map:
+            layer = params["layers"][str(i)]
+            idx = np.asarray(moe.expert_map)
+            experts = {n: np.asarray(v)[idx] for n, v in layer["moe"]["experts"].items()}
+            params["layers"][str(i)] = {**layer, "moe": {**layer["moe"], "experts": experts}}
+            moe = moe.replace(num_experts=len(idx), expert_map=None)
+        configs[i] = moe
+    distinct = set(configs.values())
+    if len(distinct) > 1:
+        sizes = ", ".join(f"layer {i}: {m.num_experts} experts, top-{m.top_k}" for i, m in configs.items())
+        raise ValueError(f"a Hugging Face config has one MoE shape for all layers, but the layers differ ({sizes}); "
+                         "merge with router='share' or to the same expert count in every layer")
+    return cfg.replace(moe=distinct.pop(), layer_moe=()), params
 
 
 def convert(path: str | Path, out: str | Path, *, max_shard_size: int | str = "2GB") -> Path:

@@ -245,3 +245,14 @@ def test_routing_zoo_on_a_mesh_equals_one_device(changes):
         s0 = jmoe.layer.update_moe_state(state, a0, cfg)
         s1 = jmoe.layer.update_moe_state(state, a1, cfg)
         np.testing.assert_array_equal(s0["bias"], s1["bias"])
+
+
+@pytest.mark.parametrize("impl", ["padded", "allgather"])
+def test_merged_experts_with_an_expert_map_equal_one_device(impl):
+    """A merged layer (8 router outputs sharing 4 experts) runs expert-parallel like on one device."""
+    cfg = CFG.replace(num_experts=4, expert_map=(0, 1, 2, 3, 3, 2, 1, 0))
+    params = jmoe.init_moe(jax.random.key(0), cfg)
+    assert params["router"]["w"].shape[-1] == 8 and params["experts"]["w_up"].shape[0] == 4
+    x = jax.random.normal(jax.random.key(1), (T, cfg.d_model))
+    ep = ExpertParallel(make_mesh("data=2,expert=4"), impl=impl, capacity_factor=8.0)
+    assert_same(single_device(cfg, params, x), expert_parallel(cfg, params, x, ep))

@@ -1,0 +1,82 @@
+"""Upcycling dense models into MoE models.
+
+upcycle: sparse upcycling (Komatsuzaki et al., 2022): every dense FFN becomes an MoE layer
+  whose experts are copies of it (optionally with multiplicative noise), under a new router.
+  With renormalised top-k weights the upcycled model computes exactly what the dense one did
+  until training moves the copies apart.
+bam: Branch-Attend-Mix style (Zhang et al., 2024): several dense fine-tunes of one seed model
+  become one MoE model whose experts are their FFNs; every other weight (attention, norms,
+  embeddings) is the average of the fine-tunes. BAM's soft mixture of attention experts is
+  not reproduced: attention is averaged.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jmoe.config import MoEConfig
+from jmoe.layer import init_moe
+from jmoe.nn.transformer import LMConfig
+
+
+def _moe_cfg(cfg: LMConfig, num_experts: int, top_k: int, **kw) -> MoEConfig:
+    return MoEConfig(num_experts=num_experts, top_k=top_k, d_model=cfg.d_model, d_ff=cfg.d_ff,
+                     activation=cfg.activation, renormalize=True, **kw)
+
+
+def upcycle(params: dict, cfg: LMConfig, *, num_experts: int, top_k: int, key: jax.Array, noise: float = 0.0,
+            layers: Sequence[int] | None = None, **moe_options) -> tuple[dict, LMConfig]:
+    """Turn the dense FFNs of `layers` (default: all) into MoE layers of copies."""
+    if cfg.moe is not None:
+        raise ValueError("upcycle takes a dense model (cfg.moe is None)")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+    layers = list(range(cfg.n_layers)) if layers is None else sorted(layers)
+    moe_cfg = _moe_cfg(cfg, num_experts, top_k, **moe_options)
+    new = dict(params)
+    new["layers"] = dict(params["layers"])
+    keys = jax.random.split(key, len(layers) * 2)
+    for n, i in enumerate(layers):
+        layer = dict(params["layers"][str(i)])
+        ffn = layer.pop("ffn")
+        experts = {k: jnp.broadcast_to(v, (num_experts,) + v.shape) for k, v in ffn.items()}
+        if noise:
+            experts = {k: v * (1 + noise * jax.random.normal(jax.random.fold_in(keys[2 * n], j), v.shape, v.dtype))
+                       for j, (k, v) in enumerate(experts.items())}
+        router = init_moe(keys[2 * n + 1], moe_cfg)["router"]
+        layer["moe"] = {"router": router, "experts": {k: jnp.asarray(v) for k, v in experts.items()}}
+        new["layers"][str(i)] = layer
+    dense = tuple(i for i in range(cfg.n_layers) if i not in layers)
+    return new, cfg.replace(moe=moe_cfg, moe_every=1, dense_layers=dense)
+
+
+def bam(models: Sequence[dict], cfg: LMConfig, *, top_k: int, key: jax.Array, layers: Sequence[int] | None = None,
+        **moe_options) -> tuple[dict, LMConfig]:
+    """MoE from dense fine-tunes: expert e of each layer is fine-tune e's FFN; the other
+    weights are averaged."""
+    if cfg.moe is not None:
+        raise ValueError("bam takes dense models (cfg.moe is None)")
+    n = len(models)
+    if n < 2:
+        raise ValueError("bam needs at least 2 dense models")
+    structure = jax.tree.structure(models[0])
+    for i, m in enumerate(models[1:], 1):
+        if jax.tree.structure(m) != structure:
+            raise ValueError(f"models[{i}] has a different tree than models[0]")
+    layers = list(range(cfg.n_layers)) if layers is None else sorted(layers)
+    averaged = jax.tree.map(lambda *xs: (sum(jnp.asarray(x, jnp.float32) for x in xs) / n).astype(jnp.asarray(xs[0]).dtype), *models)
+    moe_cfg = _moe_cfg(cfg, n, top_k, **moe_options)
+    keys = jax.random.split(key, len(layers))
+    new = dict(averaged)
+    new["layers"] = dict(averaged["layers"])
+    for k_, i in zip(keys, layers):
+        layer = dict(averaged["layers"][str(i)])
+        layer.pop("ffn")
+        experts = {name: jnp.stack([m["layers"][str(i)]["ffn"][name] for m in models]) for name in models[0]["layers"][str(i)]["ffn"]}
+        layer["moe"] = {"router": init_moe(k_, moe_cfg)["router"], "experts": experts}
+        new["layers"][str(i)] = layer
+    dense = tuple(i for i in range(cfg.n_layers) if i not in layers)
+    return new, cfg.replace(moe=moe_cfg, moe_every=1, dense_layers=dense)
