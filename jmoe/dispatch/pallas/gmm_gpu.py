@@ -22,6 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from jmoe.dispatch.pallas.metadata import group_metadata
+from jmoe.dispatch.pallas.tiling import gpu_launch
 
 
 def _whole(shape):
@@ -52,11 +53,15 @@ def _gmm_kernel(offs_ref, gid_ref, mt_ref, num_ref, goff_ref, lhs_ref, rhs_ref, 
         plt.store(out_ref.at[pl.ds(mt * tm, tm), pl.ds(ni * tn, tn)], acc.astype(out_ref.dtype), mask=in_group[:, None])
 
 
-def gmm_gpu(lhs, rhs, group_sizes, group_offset, *, tiling, transpose_rhs, out_dtype, interpret, num_warps=4, num_stages=3):
-    """lhs [m, k], rhs [g_local, k, n] ([g_local, n, k] transposed) -> [m, n]; m, k, n tile multiples."""
+def gmm_gpu(lhs, rhs, group_sizes, group_offset, *, tiling, transpose_rhs, out_dtype, interpret, num_warps=None,
+            num_stages=None):
+    """lhs [m, k], rhs [g_local, k, n] ([g_local, n, k] transposed) -> [m, n]; m, k, n tile multiples.
+    num_warps, num_stages: default `gpu_launch`."""
     m, k = lhs.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     tm, tk, tn = tiling
+    warps, stages = gpu_launch(tm, tn, (tm * tk + tk * tn) * lhs.dtype.itemsize)
+    num_warps, num_stages = num_warps or warps, num_stages or stages
     offs, gids, mts, num = group_metadata(group_sizes, m, tm, group_offset, rhs.shape[0])
     goff = jnp.asarray(group_offset, jnp.int32).reshape(1)
     kernel = functools.partial(_gmm_kernel, tm=tm, tk=tk, tn=tn, nk=k // tk, transpose_rhs=transpose_rhs)
@@ -93,11 +98,15 @@ def _tgmm_kernel(offs_ref, goff_ref, lhs_ref, rhs_ref, out_ref, *, tm, tk, tn):
     plt.store(out_ref.at[gl, pl.ds(ki * tk, tk), pl.ds(ni * tn, tn)], acc.astype(out_ref.dtype))
 
 
-def tgmm_gpu(lhs, rhs, group_sizes, group_offset, num_local_groups, *, tiling, out_dtype, interpret, num_warps=4, num_stages=3):
-    """lhs [m, k], rhs [m, n] -> [num_local_groups, k, n]; m, k, n tile multiples."""
+def tgmm_gpu(lhs, rhs, group_sizes, group_offset, num_local_groups, *, tiling, out_dtype, interpret, num_warps=None,
+             num_stages=None):
+    """lhs [m, k], rhs [m, n] -> [num_local_groups, k, n]; m, k, n tile multiples.
+    num_warps, num_stages: default `gpu_launch` of the output tile."""
     m, k = lhs.shape
     n = rhs.shape[1]
     tm, tk, tn = tiling
+    warps, stages = gpu_launch(tk, tn, (tm * tk + tm * tn) * lhs.dtype.itemsize)
+    num_warps, num_stages = num_warps or warps, num_stages or stages
     sizes = group_sizes.astype(jnp.int32)
     offs = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(sizes)])
     goff = jnp.asarray(group_offset, jnp.int32).reshape(1)

@@ -19,7 +19,7 @@ Tiling = tuple[int, int, int]
 
 # (tm, tk, tn) by backend and element size; rows per group decide tm.
 GPU_TABLE = {
-    2: {"small_groups": (64, 64, 128), "large_groups": (128, 64, 128)},  # bf16 / f16
+    2: {"small_groups": (64, 64, 256), "large_groups": (128, 64, 256)},  # bf16 / f16 (H100-measured)
     4: {"small_groups": (64, 32, 64), "large_groups": (128, 32, 64)},  # f32
 }
 TPU_TABLE = {
@@ -27,6 +27,18 @@ TPU_TABLE = {
     4: {"small_groups": (128, 256, 256), "large_groups": (256, 256, 256)},
 }
 LARGE_GROUP_ROWS = 1024  # average rows per group at which the larger m tile pays off
+
+
+def gpu_launch(tm: int, tn: int, stage_bytes: int = 0) -> tuple[int, int]:
+    """(num_warps, num_stages) of a GPU kernel with an output tile tm x tn whose pipeline
+    stage loads `stage_bytes`: 8 warps from 128 x 256 tiles up (4 spill registers there: 7x
+    slower on an H100); a 4-deep software pipeline for 256-wide tiles, 3 otherwise (measured
+    with experiments/bench_kernels.py), fewer where the stages would not fit in 200 KB of
+    shared memory."""
+    stages = 4 if tn >= 256 else 3
+    while stages > 2 and stages * stage_bytes > 200 * 1024:
+        stages -= 1
+    return (8 if tm * tn >= 128 * 256 else 4), stages
 
 _TUNED: dict[str, Tiling] = {}
 
@@ -43,6 +55,7 @@ def _bucket(m: int) -> int:
 
 
 def tuned_key(backend: str, m: int, k: int, n: int, num_groups: int, dtype) -> str:
+    """Key of a recorded tuning: backend, dtype, m rounded up to a power of two, k, n and groups."""
     return f"{backend}:{jnp.dtype(dtype).name}:m{_bucket(m)}:k{k}:n{n}:g{num_groups}"
 
 
@@ -63,12 +76,16 @@ def heuristic_tiling(backend: str, m: int, k: int, n: int, num_groups: int, dtyp
 
 
 def tiling_for(backend: str, m: int, k: int, n: int, num_groups: int, dtype) -> Tiling:
+    """(tm, tk, tn) for lhs [m, k] times rhs [num_groups, k, n]: the tuned entry for the shape
+    if one was recorded, else `heuristic_tiling`."""
     return _TUNED.get(tuned_key(backend, m, k, n, num_groups, dtype)) or heuristic_tiling(
         backend, m, k, n, num_groups, dtype
     )
 
 
 def candidate_tilings(backend: str, m: int, k: int, n: int, num_groups: int, dtype) -> list[Tiling]:
+    """The tilings `autotune` tries: a per-backend grid of (tm, tk, tn), each shrunk to fit the
+    shape, deduplicated and sorted."""
     if backend == "tpu":
         grid = [(tm, tk, tn) for tm in (128, 256, 512) for tk in (256, 512) for tn in (256, 512)]
     else:
@@ -130,9 +147,11 @@ def autotune(
 
 
 def save_tuned(path: str | Path) -> None:
+    """Write the recorded tunings to a JSON file ({key: [tm, tk, tn]})."""
     Path(path).write_text(json.dumps({k: list(v) for k, v in sorted(_TUNED.items())}, indent=1))
 
 
 def load_tuned(path: str | Path) -> None:
+    """Record the tunings of a JSON file written by `save_tuned` (replacing entries with the same key)."""
     for k, v in json.loads(Path(path).read_text()).items():
         _TUNED[k] = tuple(int(x) for x in v)

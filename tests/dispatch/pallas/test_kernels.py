@@ -11,6 +11,7 @@ from jax import lax
 
 from jmoe.dispatch import permute, sort_slots, unpermute_combine
 from jmoe.dispatch.pallas import autotune, combine_tokens, gmm, permute_tokens, tgmm, tiling_for
+from jmoe.dispatch.pallas.tiling import gpu_launch
 from tests.util import make_routing
 
 BACKENDS = ["gpu", "tpu"]
@@ -139,8 +140,10 @@ def test_kernels_lower_for_their_platform(platform, backend):
 
 
 def test_tiling_heuristic_and_autotune():
-    assert tiling_for("gpu", 4096, 4096, 14336, 8, jnp.bfloat16) == (64, 64, 128)
-    assert tiling_for("gpu", 16384, 4096, 14336, 8, jnp.bfloat16) == (128, 64, 128)
+    assert tiling_for("gpu", 4096, 4096, 14336, 8, jnp.bfloat16) == (64, 64, 256)
+    assert tiling_for("gpu", 16384, 4096, 14336, 8, jnp.bfloat16) == (128, 64, 256)
+    assert gpu_launch(128, 256, 48 * 1024) == (8, 4) and gpu_launch(64, 128) == (4, 3)
+    assert gpu_launch(64, 256, 80 * 1024) == (4, 2)  # shared memory caps the pipeline depth
     assert tiling_for("gpu", 64, 24, 40, 8, jnp.float32) == (64, 32, 64)
     t = tiling_for("tpu", 100, 40, 20, 4, jnp.float32)
     assert t[1] % 128 == 0 and t[2] % 128 == 0
