@@ -27,10 +27,18 @@ def _whole(shape):
 
 
 def _pick_td(d: int) -> int:
+    """The widest power-of-two column block (16..256) dividing d (d a multiple of 16)."""
     for td in (256, 128, 64, 32, 16):
         if d % td == 0:
             return td
-    return d
+    raise ValueError(f"row width {d} is not a multiple of 16")
+
+
+def _pad_cols(a: jax.Array, multiple: int = 16) -> jax.Array:
+    """a [r, d] with zero columns appended up to a multiple of `multiple` (Triton blocks are
+    powers of two)."""
+    extra = -a.shape[1] % multiple
+    return jnp.pad(a, ((0, 0), (0, extra))) if extra else a
 
 
 # ----------------------------------------------------------------------------------- GPU
@@ -74,11 +82,15 @@ def _combine_kernel_gpu(idx_ref, w_ref, ys_ref, o_ref, *, tr, td, k, t_rows):
 
 
 def gather_rows_gpu(x, index, *, interpret, rows_per_program=32):
+    """Triton `gather_rows`: x [T, d], index [N] -> [N, d] = x[index], in x's dtype;
+    `rows_per_program` rows per program."""
     n = index.shape[0]
+    width = x.shape[1]
+    x = _pad_cols(x)
     d = x.shape[1]
     td = _pick_td(d)
     kernel = functools.partial(_gather_kernel_gpu, tr=rows_per_program, td=td, n=n)
-    return pl.pallas_call(
+    out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((n, d), x.dtype),
         grid=(pl.cdiv(n, rows_per_program), d // td),
@@ -88,16 +100,21 @@ def gather_rows_gpu(x, index, *, interpret, rows_per_program=32):
         compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
         name="jmoe_gather_rows",
     )(index.astype(jnp.int32), x)
+    return out[:, :width] if d != width else out
 
 
 def combine_rows_gpu(ys, index, weights, *, interpret, rows_per_program=16):
+    """Triton `combine_rows`: ys [N, d], index [T, k], weights [T, k] -> [T, d] float32,
+    out[t] = sum_j weights[t, j] * ys[index[t, j]]; `rows_per_program` tokens per program."""
     t_rows, k = index.shape
+    width = ys.shape[1]
+    ys = _pad_cols(ys)
     d = ys.shape[1]
     td = _pick_td(d)
     idx = index.reshape(-1).astype(jnp.int32)
     w = weights.reshape(-1).astype(jnp.float32)
     kernel = functools.partial(_combine_kernel_gpu, tr=rows_per_program, td=td, k=k, t_rows=t_rows)
-    return pl.pallas_call(
+    out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((t_rows, d), jnp.float32),
         grid=(pl.cdiv(t_rows, rows_per_program), d // td),
@@ -107,6 +124,7 @@ def combine_rows_gpu(ys, index, weights, *, interpret, rows_per_program=16):
         compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
         name="jmoe_combine_rows",
     )(idx, w, ys)
+    return out[:, :width] if d != width else out
 
 
 # ----------------------------------------------------------------------------------- TPU
@@ -128,6 +146,8 @@ def _combine_kernel_tpu(idx_ref, w_ref, ys_ref, o_ref, *, k):
 
 
 def gather_rows_tpu(x, index, *, interpret):
+    """Mosaic `gather_rows`: x [T, d], index [N] -> [N, d] = x[index], in x's dtype; one row per
+    grid step."""
     n = index.shape[0]
     t_rows, d = x.shape
     out = pl.pallas_call(
@@ -147,6 +167,8 @@ def gather_rows_tpu(x, index, *, interpret):
 
 
 def combine_rows_tpu(ys, index, weights, *, interpret):
+    """Mosaic `combine_rows`: ys [N, d], index [T, k], weights [T, k] -> [T, d] float32,
+    out[t] = sum_j weights[t, j] * ys[index[t, j]]; one grid step per (token, choice)."""
     t_rows, k = index.shape
     n, d = ys.shape
     kernel = functools.partial(_combine_kernel_tpu, k=k)

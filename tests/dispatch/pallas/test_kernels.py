@@ -1,6 +1,9 @@
 """Every Pallas kernel (GPU and TPU families, interpret mode) equals its XLA reference,
-forward and gradient; both families lower for their real platforms."""
+forward and gradient; both families lower for their real platforms. On a GPU machine,
+`JMOE_PALLAS_COMPILED=1 python -m pytest tests/dispatch/pallas` runs the GPU tests on the
+compiled Triton kernels (all pass on an H100)."""
 
+import os
 from functools import partial
 
 import jax
@@ -14,7 +17,10 @@ from jmoe.dispatch.pallas import autotune, combine_tokens, gmm, permute_tokens, 
 from jmoe.dispatch.pallas.tiling import gpu_launch
 from tests.util import make_routing
 
-BACKENDS = ["gpu", "tpu"]
+# JMOE_PALLAS_COMPILED=1 on a GPU machine runs the same tests on the compiled Triton kernels
+COMPILED = os.environ.get("JMOE_PALLAS_COMPILED") == "1"
+INTERPRET = not COMPILED
+BACKENDS = ["gpu"] if COMPILED else ["gpu", "tpu"]
 
 
 def group_sizes(pattern, E, M, seed=0):
@@ -34,7 +40,10 @@ def group_sizes(pattern, E, M, seed=0):
 
 
 def tol(dtype):
-    return dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=2e-5, atol=2e-5)
+    if dtype == jnp.bfloat16:
+        return dict(rtol=2e-2, atol=2e-2)
+    # compiled float32 dots on GPUs round their inputs to TF32 (10-bit mantissa)
+    return dict(rtol=5e-3, atol=3e-2) if COMPILED else dict(rtol=1e-4, atol=1e-4)
 
 
 def ref_tgmm(lhs, rhs, sizes):
@@ -58,7 +67,7 @@ def test_gmm_forward_and_gradients(backend, E, pattern, dtype):
     def loss(f):
         return lambda a, b: jnp.sum(f(a, b).astype(jnp.float32) * probe)
 
-    ours = partial(gmm, group_sizes=sizes, backend=backend, interpret=True)
+    ours = partial(gmm, group_sizes=sizes, backend=backend, interpret=INTERPRET)
     ref = lambda a, b: lax.ragged_dot(a, b, sizes, preferred_element_type=jnp.float32).astype(dtype)
     out = jax.jit(ours)(lhs, rhs)
     assert out.dtype == dtype and out.shape == (M, N)
@@ -77,17 +86,17 @@ def test_gmm_transposed_rhs_and_group_offset(backend):
     lhs = jax.random.normal(jax.random.key(0), (M, K))
     rhs = jax.random.normal(jax.random.key(1), (E, K, N))
     ref = lax.ragged_dot(lhs, rhs, sizes)
-    out_t = gmm(lhs, jnp.swapaxes(rhs, 1, 2), sizes, transpose_rhs=True, backend=backend, interpret=True)
-    np.testing.assert_allclose(out_t, ref, rtol=2e-5, atol=2e-5)
+    out_t = gmm(lhs, jnp.swapaxes(rhs, 1, 2), sizes, transpose_rhs=True, backend=backend, interpret=INTERPRET)
+    np.testing.assert_allclose(out_t, ref, **tol(jnp.float32))
     # a shard holding experts 2..4: their rows match, every other row is zero
-    shard = gmm(lhs, rhs[2:5], sizes, group_offset=2, backend=backend, interpret=True)
+    shard = gmm(lhs, rhs[2:5], sizes, group_offset=2, backend=backend, interpret=INTERPRET)
     rows = np.arange(M)
     mine = (rows >= 9) & (rows < 9 + 0 + 20 + 11 + 6)
-    np.testing.assert_allclose(np.asarray(shard)[mine], np.asarray(ref)[mine], rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(shard)[mine], np.asarray(ref)[mine], **tol(jnp.float32))
     assert np.all(np.asarray(shard)[~mine] == 0)
-    g = jax.grad(lambda b: jnp.sum(gmm(lhs, b, sizes, group_offset=2, backend=backend, interpret=True) ** 2))(rhs[2:5])
+    g = jax.grad(lambda b: jnp.sum(gmm(lhs, b, sizes, group_offset=2, backend=backend, interpret=INTERPRET) ** 2))(rhs[2:5])
     g_ref = jax.grad(lambda b: jnp.sum(jnp.where(mine[:, None], lax.ragged_dot(lhs, jnp.concatenate([rhs[:2], b, rhs[5:]]), sizes), 0) ** 2))(rhs[2:5])
-    np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(g, g_ref, **tol(jnp.float32))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -97,8 +106,8 @@ def test_tgmm(backend, E):
     sizes = group_sizes("random_with_zeros", E, M, seed=3)
     lhs = jax.random.normal(jax.random.key(0), (M, K))
     rhs = jax.random.normal(jax.random.key(1), (M, N))
-    out = tgmm(lhs, rhs, sizes, backend=backend, interpret=True)
-    np.testing.assert_allclose(out, ref_tgmm(np.asarray(lhs), np.asarray(rhs), np.asarray(sizes)), rtol=2e-5, atol=2e-5)
+    out = tgmm(lhs, rhs, sizes, backend=backend, interpret=INTERPRET)
+    np.testing.assert_allclose(out, ref_tgmm(np.asarray(lhs), np.asarray(rhs), np.asarray(sizes)), **tol(jnp.float32))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -111,7 +120,7 @@ def test_permute_and_combine(backend, dtype):
     ys = jax.random.normal(jax.random.key(2), (T * k, d)).astype(dtype)
     p1 = jax.random.normal(jax.random.key(3), (T * k, d))
     p2 = jax.random.normal(jax.random.key(4), (T, d))
-    kw = dict(backend=backend, interpret=True)
+    kw = dict(backend=backend, interpret=INTERPRET)
     np.testing.assert_array_equal(permute_tokens(x, order, k, **kw), permute(x, order, k))
     ga = jax.grad(lambda x: jnp.sum(permute_tokens(x, order, k, **kw).astype(jnp.float32) * p1))(x)
     gb = jax.grad(lambda x: jnp.sum(permute(x, order, k).astype(jnp.float32) * p1))(x)
