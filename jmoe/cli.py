@@ -239,6 +239,32 @@ def cmd_compress(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from jmoe.nn.presets import preset
+    from jmoe.parallel.plan import plan_run
+    from jmoe.train.config import TrainConfig
+
+    p = preset(args.preset)
+    model_cfg, tc = _apply_overrides(p["model"], TrainConfig(**p["train"]), args.set or [])
+    plan = plan_run(model_cfg, tc, args.mesh, hosts=args.hosts, devices_per_host=args.devices_per_host)
+    if args.json:
+        print(json.dumps({"mesh": plan.mesh, "hosts": plan.hosts, "devices_per_host": plan.devices_per_host,
+                          "tokens_per_device": plan.tokens_device, "params_total_bytes": plan.params_total,
+                          "device_bytes": {"params": plan.params_device, "optimizer": plan.opt_device,
+                                           "gradients": plan.grads_device, "activations": plan.activations_device,
+                                           "ep_buffers": plan.ep_buffers_device, "total": plan.device_total},
+                          "leaves": [{"path": l[0], "shape": l[1], "spec": [list(e) if isinstance(e, tuple) else e for e in l[2]],
+                                      "per_device": l[3], "dtype": l[4]} for l in plan.leaves]}))
+    else:
+        print(f"preset {args.preset}: {model_cfg.num_params() / 1e6:,.0f}M parameters "
+              f"({model_cfg.num_params(active=True) / 1e6:,.0f}M active), batch {tc.batch_size} x {tc.seq_len} tokens, "
+              f"grad_accum {tc.grad_accum}")
+        print(plan.report(device_memory_gib=args.device_memory_gib))
+    if args.device_memory_gib and plan.device_total > args.device_memory_gib * 1024**3:
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jmoe", description="Sparse Mixture-of-Experts in JAX.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -302,6 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--force", action="store_true", help="write into a non-empty OUT_DIR")
     m.add_argument("--quiet", action="store_true")
     m.set_defaults(func=cmd_merge)
+
+    pl = sub.add_parser("plan", help="dry run: mesh, parameter shardings and per-device memory of a run on a target topology")
+    pl.add_argument("--preset", default="base")
+    pl.add_argument("--mesh", required=True, help='e.g. "data=4,expert=8"')
+    pl.add_argument("--hosts", type=int, required=True)
+    pl.add_argument("--devices-per-host", type=int, required=True)
+    pl.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override any config field (model., moe., train.)")
+    pl.add_argument("--device-memory-gib", type=float, help="memory of one device; exit 1 when the plan does not fit")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plan)
 
     c = sub.add_parser("compress", help="merge, prune or compress the experts of a run (M-SMoE, MC-SMoE, baselines)")
     c.add_argument("--ckpt", required=True, help="run directory to reduce")

@@ -53,7 +53,7 @@ def init_experts(key: jax.Array, cfg, num_experts: int | None = None) -> dict:
     return jax.vmap(lambda k: init_ffn(k, cfg.d_model, cfg.d_ff, cfg.activation, cfg.param_dtype))(keys)
 
 
-def ffn(params: dict, x: jax.Array, activation: str, dtype=None) -> jax.Array:
+def ffn(params: dict, x: jax.Array, activation: str, dtype: jnp.dtype | str | None = None) -> jax.Array:
     """Apply one FFN (no expert axis).
 
     Args:

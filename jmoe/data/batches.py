@@ -6,6 +6,7 @@ import numpy as np
 
 
 def num_windows(data: np.ndarray, seq_len: int) -> int:
+    """Number of start offsets windows of seq_len + 1 tokens are drawn from (0 if `data` is too short)."""
     return max(0, data.size - seq_len - 1)
 
 

@@ -84,6 +84,7 @@ def _assemble(root: Path, files: list[Path], source: str, val_fraction: float) -
 
 
 def stdlib_root() -> Path:
+    """Directory of this interpreter's Python standard library."""
     return Path(sysconfig.get_paths()["stdlib"])
 
 

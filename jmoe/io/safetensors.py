@@ -48,6 +48,7 @@ class SafetensorsError(ValueError):
 
 
 def dtype_name(dtype) -> str:
+    """The safetensors name ("F32", "BF16", ...) of a dtype (SafetensorsError if it has none)."""
     dt = np.dtype(dtype)
     if dt not in NAMES:
         raise SafetensorsError(f"dtype {dt} cannot be stored in safetensors")

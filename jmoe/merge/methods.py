@@ -255,6 +255,7 @@ def breadcrumbs(base, models, *, density, gamma=0.01, weights=1.0, lam=1.0, cons
 
 
 def breadcrumbs_ties(base, models, *, density, gamma=0.01, weights=1.0, lam=1.0, filter=None, num_layers=None):
+    """Model Breadcrumbs sparsification with TIES sign consensus."""
     return breadcrumbs(base, models, density=density, gamma=gamma, weights=weights, lam=lam, consensus="sum",
                        filter=filter, num_layers=num_layers)
 
@@ -271,6 +272,7 @@ def della(base, models, *, density, key, epsilon=0.15, weights=1.0, lam=1.0, res
 
 
 def della_linear(base, models, *, density, key, epsilon=0.15, weights=1.0, lam=1.0, rescale="l1", filter=None, num_layers=None):
+    """DELLA sparsification without sign consensus: the weighted sum of the task vectors."""
     return della(base, models, density=density, key=key, epsilon=epsilon, weights=weights, lam=lam, rescale=rescale,
                  consensus=None, normalize=False, filter=filter, num_layers=num_layers)
 

@@ -32,6 +32,7 @@ class MergeError(ValueError):
 
 
 def path_str(path) -> str:
+    """A `jax.tree_util` key path joined with "/" ("layers/3/attn/wq")."""
     parts = []
     for k in path:
         for attr in ("key", "name", "idx"):
@@ -44,15 +45,18 @@ def path_str(path) -> str:
 
 
 def leaves_with_paths(tree) -> list[tuple[str, Any]]:
+    """(path, leaf) pairs of `tree` in flattening order."""
     return [(path_str(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def layer_of(path: str) -> int | None:
+    """The layer number in a leaf path ("layers/3/attn/wq" -> 3), or None outside the layers."""
     m = LAYER.search(path)
     return int(m.group(1)) if m else None
 
 
 def num_layers(paths: Sequence[str]) -> int:
+    """Number of layers the paths span: the largest layer number + 1 (0 if none has one)."""
     layers = [layer_of(p) for p in paths]
     layers = [l for l in layers if l is not None]
     return max(layers) + 1 if layers else 0
@@ -67,6 +71,8 @@ def position(path: str, total_layers: int) -> float:
 
 
 def interpolate(values: Sequence[float], t: float) -> float:
+    """A gradient's value at t in [0, 1]: linear interpolation between `values` spaced evenly
+    over [0, 1]."""
     if len(values) == 1:
         return float(values[0])
     scaled = t * (len(values) - 1)
@@ -115,6 +121,8 @@ class Selector:
 
 
 def as_selector(filter: str | Selector | Callable[[str], bool] | None) -> Callable[[str], bool]:
+    """A path predicate from `filter`: None selects every leaf, a string is an include regular
+    expression, a callable is used as is."""
     if filter is None:
         return lambda path: True
     if isinstance(filter, str):
@@ -123,6 +131,7 @@ def as_selector(filter: str | Selector | Callable[[str], bool] | None) -> Callab
 
 
 def check_models(models: Sequence[Any], argument: str = "models", minimum: int = 1) -> None:
+    """MergeError unless `models` is a list or tuple of at least `minimum` trees (named `argument`)."""
     if not isinstance(models, (list, tuple)):
         raise MergeError(f"{argument} must be a list of parameter trees, got {type(models).__name__}")
     if len(models) < minimum:
@@ -157,6 +166,8 @@ def leaf_key(key: jax.Array | None, path: str) -> jax.Array | None:
 
 
 def check_fraction(value: float, name: str, path: str, low_open=True) -> None:
+    """MergeError naming `name` and the leaf unless `value` is in (0, 1] (in [0, 1] when
+    `low_open` is False)."""
     ok = (0 < value <= 1) if low_open else (0 <= value <= 1)
     if not ok:
         raise MergeError(f"{name}={value!r} at leaf {path!r} must be in {'(0, 1]' if low_open else '[0, 1]'}")

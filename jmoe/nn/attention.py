@@ -89,6 +89,7 @@ def rope_frequencies(d_head: int, theta: float) -> jax.Array:
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN attention scale 0.1 * mscale * ln(scale) + 1 (1 when scale <= 1)."""
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 

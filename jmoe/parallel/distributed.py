@@ -29,6 +29,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 
 
 def is_primary() -> bool:
+    """Whether this is process 0 of the run."""
     return jax.process_index() == 0
 
 

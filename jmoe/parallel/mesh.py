@@ -70,6 +70,7 @@ def make_mesh(spec: str | dict, devices=None) -> Mesh:
 
 
 def axis_size(mesh: Mesh, name: str) -> int:
+    """Size of axis `name` of `mesh` (1 if the mesh lacks it)."""
     return mesh.shape.get(name, 1)
 
 
@@ -79,6 +80,7 @@ def token_axes(mesh: Mesh) -> tuple[str, ...]:
 
 
 def num_token_shards(mesh: Mesh) -> int:
+    """Number of pieces tokens are split into: the product of the token axes' sizes."""
     return math.prod(axis_size(mesh, a) for a in token_axes(mesh))
 
 
@@ -88,8 +90,10 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """A sharding that replicates an array on every device of `mesh`."""
     return NamedSharding(mesh, P())
 
 
 def describe(mesh: Mesh) -> str:
+    """The mesh as text, e.g. "data=2 x expert=4 (8 devices)"."""
     return " x ".join(f"{n}={s}" for n, s in mesh.shape.items()) + f" ({mesh.size} devices)"

@@ -32,6 +32,7 @@ DEFAULT_RULES: Rules = (
 
 
 def path_str(path) -> str:
+    """A `jax.tree_util` key path joined with "/" ("layers/3/moe/experts/w_up")."""
     parts = []
     for k in path:
         for attr in ("key", "name", "idx"):
@@ -63,6 +64,8 @@ def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
 
 
 def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> P:
+    """The PartitionSpec of a leaf: the first rule matching `path`, fitted to `mesh` and `shape`
+    (P() if no rule matches)."""
     for pattern, spec in rules:
         if re.search(pattern, path):
             return _fit(spec, tuple(shape), mesh)
@@ -75,6 +78,7 @@ def partition_specs(tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
 
 
 def shardings(tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """A tree of NamedShardings on `mesh` for the arrays (or ShapeDtypeStructs) of `tree`."""
     return jax.tree.map(lambda s: NamedSharding(mesh, s), partition_specs(tree, mesh, rules))
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl file, skipping unreadable lines ([] if the file does not exist)."""
     path = Path(path)
     if not path.exists():
         return []
@@ -27,6 +28,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
+    """Replace `path`'s contents with `text` through a temporary file and a rename (never half-written)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -34,6 +36,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 class MetricsLog:
+    """A metrics.jsonl file: append records, read them back, drop those past a step."""
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
 

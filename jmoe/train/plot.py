@@ -14,16 +14,16 @@ def plot_run(records: list[dict], path: str | Path, title: str = "") -> Path | N
     evals = [r for r in records if r.get("kind") == "eval"]
     if not train:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a standalone Figure: no pyplot state, no global backend switch (notebooks keep theirs)
+    from matplotlib.figure import Figure
 
     loads = [r["load"] for r in train if r.get("load")]
     n_moe = len(loads[0]) if loads else 0
     fig_rows = 1 + n_moe
-    fig, axes = plt.subplots(
-        fig_rows, 1, figsize=(9, 3.2 + 1.6 * n_moe), squeeze=False,
+    fig = Figure()
+    fig.set_size_inches(9, 3.2 + 1.6 * n_moe)
+    axes = fig.subplots(
+        fig_rows, 1, squeeze=False,
         gridspec_kw={"height_ratios": [2.2] + [1] * n_moe},
     )
     ax = axes[0, 0]
@@ -53,6 +53,5 @@ def plot_run(records: list[dict], path: str | Path, title: str = "") -> Path | N
     path = Path(path)
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
-    plt.close(fig)
     os.replace(tmp, path)
     return path

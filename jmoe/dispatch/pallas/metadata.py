@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 
 def cdiv(a: int, b: int) -> int:
+    """Ceiling division of integers: ceil(a / b)."""
     return -(-a // b)
 
 
@@ -20,7 +21,8 @@ def max_tiles(m: int, tm: int, num_groups: int) -> int:
     return cdiv(m, tm) + num_groups - 1
 
 
-def group_metadata(group_sizes: jax.Array, m: int, tm: int, group_offset=0, num_local_groups: int | None = None):
+def group_metadata(group_sizes: jax.Array, m: int, tm: int, group_offset: int | jax.Array = 0,
+                   num_local_groups: int | None = None):
     """(group, m-tile) pairs of the groups [group_offset, group_offset + num_local_groups).
 
     Args:

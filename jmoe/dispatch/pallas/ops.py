@@ -27,10 +27,12 @@ BACKENDS = ("gpu", "tpu")
 
 
 def default_backend() -> str:
+    """The kernel family for the current JAX backend: "tpu" on TPU, "gpu" otherwise."""
     return "tpu" if jax.default_backend() == "tpu" else "gpu"
 
 
 def default_interpret() -> bool:
+    """Whether kernels run in Pallas interpret mode by default (on CPU)."""
     return jax.default_backend() == "cpu"
 
 
