@@ -195,8 +195,9 @@ def main(argv=None):
         path = RESULTS / "bench_kernels_cpu_interpret.json"
     else:
         report = bench_accelerator(args)
-        path = RESULTS / f"bench_kernels_{report['device'].replace(' ', '_')}.json"
-    report["command"] = "python experiments/bench_kernels.py"
+        suffix = "" if args.tokens == 8192 else f"_tokens{args.tokens}"
+        path = RESULTS / f"bench_kernels_{report['device'].replace(' ', '_')}{suffix}.json"
+    report["command"] = "python experiments/bench_kernels.py" + ("" if args.tokens == 8192 else f" --tokens {args.tokens}")
     report["jax"] = jax.__version__
     RESULTS.mkdir(exist_ok=True)
     path.write_text(json.dumps(report, indent=1, default=str))

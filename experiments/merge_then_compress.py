@@ -9,8 +9,9 @@ experiments' baseline; trained here if missing). Each MoE layer is reduced to 50
   prune    keep the most used experts, drop the rest
 then MC-SMoE compresses the 50% M-SMoE model's experts to low rank + sparse residual at half
 their size (so its expert memory matches the 25% models). Every reduced model is evaluated as
-is and after a short recovery fine-tune (`--ft-steps`, fresh optimizer, lower learning rate),
-plus one fine-tune with distillation from the original model.
+is and after a short recovery fine-tune (`--ft-steps`, fresh optimizer, lower learning rate;
+for MC-SMoE: the merged model is fine-tuned, then compressed, since training the dense weights
+would undo the compressed structure), plus one fine-tune with distillation from the original.
 Writes experiments/results/merge_then_compress.{json,png}.
 
     python experiments/merge_then_compress.py [--ft-steps 100]
@@ -22,6 +23,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -78,7 +80,12 @@ def main(argv=None):
         r["memory"] = rep["memory_ratio"]
         r["expert_memory"] = rep["expert_params_after"] / rep["expert_params_before"]
         r["val"] = rep["val_loss_after"]
-        r["ft"] = fine_tune(r["run"], a.ft_steps)
+        if r["name"].startswith("mcsmoe"):
+            # fine-tuning dense weights would undo the low-rank + sparse structure: fine-tune the
+            # merged model, then compress it the same way
+            r["ft"] = compress_fine_tuned(RUNS / "msmoe-4", a.ft_steps, rank=16, budget=0.5)
+        else:
+            r["ft"] = fine_tune(r["run"], a.ft_steps)
     kd_row = next(r for r in rows if r["name"] == "msmoe" and r["experts"] == 2)
     kd = fine_tune(kd_row["run"], a.ft_steps, distill_from=source)
     base_ft = fine_tune_source(source, a.ft_steps)
@@ -119,6 +126,20 @@ def main(argv=None):
                "original_ft": base_ft, "kd_ft": kd,
                "rows": [{k: v for k, v in r.items() if k not in ("run",)} for r in rows], "verdict": verdict}
     _zoo.save("merge_then_compress", payload, fig)
+
+
+def compress_fine_tuned(merged: Path, steps: int, **compression) -> float:
+    """Validation loss of the fine-tuned merged model after MC-SMoE compression."""
+    from jmoe.data import eval_batches
+    from jmoe.merge.experts import compress_experts
+    from jmoe.train.trainer import evaluate
+
+    fine_tune(merged, steps)
+    model, tc, params, router_state, _, _ = load_run(RUNS / f"{merged.name}-ft{steps}")
+    params = jax.tree.map(np.asarray, params)
+    compressed, _, _ = compress_experts(params, model, **compression)
+    val = eval_batches(_zoo.corpus().val, tc.eval_batches, tc.batch_size, tc.seq_len)
+    return evaluate(compressed, router_state, model, val)["val_loss"]
 
 
 def fine_tune_source(source: Path, steps: int) -> float:
