@@ -66,6 +66,20 @@ def median_time(fn, repeats):
     return statistics.median(ts)
 
 
+def compare(case: str, theirs, ours, repeats: int) -> dict:
+    """Check that both give the same output, then time each (median); one result row."""
+    with torch.no_grad():
+        ref = theirs()
+        ref = (ref[0] if isinstance(ref, tuple) else ref).numpy()
+        out = np.asarray(ours())
+        err = float(np.abs(out - ref).max() / np.abs(ref).max())
+        t_hf = median_time(theirs, repeats)
+    t_j = median_time(lambda: jax.block_until_ready(ours()), repeats)
+    print(f"{case:<15} transformers {t_hf * 1e3:8.1f} ms   jmoe {t_j * 1e3:8.1f} ms   ratio {t_j / t_hf:.2f}   "
+          f"(rel err {err:.1e})", flush=True)
+    return {"case": case, "transformers_s": t_hf, "jmoe_s": t_j, "ratio": t_j / t_hf, "rel_err": err}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=2048)
@@ -88,30 +102,12 @@ def main(argv=None):
             moe_params = params["layers"]["0"]["moe"]
             moe_fn = jax.jit(lambda p, x: jmoe.moe_layer(p, x, lm_cfg.moe)[0])
             xj = jnp.asarray(x)
-            with torch.no_grad():
-                ref = block(xt)
-                ref = (ref[0] if isinstance(ref, tuple) else ref).numpy()
-            ours = np.asarray(moe_fn(moe_params, xj))
-            err = float(np.abs(ours - ref).max() / np.abs(ref).max())
-            with torch.no_grad():
-                t_hf = median_time(lambda: block(xt), args.repeats)
-            t_j = median_time(lambda: jax.block_until_ready(moe_fn(moe_params, xj)), args.repeats)
-            rows.append({"case": f"block/{arch}", "transformers_s": t_hf, "jmoe_s": t_j, "ratio": t_j / t_hf, "rel_err": err})
-            print(f"block/{arch:<8} transformers {t_hf * 1e3:8.1f} ms   jmoe {t_j * 1e3:8.1f} ms   ratio {t_j / t_hf:.2f}   (rel err {err:.1e})", flush=True)
+            rows.append(compare(f"block/{arch}", lambda: block(xt), lambda: moe_fn(moe_params, xj), args.repeats))
 
             # -- the whole model forward
             lm_fn = jax.jit(lambda p, t: lm_apply(p, t, lm_cfg)[0])
-            idj = jnp.asarray(ids)
-            idt = torch.tensor(ids)
-            with torch.no_grad():
-                ref = model(idt).logits.numpy()
-            ours = np.asarray(lm_fn(params, idj))
-            err = float(np.abs(ours - ref).max() / np.abs(ref).max())
-            with torch.no_grad():
-                t_hf = median_time(lambda: model(idt), args.repeats)
-            t_j = median_time(lambda: jax.block_until_ready(lm_fn(params, idj)), args.repeats)
-            rows.append({"case": f"model/{arch}", "transformers_s": t_hf, "jmoe_s": t_j, "ratio": t_j / t_hf, "rel_err": err})
-            print(f"model/{arch:<8} transformers {t_hf * 1e3:8.1f} ms   jmoe {t_j * 1e3:8.1f} ms   ratio {t_j / t_hf:.2f}   (rel err {err:.1e})", flush=True)
+            idj, idt = jnp.asarray(ids), torch.tensor(ids)
+            rows.append(compare(f"model/{arch}", lambda: model(idt).logits, lambda: lm_fn(params, idj), args.repeats))
             del model
     worst = max(r["ratio"] for r in rows)
     verdict = f"jmoe / transformers time: worst {worst:.2f} (goal <= 1: {'met' if worst <= 1 else 'NOT met'})"

@@ -47,8 +47,8 @@ def reduced(source: Path, name: str, **kw) -> tuple[Path, dict]:
     return out, json.loads((out / "report.json").read_text())
 
 
-def fine_tune(run: Path, steps: int, distill_from: Path | None = None) -> float:
-    out = RUNS / (run.name + ("-kd" if distill_from else "") + f"-ft{steps}")
+def fine_tune(run: Path, steps: int, distill_from: Path | None = None, name: str | None = None) -> float:
+    out = RUNS / ((name or run.name) + ("-kd" if distill_from else "") + f"-ft{steps}")
     if not (out / "summary.json").exists():
         shutil.rmtree(out, ignore_errors=True)
         model, tc, *_ = load_run(run)
@@ -144,13 +144,7 @@ def compress_fine_tuned(merged: Path, steps: int, **compression) -> float:
 
 def fine_tune_source(source: Path, steps: int) -> float:
     """The original model under the same fine-tune (the reference the recovered models approach)."""
-    link = RUNS / "original"
-    if not (link / "config.json").exists():
-        shutil.rmtree(link, ignore_errors=True)
-        link.mkdir(parents=True)
-        shutil.copy(source / "config.json", link / "config.json")
-        shutil.copytree(source / "checkpoints", link / "checkpoints")
-    return fine_tune(link, steps)
+    return fine_tune(source, steps, name="original")
 
 
 if __name__ == "__main__":

@@ -24,24 +24,13 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from jmoe.parallel.rules import path_str  # noqa: E402,F401  (one key-path format for rules and merges)
+
 LAYER = re.compile(r"(?:^|[./])(?:layers|layer|h|blocks)[./_](\d+)(?:[./]|$)")
 
 
 class MergeError(ValueError):
     """Bad merge input: mismatched trees, bad parameter values, no models."""
-
-
-def path_str(path) -> str:
-    """A `jax.tree_util` key path joined with "/" ("layers/3/attn/wq")."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
 
 
 def leaves_with_paths(tree) -> list[tuple[str, Any]]:

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from jmoe.parallel.mesh import AXES, parse_mesh_spec
+from jmoe.parallel.mesh import AXES, num_token_shards, parse_mesh_spec
 from jmoe.parallel.rules import DEFAULT_RULES, Rules, path_str, spec_for
 
 GiB = 1024**3
@@ -85,7 +85,6 @@ def plan_run(model_cfg, tc, mesh: str | dict, *, hosts: int, devices_per_host: i
     Raises ValueError when the topology and the mesh disagree, or the batch or the experts do
     not divide over the mesh axes that shard them.
     """
-    from jmoe.parallel.mesh import num_token_shards  # noqa: F401  (same token axes as a real run)
     from jmoe.train.trainer import abstract_train_state
 
     sizes = parse_mesh_spec(mesh)
@@ -97,7 +96,7 @@ def plan_run(model_cfg, tc, mesh: str | dict, *, hosts: int, devices_per_host: i
                          f"{hosts * devices_per_host}")
     names = tuple(a for a in AXES if a in sizes)
     abstract_mesh = AbstractMesh(tuple(sizes[a] for a in names), names)
-    token_shards = math.prod(sizes.get(a, 1) for a in ("data", "fsdp", "expert"))
+    token_shards = num_token_shards(abstract_mesh)  # the token axes a real run splits batches over
     micro = tc.batch_size // tc.grad_accum
     if micro % token_shards:
         raise ValueError(f"batch_size / grad_accum = {micro} does not divide over the {token_shards} token shards "
