@@ -153,12 +153,21 @@ def _flat_shapes(cfg: LMConfig) -> dict:
     return out
 
 
-def load(path: str | Path) -> tuple[LMConfig, dict]:
-    """(model config, params) of a Hugging Face MoE checkpoint directory."""
+def _place(leaf: np.ndarray, on_device: bool):
+    return jax.device_put(leaf) if on_device else leaf
+
+
+def load(path: str | Path, *, on_device: bool = True) -> tuple[LMConfig, dict]:
+    """(model config, params) of a Hugging Face MoE checkpoint directory.
+
+    With `on_device` (the default) every leaf is a `jax.Array` on the default device, moved
+    there as it is converted, so jitted calls do not copy the weights again on every call.
+    `on_device=False` keeps NumPy arrays in host memory (for tools that only rewrite tensors).
+    """
     cfg, leaves = iter_params(path)
     params: dict[str, Any] = {}
     for p, leaf in leaves:
-        _set(params, p, leaf)
+        _set(params, p, _place(leaf, on_device))
     return cfg, params
 
 
@@ -246,12 +255,12 @@ def convert(path: str | Path, out: str | Path, *, max_shard_size: int | str = "2
     return out
 
 
-def load_converted(path: str | Path) -> tuple[LMConfig, dict]:
-    """Read what `convert` wrote."""
+def load_converted(path: str | Path, *, on_device: bool = True) -> tuple[LMConfig, dict]:
+    """Read what `convert` wrote (leaves placed as by `load`)."""
     path = Path(path)
     cfg = LMConfig.from_dict(json.loads((path / "jmoe_config.json").read_text()))
     ckpt = Checkpoint(path)
     params: dict = {}
     for name in ckpt:
-        _set(params, name, ckpt[name])
+        _set(params, name, _place(ckpt[name], on_device))
     return cfg, params
