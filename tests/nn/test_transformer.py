@@ -6,7 +6,7 @@ from flax import nnx
 
 from jmoe import MoEConfig
 from jmoe.nn import LMConfig, TransformerLM, init_lm, lm_apply, preset
-from jmoe.nn.attention import apply_rope
+from jmoe.nn.attention import apply_rope, attention_block_size, blockwise_causal_attention
 
 MOE = MoEConfig(num_experts=4, top_k=2, d_model=16, d_ff=8, block_size=8)
 CFG = LMConfig(d_model=16, n_layers=3, n_heads=2, d_ff=16, max_seq_len=16, moe=MOE, moe_every=2)
@@ -78,3 +78,39 @@ def test_config_validation():
     assert LMConfig.from_dict(CFG.to_dict()) == CFG
     with pytest.raises(ValueError, match="tokens"):
         lm_apply(init_lm(jax.random.key(0), CFG), jnp.zeros((4,), jnp.int32), CFG)
+
+
+def _dense_causal_attention(q, k, v, scale):
+    g = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    S = q.shape[1]
+    logits = jnp.where(jnp.tril(jnp.ones((S, S), bool)), logits, -jnp.inf)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+
+
+@pytest.mark.parametrize("S,H,Hkv,Dk,Dv,block", [
+    (37, 4, 2, 8, 8, 8),     # ragged last block, grouped-query attention
+    (32, 3, 3, 8, 5, 16),    # value width differs from the key width (MLA)
+    (12, 2, 1, 4, 4, 64),    # one block larger than the sequence
+    (40, 4, 4, 8, 8, None),  # the default block size
+])
+def test_blockwise_attention_matches_dense(S, H, Hkv, Dk, Dv, block):
+    ks = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(ks[0], (2, S, H, Dk))
+    k = jax.random.normal(ks[1], (2, S, Hkv, Dk))
+    v = jax.random.normal(ks[2], (2, S, Hkv, Dv))
+    fast = lambda q, k, v: blockwise_causal_attention(q, k, v, 0.3, block)
+    ref = lambda q, k, v: _dense_causal_attention(q, k, v, 0.3)
+    np.testing.assert_allclose(fast(q, k, v), ref(q, k, v), atol=1e-5, rtol=1e-5)
+    loss = lambda f: jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))
+    for g_fast, g_ref in zip(loss(fast)(q, k, v), loss(ref)(q, k, v)):
+        np.testing.assert_allclose(g_fast, g_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_blockwise_attention_block_size_and_shape_errors():
+    assert attention_block_size(512) == 64 and attention_block_size(2048) == 64
+    assert attention_block_size(4096) == 128 and -(-4096 // attention_block_size(4096)) <= 32
+    q = jnp.zeros((1, 8, 3, 4))
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        blockwise_causal_attention(q, jnp.zeros((1, 8, 2, 4)), jnp.zeros((1, 8, 2, 4)), 1.0)
