@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 T = pytest.importorskip("transformers")
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from jmoe.io import hf, load_safetensors  # noqa: E402
@@ -93,6 +94,11 @@ def test_streamed_conversion(tmp_path):
     assert cfg2 == cfg
     np.testing.assert_array_equal(params2["layers"]["2"]["moe"]["experts"]["w_up"], params["layers"]["2"]["moe"]["experts"]["w_up"])
     assert params["layers"]["2"]["moe"]["experts"]["w_up"].shape == (4, 16, 8)
+    # parameters arrive on the device (jitted calls then reuse them without a copy) unless asked not to
+    assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(params) + jax.tree.leaves(params2))
+    _, host = hf.load(path, on_device=False)
+    assert all(isinstance(a, np.ndarray) for a in jax.tree.leaves(host))
+    np.testing.assert_array_equal(host["embed"]["w"], params["embed"]["w"])
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
