@@ -224,7 +224,8 @@ def attention_block_size(seq_len: int) -> int:
     return 64 * max(1, -(-seq_len // (32 * 64)))
 
 
-def blockwise_causal_attention(q, k, v, scale: float, block: int | None = None) -> jax.Array:
+def blockwise_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
+                               block: int | None = None) -> jax.Array:
     """Causal softmax attention by query blocks; each block sees only the keys up to its end.
 
     Dense causal attention computes the whole [S, S] logit matrix and masks half of it. Here
