@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from jmoe.parallel.rules import path_str  # noqa: E402,F401  (one key-path format for rules and merges)
+from jmoe.parallel.rules import path_str  # noqa: F401  (re-exported: one key-path format for sharding rules and merges)
 
 LAYER = re.compile(r"(?:^|[./])(?:layers|layer|h|blocks)[./_](\d+)(?:[./]|$)")
 
