@@ -24,8 +24,8 @@ def main(argv=None):
     tc = _zoo.tiny_train(a.steps, a.seed)
     variants = {
         "lbl": _zoo.tiny(),
-        "aux_free": _zoo.tiny(router="sigmoid_bias", balance_loss="none", bias_update_rate=1e-3),
-        "sigmoid_lbl": _zoo.tiny(router="sigmoid_bias", bias_update_rate=0.0),
+        "aux_free": _zoo.tiny(router="sigmoid_bias", balance_loss="none", router_options=dict(bias_update_rate=1e-3)),
+        "sigmoid_lbl": _zoo.tiny(router="sigmoid_bias", router_options=dict(bias_update_rate=0.0)),
     }
     results = {n: _zoo.run(n, m, tc) for n, m in variants.items()}
     rows = []

@@ -75,9 +75,9 @@ def run_shape(shape, repeats, quick, log):
     x_limit = jax.random.normal(jax.random.key(2), (TOKENS * k, base.d_model))
 
     variants = {
-        "dropless": (base.replace(dispatch="dropless", impl="xla"),),
-        "capacity": (base.replace(dispatch="capacity", capacity_factor=1.25),),
-        "ragged_dot": (base.replace(dispatch="dropless", impl="ragged_dot"),),
+        "dropless": (base.replace(dispatch="dropless", dispatch_options=dict(impl="xla")),),
+        "capacity": (base.replace(dispatch="capacity", dispatch_options=dict(capacity_factor=1.25)),),
+        "ragged_dot": (base.replace(dispatch="dropless", dispatch_options=dict(impl="ragged_dot")),),
         "dense_all": (base.replace(dispatch="dense"),),
     }
     fns = {}

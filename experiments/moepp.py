@@ -22,8 +22,9 @@ def main(argv=None):
     tc = _zoo.tiny_train(a.steps, a.seed)
     results = {
         "top2": _zoo.run("top2", _zoo.tiny(), tc),
-        "moepp": _zoo.run("moepp", _zoo.tiny(router="moepp", num_zero_experts=1, num_copy_experts=1,
-                                              num_constant_experts=2, gating_residual=True), tc),
+        "moepp": _zoo.run("moepp", _zoo.tiny(router="moepp", router_options=dict(
+                                              num_zero_experts=1, num_copy_experts=1, num_constant_experts=2,
+                                              gating_residual=True)), tc),
     }
     rows = []
     for n, r in results.items():

@@ -21,7 +21,7 @@ def main(argv=None):
     tc = _zoo.tiny_train(a.steps, a.seed)
     results = {0: _zoo.run("top2", _zoo.tiny(), tc)}
     for M in (2, 4, 8):
-        results[M] = _zoo.run(f"null{M}", _zoo.tiny(router="null_experts", num_null_experts=M), tc)
+        results[M] = _zoo.run(f"null{M}", _zoo.tiny(router="null_experts", router_options=dict(num_null_experts=M)), tc)
     rows = [{"M": M, "val": r["summary"]["val_loss"], "ept": np.mean(r["late"]["experts_per_token"]),
              "layers": " / ".join(f"{v:.2f}" for v in r["late"]["experts_per_token"]),
              "tps": r["summary"]["tokens_per_s"]} for M, r in results.items()]

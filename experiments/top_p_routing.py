@@ -24,7 +24,7 @@ def main(argv=None):
     results = {
         "top2": _zoo.run("top2", _zoo.tiny(), tc),
         "top2_seed1": _zoo.run("top2", _zoo.tiny(), tc.replace(seed=a.seed + 1)),
-        "top_p": _zoo.run("top_p", _zoo.tiny(router="top_p", top_k=8, top_p=0.4, entropy_loss_coef=1e-4), tc),
+        "top_p": _zoo.run("top_p", _zoo.tiny(router="top_p", top_k=8, router_options=dict(threshold=0.4), entropy_loss_coef=1e-4), tc),
     }
     noise = abs(results["top2"]["summary"]["val_loss"] - results["top2_seed1"]["summary"]["val_loss"])
     rows = [{"name": n, "val": r["summary"]["val_loss"], "ept": np.mean(r["late"]["experts_per_token"]),

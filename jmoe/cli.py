@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
+
+MAX_NEW_TOKENS = 100_000  # generate: one forward pass each
+MAX_EVAL_BATCHES = 10_000
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,6 +27,40 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+def _int_range(lo: int, hi: int | None = None):
+    """An argparse type: an integer in [lo, hi]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(
+                f"{value} must be {f'>= {lo}' if hi is None else f'in [{lo}, {hi}]'}")
+        return value
+
+    return parse
+
+
+def _float_range(lo: float, hi: float | None = None, *, open_lo: bool = False):
+    """An argparse type: a finite number in [lo, hi] ((lo, hi] with open_lo)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        bad_lo = value <= lo if open_lo else value < lo
+        if not math.isfinite(value) or bad_lo or (hi is not None and value > hi):
+            bound = f"> {lo}" if open_lo else f">= {lo}"
+            raise argparse.ArgumentTypeError(
+                f"{text} must be a finite number {bound}" + (f" and <= {hi}" if hi is not None else ""))
+        return value
+
+    return parse
+
+
 def _parse_value(text: str):
     try:
         return json.loads(text)
@@ -30,45 +68,71 @@ def _parse_value(text: str):
         return text
 
 
+def _apply_moe(moe, changes: dict, options: dict[str, dict], source: str = "--set"):
+    """`moe` with plain field `changes` applied first (a new router, dispatch or balance loss
+    starts from its default options), then the options of the methods named in `options`."""
+    if changes:
+        moe = moe.replace(**changes)
+    for name, opts in options.items():
+        try:
+            moe = moe.with_options(name, **opts)
+        except ValueError as e:
+            raise ValueError(f"{source} moe.{name}.*: {e}") from None
+    return moe
+
+
 def _apply_overrides(model_cfg, tc, overrides: list[str]):
-    """Apply `--set section.field=value` overrides (sections: model, moe, train)."""
+    """Apply `--set section.field=value` overrides (sections: model, moe, train) and
+    `--set moe.<method>.<option>=value` for the options of the layer's router, dispatch or
+    balance loss."""
     model_changes, moe_changes, train_changes = {}, {}, {}
+    moe_options: dict[str, dict] = {}
     sections = {"model": model_changes, "moe": moe_changes, "train": train_changes}
     for item in overrides:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
+        key, sep, value = item.partition("=")
+        parts = key.split(".")
+        if not sep or len(parts) < 2 or not all(parts):
             raise ValueError(f"--set {item!r} must look like section.field=value (sections: model, moe, train)")
-        key, value = item.split("=", 1)
-        section, field = key.split(".", 1)
+        section = parts[0]
         if section not in sections:
             raise ValueError(f"--set {item!r}: unknown section {section!r} (use model, moe or train)")
-        sections[section][field] = _parse_value(value)
+        if section == "moe" and len(parts) == 3:
+            moe_options.setdefault(parts[1], {})[parts[2]] = _parse_value(value)
+        elif len(parts) == 2:
+            sections[section][parts[1]] = _parse_value(value)
+        else:
+            raise ValueError(f"--set {item!r} must look like section.field=value or moe.<method>.<option>=value")
     if model_cfg.moe is not None and "d_model" in model_changes:
         moe_changes.setdefault("d_model", model_changes["d_model"])  # the MoE layers follow the model width
-    if moe_changes:
+    if moe_changes or moe_options:
         if model_cfg.moe is None:
             raise ValueError("--set moe.*: the model has no MoE layers (--dense)")
-        model_changes["moe"] = model_cfg.moe.replace(**moe_changes)
-    if model_changes:
-        model_cfg = model_cfg.replace(**model_changes)
-    if train_changes:
-        tc = tc.replace(**train_changes)
+    try:
+        if moe_changes or moe_options:
+            model_changes["moe"] = _apply_moe(model_cfg.moe, moe_changes, moe_options)
+        if model_changes:
+            model_cfg = model_cfg.replace(**model_changes)
+        if train_changes:
+            tc = tc.replace(**train_changes)
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
+        # the configs name the field in their errors; a value of a shape they did not expect
+        # can fail deeper, so then the error names the --set items
+        fields = [item.partition("=")[0].rsplit(".", 1)[-1] for item in overrides]
+        text = str(e) or type(e).__name__
+        if isinstance(e, ValueError) and any(f in text for f in fields):
+            raise
+        raise ValueError(f"--set {' '.join(overrides)}: {text}") from None
     return model_cfg, tc
 
 
 def _build_train_configs(args):
     from jmoe.nn.presets import preset
-    from jmoe.nn.transformer import LMConfig
+    from jmoe.train import rundir
     from jmoe.train.config import TrainConfig
 
     out = Path(args.out or f"runs/{args.preset or 'tiny'}")
-    saved_path = out / "config.json"
-    if args.resume and saved_path.exists() and (out / "checkpoints").is_dir():
-        try:
-            saved = json.loads(saved_path.read_text())
-            model_cfg = LMConfig.from_dict(saved["model"])
-            tc = TrainConfig.from_dict(saved["train"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{saved_path} is corrupt: {e}") from None
+    if args.resume and rundir.is_run_dir(out):
+        model_cfg, tc, _ = rundir.read_config(out)
         if args.preset is not None:
             p = preset(args.preset)
             if p["model"] != model_cfg and not args.dense:
@@ -78,13 +142,9 @@ def _build_train_configs(args):
             raise ValueError("--resume-from takes the model of that run; it conflicts with --preset")
         source = Path(args.resume_from)
         try:
-            saved = json.loads((source / "config.json").read_text())
-            model_cfg = LMConfig.from_dict(saved["model"])
-            tc = TrainConfig.from_dict(saved["train"])
-        except FileNotFoundError:
-            raise ValueError(f"--resume-from {source} is not a jmoe run directory (no config.json)") from None
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{source / 'config.json'} is corrupt: {e}") from None
+            model_cfg, tc, _ = rundir.read_config(source)
+        except ValueError as e:
+            raise ValueError(f"--resume-from: {e}") from None
         tc = tc.replace(init_from=str(source.absolute()), distill_from=None)
     else:
         p = preset(args.preset or "tiny")
@@ -92,25 +152,28 @@ def _build_train_configs(args):
 
     moe_changes = {
         k: v
-        for k, v in {
-            "router": args.router,
-            "dispatch": args.dispatch,
-            "impl": args.impl,
-            "num_experts": args.num_experts,
-            "top_k": args.top_k,
-            "capacity_factor": args.capacity_factor,
-        }.items()
+        for k, v in {"router": args.router, "dispatch": args.dispatch, "num_experts": args.num_experts,
+                     "top_k": args.top_k}.items()
         if v is not None
     }
+    moe_options = {}
+    if args.impl is not None:
+        moe_options["dropless"] = {"impl": args.impl}
+    if args.capacity_factor is not None:
+        moe_options["capacity"] = {"capacity_factor": args.capacity_factor}
     if args.dense:
-        if moe_changes:
-            raise ValueError(f"--dense conflicts with MoE options: {', '.join(sorted(moe_changes))}")
+        given = sorted(moe_changes) + [f"{m}.{o}" for m, opts in moe_options.items() for o in opts]
+        if given:
+            raise ValueError(f"--dense conflicts with MoE options: {', '.join(given)}")
         if model_cfg.moe is not None:
             model_cfg = model_cfg.replace(moe=None)
-    elif moe_changes:
+    elif moe_changes or moe_options:
         if model_cfg.moe is None:
             raise ValueError("this model has no MoE layers")
-        model_cfg = model_cfg.replace(moe=model_cfg.moe.replace(**moe_changes))
+        flags = {"dropless": "--impl", "capacity": "--capacity-factor"}
+        for name in moe_options:
+            _apply_moe(model_cfg.moe.replace(**moe_changes), {}, {name: moe_options[name]}, source=flags[name])
+        model_cfg = model_cfg.replace(moe=_apply_moe(model_cfg.moe, moe_changes, moe_options))
     train_changes = {
         k: v
         for k, v in {
@@ -125,7 +188,6 @@ def _build_train_configs(args):
             "keep_ckpts": args.keep_ckpts,
             "mesh": args.mesh,
             "ep_impl": args.ep_impl,
-            "ep_capacity_factor": args.ep_capacity_factor,
             "distill_from": None if args.distill_from is None else str(Path(args.distill_from).absolute()),
             "distill_weight": args.distill_weight,
             "distill_temperature": args.distill_temperature,
@@ -143,7 +205,9 @@ def _build_train_configs(args):
 def cmd_train(args) -> int:
     from jmoe.train.trainer import train
 
+    _check_runtime_args(args)
     model_cfg, tc, out = _build_train_configs(args)
+    _start_runtime(args)
     train(
         model_cfg, tc, out, resume=args.resume, stop_after=args.stop_after,
         progress=not args.quiet, log=lambda m: print(m, flush=True),
@@ -151,15 +215,27 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _run_to_read(args):
+    """(model config, train config) of the run --ckpt, with --step checked to name a complete
+    checkpoint (by default it has one); nothing is loaded yet."""
+    from jmoe.nn.transformer import LMConfig
+    from jmoe.train import rundir
+    from jmoe.train.config import TrainConfig
+
+    saved, _ = rundir.find_checkpoint(args.ckpt, args.step)
+    return LMConfig.from_dict(saved["model"]), TrainConfig.from_dict(saved["train"])
+
+
 def cmd_eval(args) -> int:
     from jmoe.data import eval_batches, load_corpus
     from jmoe.train.trainer import evaluate, load_run
 
-    model_cfg, tc, params, router_state, saved, step = load_run(args.ckpt, args.step)
+    _, tc = _run_to_read(args)
     corpus = load_corpus(args.data if args.data is not None else tc.data)
+    batches = eval_batches(corpus.val, args.batches, tc.batch_size, tc.seq_len)
+    model_cfg, tc, params, router_state, saved, step = load_run(args.ckpt, args.step)
     if args.data is None and corpus.sha256 != saved.get("data", {}).get("sha256"):
         print("note: the corpus on this machine differs from the one the run was trained on", file=sys.stderr)
-    batches = eval_batches(corpus.val, args.batches, tc.batch_size, tc.seq_len)
     ev = evaluate(params, router_state, model_cfg, batches)
     result = {"run": str(args.ckpt), "step": step, "data": corpus.source, **ev}
     if args.json:
@@ -179,6 +255,10 @@ def cmd_generate(args) -> int:
     from jmoe.nn.sampling import generate
     from jmoe.train.trainer import load_run
 
+    model_cfg, _ = _run_to_read(args)
+    if args.top_k > model_cfg.vocab_size:
+        raise ValueError(f"--top-k {args.top_k} exceeds the model's vocabulary of {model_cfg.vocab_size} tokens "
+                         "(0 samples from all of them)")
     model_cfg, _, params, router_state, _, _ = load_run(args.ckpt, args.step)
     prompt = list(args.prompt.encode("utf-8"))
     new = generate(
@@ -190,11 +270,30 @@ def cmd_generate(args) -> int:
 
 
 def _add_distributed_args(p) -> None:
-    p.add_argument("--cpu-devices", type=int, metavar="N", help="simulate N CPU devices in this process")
+    p.add_argument("--cpu-devices", type=_int_range(1), metavar="N", help="simulate N CPU devices in this process")
     p.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process run: the coordinator's address")
-    p.add_argument("--num-processes", type=int)
-    p.add_argument("--process-id", type=int)
+    p.add_argument("--num-processes", type=_int_range(1), metavar="N",
+                   help="multi-process run: how many processes take part (with --coordinator)")
+    p.add_argument("--process-id", type=_int_range(0), metavar="I",
+                   help="multi-process run: this process's index, 0 .. N-1 (with --coordinator; 0 writes the run directory)")
     p.add_argument("--distributed", action="store_true", help="multi-process run configured by the cluster environment (TPU pods, SLURM, ...)")
+
+
+def _check_runtime_args(args) -> None:
+    """The multi-process flags, checked before anything starts."""
+    coordinator = getattr(args, "coordinator", None)
+    given = [f for f, v in (("--num-processes", args.num_processes), ("--process-id", args.process_id)) if v is not None]
+    if coordinator is None:
+        if given:
+            raise ValueError(f"{' and '.join(given)} need --coordinator HOST:PORT")
+        return
+    host, sep, port = coordinator.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--coordinator {coordinator!r} must look like HOST:PORT")
+    if args.num_processes is None or args.process_id is None:
+        raise ValueError("--coordinator needs --num-processes and --process-id")
+    if args.process_id >= args.num_processes:
+        raise ValueError(f"--process-id {args.process_id} must be below --num-processes {args.num_processes}")
 
 
 def _start_runtime(args) -> None:
@@ -205,22 +304,21 @@ def _start_runtime(args) -> None:
         set_cpu_device_count(args.cpu_devices)
     coordinator = getattr(args, "coordinator", None)
     if coordinator or getattr(args, "distributed", False):
-        if coordinator and (args.num_processes is None or args.process_id is None):
-            raise ValueError("--coordinator needs --num-processes and --process-id")
         initialize(coordinator, args.num_processes, args.process_id)
 
 
 def cmd_merge(args) -> int:
+    from jmoe.io.safetensors import parse_size
     from jmoe.merge.checkpoints import run_merge
     from jmoe.merge.mergekit import parse_config
+    from jmoe.merge.staging import check_output_dir
 
     config = Path(args.config)
     if not config.exists():
         raise ValueError(f"merge configuration {str(config)!r} does not exist")
+    parse_size(args.max_shard_size)
     plan = parse_config(config)
-    out = Path(args.out_dir)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise ValueError(f"{out} is not empty; choose another OUT_DIR or pass --force")
+    out = check_output_dir(args.out_dir, flag="OUT_DIR", force=args.force, force_flag="--force")
     run_merge(plan, out, max_shard_size=args.max_shard_size, seed=args.seed, progress=not args.quiet,
               log=lambda m: print(m, flush=True))
     return 0
@@ -232,7 +330,7 @@ def cmd_compress(args) -> int:
     compress_run(
         args.ckpt, args.out, method=args.method, target_experts=args.target_experts, rank=args.rank,
         sparsity=args.sparsity, budget=args.budget, importance=args.importance, router=args.router,
-        align=None if args.align == "none" else args.align, calib_batches=args.calib_batches,
+        align=args.align, calib_batches=args.calib_batches,
         calib_data=args.calib_data, stats=args.stats, step=args.step, seed=args.seed,
         log=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)),
     )
@@ -243,10 +341,12 @@ def cmd_plan(args) -> int:
     from jmoe.nn.presets import preset
     from jmoe.parallel.plan import plan_run
     from jmoe.train.config import TrainConfig
+    from jmoe.train.state import abstract_train_state
 
     p = preset(args.preset)
     model_cfg, tc = _apply_overrides(p["model"], TrainConfig(**p["train"]), args.set or [])
-    plan = plan_run(model_cfg, tc, args.mesh, hosts=args.hosts, devices_per_host=args.devices_per_host)
+    plan = plan_run(model_cfg, tc, args.mesh, hosts=args.hosts, devices_per_host=args.devices_per_host,
+                    state=abstract_train_state(model_cfg, tc))
     if args.json:
         print(json.dumps({"mesh": plan.mesh, "hosts": plan.hosts, "devices_per_host": plan.devices_per_host,
                           "tokens_per_device": plan.tokens_device, "params_total_bytes": plan.params_total,
@@ -271,24 +371,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train an MoE language model (default: tiny preset, embedded corpus)")
     t.add_argument("--preset", help="tiny | small | base (default tiny)")
-    t.add_argument("--steps", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--seq-len", type=int)
-    t.add_argument("--out", help="run directory (default runs/<preset>)")
-    t.add_argument("--router", help="router name, e.g. topk")
-    t.add_argument("--dispatch", help="dropless | capacity | dense")
-    t.add_argument("--impl", help="dropless implementation: auto | xla | ragged_dot")
-    t.add_argument("--num-experts", type=int)
-    t.add_argument("--top-k", type=int)
-    t.add_argument("--capacity-factor", type=float)
+    t.add_argument("--steps", type=int, help="optimizer steps of the whole run (sets train.steps)")
+    t.add_argument("--batch-size", type=int, help="sequences per step (sets train.batch_size)")
+    t.add_argument("--seq-len", type=int, help="tokens (bytes) per sequence (sets train.seq_len)")
+    t.add_argument("--out", help="run directory (default runs/<preset>); one process writes it at a time")
+    t.add_argument("--router", help="router name, e.g. topk (sets moe.router)")
+    t.add_argument("--dispatch", help="dropless | capacity | dense (sets moe.dispatch)")
+    t.add_argument("--impl", help="dropless implementation: auto | xla | ragged_dot | pallas (sets moe.dropless.impl)")
+    t.add_argument("--num-experts", type=int, help="routed experts per MoE layer (sets moe.num_experts)")
+    t.add_argument("--top-k", type=int, help="experts per token (sets moe.top_k)")
+    t.add_argument("--capacity-factor", type=float, help="capacity dispatch: slots per expert over the mean (sets moe.capacity.capacity_factor; needs --dispatch capacity)")
     t.add_argument("--dense", action="store_true", help="dense FFN baseline (no MoE layers)")
-    t.add_argument("--lr", type=float)
-    t.add_argument("--seed", type=int)
+    t.add_argument("--lr", type=float, help="peak learning rate of AdamW (sets train.lr)")
+    t.add_argument("--seed", type=int, help="seed of the parameters, batches and routing noise (sets train.seed)")
     t.add_argument("--data", help="text file or directory (default: the embedded stdlib corpus)")
-    t.add_argument("--eval-every", type=int)
-    t.add_argument("--ckpt-every", type=int)
-    t.add_argument("--keep-ckpts", type=int)
-    t.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override any config field (model., moe., train.)")
+    t.add_argument("--eval-every", type=int, metavar="N", help="validate every N steps (sets train.eval_every)")
+    t.add_argument("--ckpt-every", type=int, metavar="N", help="checkpoint every N steps (sets train.ckpt_every)")
+    t.add_argument("--keep-ckpts", type=int, metavar="N", help="keep the newest N checkpoints (sets train.keep_ckpts)")
+    t.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override any config field (model., moe., train.), or an option of the layer's router, dispatch or balance loss: moe.<method>.<option>")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--resume-from", metavar="DIR", help="start from the model of another run (e.g. one written by 'jmoe compress'), with a fresh optimizer")
     t.add_argument("--distill-from", metavar="DIR", help="distil from this run's model (knowledge distillation)")
@@ -296,65 +396,78 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--distill-temperature", type=float, help="softmax temperature of distillation (default 1)")
     t.add_argument("--mesh", help='device mesh, e.g. "data=2,expert=4" (axes: data, fsdp, expert, model)')
     t.add_argument("--ep-impl", help="expert-parallel token exchange: auto | padded | ragged | allgather")
-    t.add_argument("--ep-capacity-factor", type=float, help="expert-parallel buffer size factor (default 2.0)")
     _add_distributed_args(t)
-    t.add_argument("--stop-after", type=int, metavar="N", help="stop with a checkpoint after N steps in this process (resume later with --resume)")
+    t.add_argument("--stop-after", type=_int_range(1), metavar="N", help="stop with a checkpoint after N steps in this process (resume later with --resume)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="validation loss, bits per byte and expert load of a run")
-    e.add_argument("--ckpt", required=True, help="run directory")
-    e.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    e.add_argument("--ckpt", required=True, help="run directory (one being trained is read at its newest complete checkpoint)")
+    e.add_argument("--step", type=_int_range(0), help="checkpoint step (default: latest)")
     e.add_argument("--data", help="evaluate on this text instead of the run's corpus")
-    e.add_argument("--batches", type=int, default=8)
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--batches", type=_int_range(1, MAX_EVAL_BATCHES), default=8,
+                   help=f"validation batches of the run's batch size and sequence length (1 .. {MAX_EVAL_BATCHES}; default 8)")
+    e.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="sample text from a run")
-    g.add_argument("--ckpt", required=True, help="run directory")
-    g.add_argument("--step", type=int)
-    g.add_argument("--prompt", default="def ")
-    g.add_argument("--max-new-tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-k", type=int, default=40)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--ckpt", required=True, help="run directory (one being trained is read at its newest complete checkpoint)")
+    g.add_argument("--step", type=_int_range(0), help="checkpoint step (default: latest)")
+    g.add_argument("--prompt", default="def ", help="text to continue (default 'def ')")
+    g.add_argument("--max-new-tokens", type=_int_range(1, MAX_NEW_TOKENS), default=200,
+                   help=f"tokens (bytes) to sample (1 .. {MAX_NEW_TOKENS}; default 200)")
+    g.add_argument("--temperature", type=_float_range(0.0), default=0.8,
+                   help="softmax temperature, >= 0; 0 is greedy (default 0.8)")
+    g.add_argument("--top-k", type=_int_range(0), default=40,
+                   help="sample among the k likeliest tokens; 0: among all (default 40)")
+    g.add_argument("--seed", type=_int_range(0, 2**32 - 1), default=0, help="seed of the sampling (default 0)")
     g.set_defaults(func=cmd_generate)
 
+    from jmoe.merge.mergekit import supported_methods
+
     m = sub.add_parser("merge", help="merge checkpoints from a mergekit-style YAML configuration")
-    m.add_argument("config", help="YAML file (mergekit schema: merge_method, base_model, models/slices, parameters, dtype)")
+    m.add_argument("config", help="YAML file (mergekit schema: merge_method, base_model, models/slices, parameters, dtype; "
+                                  f"merge_method: {', '.join(supported_methods())})")
     m.add_argument("out_dir", help="output directory (Hugging Face layout)")
     m.add_argument("--max-shard-size", default="5GB")
     m.add_argument("--seed", type=int, default=0, help="PRNG seed of random methods (dare, della)")
-    m.add_argument("--force", action="store_true", help="write into a non-empty OUT_DIR")
+    m.add_argument("--force", action="store_true",
+                   help="write into a non-empty OUT_DIR (the merged checkpoint replaces the one there; other files stay)")
     m.add_argument("--quiet", action="store_true")
     m.set_defaults(func=cmd_merge)
 
     pl = sub.add_parser("plan", help="dry run: mesh, parameter shardings and per-device memory of a run on a target topology")
-    pl.add_argument("--preset", default="base")
-    pl.add_argument("--mesh", required=True, help='e.g. "data=4,expert=8"')
-    pl.add_argument("--hosts", type=int, required=True)
-    pl.add_argument("--devices-per-host", type=int, required=True)
-    pl.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override any config field (model., moe., train.)")
-    pl.add_argument("--device-memory-gib", type=float, help="memory of one device; exit 1 when the plan does not fit")
-    pl.add_argument("--json", action="store_true")
+    pl.add_argument("--preset", default="base", help="tiny | small | base (default base)")
+    pl.add_argument("--mesh", required=True, help='device mesh of the run, e.g. "data=4,expert=8" (axes: data, fsdp, expert, model)')
+    pl.add_argument("--hosts", type=_int_range(1), required=True, help="hosts (processes) of the target topology")
+    pl.add_argument("--devices-per-host", type=_int_range(1), required=True, help="accelerators per host")
+    pl.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override any config field (model., moe., train.), or an option of the layer's router, dispatch or balance loss: moe.<method>.<option>")
+    pl.add_argument("--device-memory-gib", type=_float_range(0.0, open_lo=True),
+                    help="memory of one device in GiB; exit 1 when the plan does not fit")
+    pl.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     pl.set_defaults(func=cmd_plan)
 
     c = sub.add_parser("compress", help="merge, prune or compress the experts of a run (M-SMoE, MC-SMoE, baselines)")
     c.add_argument("--ckpt", required=True, help="run directory to reduce")
-    c.add_argument("--out", required=True, help="new run directory (jmoe eval / train --resume-from accept it)")
-    c.add_argument("--method", required=True, choices=["msmoe", "mcsmoe", "average", "random", "prune"])
+    c.add_argument("--out", required=True, help="new run directory, absent or empty (jmoe eval / train --resume-from accept it)")
+    from jmoe.merge.experts.registry import COMPRESS_METHODS
+
+    c.add_argument("--method", required=True, choices=COMPRESS_METHODS.names(),
+                   help="; ".join(f"{n}: {COMPRESS_METHODS.get(n).doc}" for n in COMPRESS_METHODS))
     c.add_argument("--target-experts", type=float, required=True, help="experts per MoE layer, on average over layers")
     c.add_argument("--rank", type=int, help="mcsmoe: rank of the low-rank factors")
     c.add_argument("--sparsity", type=float, help="mcsmoe: fraction of the sparse residual dropped")
     c.add_argument("--budget", type=float, help="mcsmoe: stored size as a fraction of the experts (instead of --sparsity)")
-    c.add_argument("--importance", default="magnitude", choices=["magnitude", "sensitivity"],
-                   help="mcsmoe: how residual columns are ranked (|w| or |w * grad|)")
-    c.add_argument("--router", default="share", choices=["share", "merge"],
-                   help="share: the router keeps its outputs, grouped experts share weights; merge: router columns merged too")
-    c.add_argument("--align", default="weight", choices=["weight", "activation", "none"], help="msmoe: neuron alignment before merging")
+    c.add_argument("--importance", choices=["magnitude", "sensitivity"],
+                   help="mcsmoe: how residual columns are ranked (|w| or |w * grad|; default magnitude)")
+    c.add_argument("--router", choices=["share", "merge"],
+                   help="methods that merge: share (default): the router keeps its outputs, grouped experts share weights; "
+                        "merge: router columns merged too")
+    c.add_argument("--align", choices=["weight", "activation", "none"],
+                   help="msmoe, mcsmoe: neuron alignment before merging (default weight)")
     c.add_argument("--calib-batches", type=int, default=8, help="calibration batches from the training split")
     c.add_argument("--calib-data", help="calibrate on this text instead of the run's corpus")
-    c.add_argument("--stats", help="routing statistics (.npz) saved by an earlier compress")
+    c.add_argument("--stats", help="routing statistics (routing_stats.npz) saved by an earlier compress of the same run")
     c.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--quiet", action="store_true")
@@ -370,18 +483,33 @@ def main(argv: list[str] | None = None) -> int:
     from jmoe.train.checkpoint import CheckpointError
     from jmoe.train.trainer import NonFiniteLoss, TrainError
 
+    _quiet_libraries()
     try:
-        _start_runtime(args)
         return args.func(args)
     except NonFiniteLoss as e:
-        print(f"jmoe {args.command}: {e}", file=sys.stderr)
+        _error_line(args, e, prefix="")
         return EXIT_DIVERGED
     except (TrainError, CorpusError, CheckpointError, MergeError, SafetensorsError, ValueError) as e:
-        print(f"jmoe {args.command}: error: {e}", file=sys.stderr)
+        _error_line(args, e)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"jmoe {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _error_line(args, e: BaseException, prefix: str = "error: ") -> None:
+    """`e` as one line on stderr, naming the command."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    print(f"jmoe {args.command}: {prefix}{text}", file=sys.stderr, flush=True)
+
+
+def _quiet_libraries() -> None:
+    """Keep what orbax logs through absl, and asyncio's reports of the reads a failed restore
+    left behind, off the terminal: jmoe says what matters in its own words."""
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
 if __name__ == "__main__":

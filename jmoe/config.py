@@ -7,7 +7,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jmoe.registry import ACTIVATIONS, BALANCE_LOSSES, DISPATCHERS, DROPLESS_IMPLS, ROUTERS
+from jmoe.options import check_fields, option
+from jmoe.registry import ACTIVATIONS, BALANCE_LOSSES, DISPATCHERS, ROUTERS
 
 BALANCE_SCOPES = ("global", "micro", "sequence")
 
@@ -25,51 +26,48 @@ def canonical_dtype(value: Any, field: str) -> str | None:
     return dt.name
 
 
+# Kinds of method a layer selects by name: (config field, its options field, registry).
+METHOD_KINDS = (
+    ("router", "router_options", ROUTERS),
+    ("dispatch", "dispatch_options", DISPATCHERS),
+    ("balance_loss", "balance_options", BALANCE_LOSSES),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
-    """Configuration of one sparse MoE layer.
+    """Configuration of one sparse MoE layer: the shared sizes, and the options of the
+    router, dispatch and balance loss it selects.
+
+    Counts (one name each, used everywhere):
+      num_experts: E, expert parameter sets (the leading axis of `experts/*`).
+      num_ffn_choices: router outputs that run an FFN expert: len(expert_map), or E.
+      num_choices: the router's output width C: the FFN choices plus the router's FLOP-free
+        experts (null, zero, copy, constant); `Routing.num_choices` of its routings.
+      top_k: k, choices per token (the static upper bound for dynamic-k routers).
 
     Sizes:
-      num_experts: E, routed experts.
-      top_k: k, experts per token (k <= E).
-      d_model: d, token width.
-      d_ff: f, hidden width of each routed expert.
+      d_model: d, token width. d_ff: f, hidden width of each routed expert.
       num_shared_experts: experts every token passes through (DeepSeekMoE); they are
         stored fused as one FFN of hidden width `num_shared_experts * d_ff_shared`.
+      d_ff_shared: hidden width of one shared expert (defaults to `d_ff`).
       shared_gate: scale the shared experts' output by sigmoid(x w_g), w_g: [d, 1] (Qwen2-MoE).
       expert_map: router choice i runs expert expert_map[i] (experts merged into shared
-        weights keep their router outputs); None: choice i is expert i. With a map the router
-        has len(expert_map) outputs and num_experts counts the expert parameter sets.
-      d_ff_shared: hidden width of one shared expert (defaults to `d_ff`).
+        weights keep their router outputs); None: choice i is expert i.
 
-    Routing (`router` names a registry entry, see `jmoe.registry.ROUTERS`):
-      renormalize: rescale the k selected weights to sum to 1 (None: the router's default:
-        off for softmax top-k, on for sigmoid_bias).
-      softmax_after_topk: Mixtral style, select on logits then softmax over the k
-        selected logits (mathematically equal to softmax + top-k + renormalize).
+    Methods, each a registry name with its own options (an `jmoe.options.Options`
+    dataclass next to the method's code; see `MoEConfig.options_of`):
+      router (`jmoe.registry.ROUTERS`) with router_options,
+      dispatch (`jmoe.registry.DISPATCHERS`) with dispatch_options,
+      balance_loss (`jmoe.registry.BALANCE_LOSSES`) with balance_options.
+      Options may be given as the options dataclass, as a dict of its fields, or omitted
+      (the method's defaults). `--set moe.<method>.<option>=value` sets one of them.
+
+    Shared by every router:
       router_jitter: eps of the Switch multiplicative input jitter U(1-eps, 1+eps),
         applied only when a `key` is passed to the layer (training).
-
-    Router-specific options (each router reads its own):
-      expert_groups, topk_groups: sigmoid_bias group-limited routing: experts form
-        `expert_groups` contiguous groups, each token picks `topk_groups` groups by the sum
-        of their two best biased scores, then its top_k experts inside them.
-      route_scale: sigmoid_bias multiplier of the normalised gate weights.
-      bias_update_rate: gamma of the aux-loss-free bias update b -= gamma * sign(load - mean).
-      top_p: top_p threshold (experts are added until their cumulative probability
-        exceeds it; top_k is the static upper bound).
-      num_null_experts: null_experts: M FLOP-free experts appended to the router.
-      num_zero_experts, num_copy_experts, num_constant_experts, gating_residual: moepp
-        zero-computation experts and the gating residual across layers.
-      zero_compute_loss_weight: moepp's tau, the balance-loss weight of FLOP-free experts.
-      recurrent_dim: recurrent router's GRU state width.
       allow_noncausal: permit routers that look at later tokens (expert_choice) in causal
         decoders.
-
-    Dispatch (`dispatch` names a registry entry, see `jmoe.registry.DISPATCHERS`):
-      capacity_factor: for "capacity", C = ceil(capacity_factor * T * k / E).
-      impl: for "dropless", the grouped-matmul implementation ("auto" picks per backend).
-      block_size: rows per chunk of the XLA dropless implementation.
 
     Numerics:
       dtype: compute dtype of the experts (None: the input's dtype). The router always
@@ -77,90 +75,39 @@ class MoEConfig:
       param_dtype: dtype of the parameters created by `init_moe`.
 
     Losses:
-      balance_loss: a `jmoe.registry.BALANCE_LOSSES` entry ("switch", "switch_topk_any",
-        "seq_aux", "device", "none"), scaled by aux_loss_coef.
+      aux_loss_coef: weight of the balance loss; z_loss_coef: the router z-loss;
+      entropy_loss_coef: the mean router entropy (the dynamic loss of top-p routing).
       balance_scope: whose counts make the expert fractions f: "global" (the whole optimizer
         batch: every data-parallel shard and gradient-accumulation micro-batch), "micro"
-        (each micro-batch and shard), "sequence" (each sequence).
-      balance_devices: device groups of the "device" balance loss.
-      z_loss_coef: the router z-loss; entropy_loss_coef: the mean router entropy (the
-        dynamic loss of top-p routing).
+        (each micro-batch and shard), "sequence" (each sequence). A balance loss may fix
+        its own scope (seq_aux is always per sequence).
     """
 
-    num_experts: int = 8
-    top_k: int = 2
-    d_model: int = 512
-    d_ff: int = 1024
+    num_experts: int = option(8, ge=1)
+    top_k: int = option(2, ge=1)
+    d_model: int = option(512, ge=1)
+    d_ff: int = option(1024, ge=1)
     router: str = "topk"
     dispatch: str = "dropless"
-    impl: str = "auto"
     activation: str = "swiglu"
-    renormalize: bool | None = None
-    softmax_after_topk: bool = False
-    router_jitter: float = 0.0
-    capacity_factor: float = 1.25
-    block_size: int = 512
-    num_shared_experts: int = 0
-    d_ff_shared: int | None = None
+    balance_loss: str = "switch"
+    router_options: Any = None
+    dispatch_options: Any = None
+    balance_options: Any = None
+    router_jitter: float = option(0.0, ge=0.0, lt=1.0)
+    num_shared_experts: int = option(0, ge=0)
+    d_ff_shared: int | None = option(None, ge=1)
     shared_gate: bool = False
     expert_map: tuple | None = None
-    dtype: str | None = None
-    param_dtype: str = "float32"
-    aux_loss_coef: float = 1e-2
-    z_loss_coef: float = 1e-3
-    balance_loss: str = "switch"
-    balance_scope: str = "global"
-    balance_devices: int = 1
-    entropy_loss_coef: float = 0.0
-    expert_groups: int = 1
-    topk_groups: int = 1
-    route_scale: float = 1.0
-    bias_update_rate: float = 1e-3
-    top_p: float = 0.4
-    num_null_experts: int = 0
-    num_zero_experts: int = 0
-    num_copy_experts: int = 0
-    num_constant_experts: int = 0
-    gating_residual: bool = False
-    zero_compute_loss_weight: float = 0.75
-    recurrent_dim: int = 128
+    dtype: Any = None
+    param_dtype: Any = "float32"
+    aux_loss_coef: float = option(1e-2, ge=0.0)
+    z_loss_coef: float = option(1e-3, ge=0.0)
+    entropy_loss_coef: float = option(0.0, ge=0.0)
+    balance_scope: str = option("global", choices=BALANCE_SCOPES)
     allow_noncausal: bool = False
 
     def __post_init__(self):
-        def positive_int(name):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"MoEConfig.{name}={v!r} must be a positive integer")
-
-        for name in ("num_experts", "top_k", "d_model", "d_ff", "block_size", "expert_groups", "topk_groups",
-                     "balance_devices", "recurrent_dim"):
-            positive_int(name)
-        for name in ("num_null_experts", "num_zero_experts", "num_copy_experts", "num_constant_experts"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"MoEConfig.{name}={v!r} must be an integer >= 0")
-        if self.top_k > self.num_experts and not self.expert_map:
-            raise ValueError(
-                f"MoEConfig.top_k={self.top_k} must be <= num_experts={self.num_experts}"
-            )
-        if isinstance(self.num_shared_experts, bool) or not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
-            raise ValueError(
-                f"MoEConfig.num_shared_experts={self.num_shared_experts!r} must be an integer >= 0"
-            )
-        if self.d_ff_shared is not None:
-            positive_int("d_ff_shared")
-        if not self.capacity_factor > 0:
-            raise ValueError(f"MoEConfig.capacity_factor={self.capacity_factor!r} must be > 0")
-        if not 0.0 <= self.router_jitter < 1.0:
-            raise ValueError(f"MoEConfig.router_jitter={self.router_jitter!r} must be in [0, 1)")
-        if self.balance_scope not in BALANCE_SCOPES:
-            raise ValueError(f"MoEConfig.balance_scope={self.balance_scope!r} must be one of {', '.join(BALANCE_SCOPES)}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"MoEConfig.top_p={self.top_p!r} must be in (0, 1]")
-        for name in ("aux_loss_coef", "z_loss_coef", "entropy_loss_coef", "bias_update_rate", "route_scale",
-                     "zero_compute_loss_weight"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"MoEConfig.{name}={getattr(self, name)!r} must be >= 0")
         for name, registry in (
             ("router", ROUTERS),
             ("dispatch", DISPATCHERS),
@@ -172,13 +119,18 @@ class MoEConfig:
                     f"MoEConfig.{name}={getattr(self, name)!r} is unknown; known: "
                     f"{', '.join(registry.names())}"
                 )
-        if self.impl != "auto" and self.impl not in DROPLESS_IMPLS:
+        check_fields(self, "MoEConfig")
+        for kind, field, registry in METHOD_KINDS:
+            object.__setattr__(self, field, _build_options(getattr(self, kind), getattr(self, field), registry, field))
+        if self.top_k > self.num_experts and not self.expert_map:
             raise ValueError(
-                f"MoEConfig.impl={self.impl!r} is unknown; known: auto, "
-                f"{', '.join(DROPLESS_IMPLS.names())}"
+                f"MoEConfig.top_k={self.top_k} must be <= num_experts={self.num_experts}"
             )
         if self.expert_map is not None:
-            object.__setattr__(self, "expert_map", tuple(int(e) for e in self.expert_map))
+            try:
+                object.__setattr__(self, "expert_map", tuple(int(e) for e in self.expert_map))
+            except (TypeError, ValueError):
+                raise ValueError(f"MoEConfig.expert_map={self.expert_map!r} must be a list of expert indices") from None
             if not self.expert_map or min(self.expert_map) < 0 or max(self.expert_map) >= self.num_experts:
                 raise ValueError(f"MoEConfig.expert_map entries must be expert indices in [0, num_experts={self.num_experts})")
             if self.top_k > len(self.expert_map):
@@ -189,15 +141,17 @@ class MoEConfig:
             raise ValueError("MoEConfig.param_dtype must not be None")
         object.__setattr__(self, "param_dtype", pd)
         ROUTERS.get(self.router).validate(self)
+        for _, field, _ in METHOD_KINDS:
+            getattr(self, field).validate(self)
 
     @property
-    def num_routed(self) -> int:
+    def num_ffn_choices(self) -> int:
         """Router outputs that run an FFN expert (len(expert_map), or num_experts)."""
         return len(self.expert_map) if self.expert_map else self.num_experts
 
     @property
     def num_choices(self) -> int:
-        """Router output width: FFN experts plus the router's FLOP-free experts."""
+        """Router output width C: FFN choices plus the router's FLOP-free experts."""
         return ROUTERS.get(self.router).num_choices(self)
 
     @property
@@ -205,27 +159,145 @@ class MoEConfig:
         """Hidden width of the fused shared-expert FFN (0 when there are none)."""
         return self.num_shared_experts * (self.d_ff_shared or self.d_ff)
 
+    def options_of(self, name: str):
+        """The options of the selected method called `name` (router, dispatch or balance loss)."""
+        for kind, field, _ in METHOD_KINDS:
+            if getattr(self, kind) == name:
+                return getattr(self, field)
+        raise ValueError(
+            f"{name!r} is not a method this layer selects (router={self.router!r}, "
+            f"dispatch={self.dispatch!r}, balance_loss={self.balance_loss!r})"
+        )
+
     def replace(self, **changes) -> "MoEConfig":
-        """A copy with `changes` applied (and validated)."""
+        """A copy with `changes` applied (and validated).
+
+        Changing a method resets its options to the new method's defaults unless they are
+        given too; options given as a dict update the current ones of an unchanged method.
+        """
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise ValueError(f"MoEConfig has no field(s) {', '.join(sorted(unknown))}")
+            raise ValueError(_unknown_fields_message(unknown))
+        for kind, field, _ in METHOD_KINDS:
+            same_method = changes.get(kind, getattr(self, kind)) == getattr(self, kind)
+            if field in changes:
+                if isinstance(changes[field], dict) and same_method:
+                    changes[field] = {**getattr(self, field).to_dict(), **changes[field]}
+            elif not same_method:
+                changes[field] = None
         return dataclasses.replace(self, **changes)
 
+    def with_options(self, name: str, **options) -> "MoEConfig":
+        """A copy with options of the selected method `name` changed."""
+        for kind, field, _ in METHOD_KINDS:
+            if getattr(self, kind) == name:
+                return self.replace(**{field: options})
+        self.options_of(name)  # raises
+        raise AssertionError
+
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        if self.expert_map is None:  # written only when set, so older configs read the same
-            del d["expert_map"]
-        else:
-            d["expert_map"] = list(self.expert_map)
+        d = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name.endswith("_options"):
+                v = v.to_dict()
+                if not v:  # written only when the method has options
+                    continue
+            elif f.name == "expert_map":
+                if v is None:  # written only when set
+                    continue
+                v = list(v)
+            d[f.name] = v
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "MoEConfig":
+        """A config from `to_dict`'s output, or from a config.json of an earlier layout."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a MoE configuration must be a mapping, got {type(d).__name__}")
+        d = migrate_moe_dict(d)
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"MoEConfig has no field(s) {', '.join(sorted(unknown))}")
+            raise ValueError(_unknown_fields_message(unknown))
         return cls(**d)
+
+
+def _build_options(name: str, value, registry, field: str):
+    cls = registry.options(name)
+    owner = f"MoEConfig.{name}"
+    if value is None:
+        return cls()
+    if isinstance(value, dict):
+        return cls.from_dict(value, owner=owner)
+    if type(value) is cls:
+        return value
+    got = type(value).__name__
+    raise ValueError(
+        f"MoEConfig.{field} is a {got}, but {registry.kind} {name!r} takes {cls.__name__} "
+        f"(pass a dict or {cls.__name__}(...))"
+    )
+
+
+# Fields of the flat layout (before each method owned its options), by the option they became.
+_FLAT_RENAMES = {"top_p": "threshold", "balance_devices": "devices"}
+_FLAT_OPTIONS = (
+    "impl", "renormalize", "softmax_after_topk", "capacity_factor", "block_size", "balance_devices",
+    "expert_groups", "topk_groups", "route_scale", "bias_update_rate", "top_p", "num_null_experts",
+    "num_zero_experts", "num_copy_experts", "num_constant_experts", "gating_residual",
+    "zero_compute_loss_weight", "recurrent_dim",
+)
+
+
+def migrate_moe_dict(d: dict) -> dict:
+    """A MoE config dict of any earlier layout in the current one.
+
+    Earlier configs stored every method's options as flat fields (`capacity_factor`,
+    `route_scale`, `top_p`, ...). Each moves into the options of the selected method that
+    owns it; options of methods the layer does not select were never read and are dropped.
+    `renormalize: null` meant "the router's default", which is what omitting it means now.
+    """
+    flat = [k for k in _FLAT_OPTIONS if k in d]
+    if not flat:
+        return dict(d)
+    out = {k: v for k, v in d.items() if k not in _FLAT_OPTIONS}
+    for kind, field, registry in METHOD_KINDS:
+        name = out.get(kind, _DEFAULT_METHODS[kind])
+        if name not in registry:
+            continue  # the constructor names the unknown method
+        owned = {f.name for f in dataclasses.fields(registry.options(name))}
+        moved = {}
+        for k in flat:
+            new = _FLAT_RENAMES.get(k, k)
+            if new in owned and not (k == "renormalize" and d[k] is None):
+                moved[new] = d[k]
+        if moved:
+            given = out.get(field) or {}
+            out[field] = {**moved, **(given if isinstance(given, dict) else given.to_dict())}
+    return out
+
+
+def _unknown_fields_message(unknown) -> str:
+    names = sorted(unknown)
+    hints = []
+    for n in names:
+        if n in _FLAT_OPTIONS:
+            owners = _option_owners(_FLAT_RENAMES.get(n, n))
+            if owners:
+                hints.append(f"{n} is an option of {', '.join(owners)} (moe.<method>.{_FLAT_RENAMES.get(n, n)})")
+    msg = f"MoEConfig has no field(s) {', '.join(names)}"
+    return msg + (f"; {'; '.join(hints)}" if hints else "")
+
+
+def _option_owners(option_name: str) -> list[str]:
+    owners = []
+    for _, _, registry in METHOD_KINDS:
+        for name in registry.names():
+            if option_name in {f.name for f in dataclasses.fields(registry.options(name))}:
+                owners.append(f"{registry.kind} {name!r}")
+    return owners
+
+
+_DEFAULT_METHODS = {"router": "topk", "dispatch": "dropless", "balance_loss": "switch"}
 
 
 def fine_grained(cfg: MoEConfig, m: int, num_shared: int = 0) -> MoEConfig:

@@ -53,22 +53,41 @@ def init_experts(key: jax.Array, cfg, num_experts: int | None = None) -> dict:
     return jax.vmap(lambda k: init_ffn(k, cfg.d_model, cfg.d_ff, cfg.activation, cfg.param_dtype))(keys)
 
 
-def ffn(params: dict, x: jax.Array, activation: str, dtype: jnp.dtype | str | None = None) -> jax.Array:
-    """Apply one FFN (no expert axis).
+Matmul = Callable[[jax.Array, jax.Array], jax.Array]
+"""How `ffn` multiplies rows by a weight: `(x [n, a], w) -> [n, b]`, w one weight leaf of the
+params (`[a, b]`, or `[E, a, b]` for a grouped matmul with its group sizes bound)."""
+
+
+def ffn(
+    params: dict,
+    x: jax.Array,
+    activation: str,
+    dtype: jnp.dtype | str | None = None,
+    *,
+    matmul: Matmul = jnp.matmul,
+) -> jax.Array:
+    """Apply the FFN: `act(x W_gate) * (x W_up)` (gated) or `act(x W_up)`, then `W_down`.
+
+    The one definition of the expert computation: one expert with the default dense matmul,
+    or all experts over rows sorted by expert with a grouped matmul, e.g.
+    `matmul=partial(jax.lax.ragged_dot, group_sizes=group_sizes)` or
+    `partial(jmoe.dispatch.pallas.gmm, group_sizes=group_sizes)` and `[E, ...]` params.
 
     Args:
-      params: `w_up [d, f]`, `w_down [f, d]` and, for gated activations, `w_gate [d, f]`.
+      params: `w_up [d, f]`, `w_down [f, d]` and, for gated activations, `w_gate [d, f]`
+        (with a leading expert axis for a grouped `matmul`).
       x: [n, d].
-      dtype: compute dtype (None: x's dtype).
+      dtype: compute dtype (None: x's dtype); x and the weights are cast to it.
+      matmul: `(x [n, a], w) -> [n, b]`; default `x @ w`.
     Returns:
       [n, d] in the compute dtype.
     """
     act = ACTIVATIONS.get(activation)
     dt = x.dtype if dtype is None else jnp.dtype(dtype)
     x = x.astype(dt)
-    up = x @ params["w_up"].astype(dt)
-    h = act.fn(x @ params["w_gate"].astype(dt)) * up if act.gated else act.fn(up)
-    return h @ params["w_down"].astype(dt)
+    up = matmul(x, params["w_up"].astype(dt))
+    h = act.fn(matmul(x, params["w_gate"].astype(dt))) * up if act.gated else act.fn(up)
+    return matmul(h, params["w_down"].astype(dt))
 
 
 def expected_expert_shapes(cfg, num_experts: int | None = None) -> dict[str, tuple[int, ...]]:

@@ -45,12 +45,12 @@ class MoEAux:
     experts_per_token: jax.Array
     zero_compute_fraction: jax.Array
     routing: Routing
-    num_ffn_experts: int = struct.field(pytree_node=False, default=0)
+    num_ffn_choices: int = struct.field(pytree_node=False, default=0)
 
     @property
     def ffn_load(self) -> jax.Array:
-        """[E] share of the FFN slots per FFN expert (sums to 1)."""
-        counts = self.tokens_per_expert[..., : self.num_ffn_experts]
+        """[E] share of the FFN slots per FFN choice (sums to 1)."""
+        counts = self.tokens_per_expert[..., : self.num_ffn_choices]
         return counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0)
 
     @property
@@ -88,9 +88,14 @@ def _init_moe(key, cfg):
     return params
 
 
-def shared_output(shared: dict, gate: dict | None, x: jax.Array, cfg: MoEConfig) -> jax.Array:
-    """The shared experts on every token, gated by sigmoid(x w_g) when there is a gate. x: [T, d]."""
-    y = ffn(shared, x, cfg.activation, cfg.dtype)
+def shared_output(shared: dict, gate: dict | None, x: jax.Array, cfg: MoEConfig,
+                  partial_sum: Callable[[jax.Array], jax.Array] = lambda v: v) -> jax.Array:
+    """The shared experts on every token, gated by sigmoid(x w_g) when there is a gate. x: [T, d].
+
+    partial_sum completes a tensor-parallel FFN (each device holds a slice of its hidden
+    width) before the gate is applied; the gate multiplies in float32.
+    """
+    y = partial_sum(ffn(shared, x, cfg.activation, cfg.dtype))
     if gate is not None:
         g = jax.nn.sigmoid(x.astype(jnp.float32) @ gate["w"].astype(jnp.float32))
         y = (y.astype(jnp.float32) * g).astype(y.dtype)
@@ -186,40 +191,73 @@ def moe_layer(
     return _moe_layer(params, x, cfg, state, key, carry, balance_counts)
 
 
-def route_and_compute(params, xt, cfg, experts, *, state, key, carry, dispatch):
-    """Router, routed experts (through `dispatch`), FLOP-free experts. xt: [T, d].
+def flatten_tokens(x: jax.Array, cfg: MoEConfig) -> jax.Array:
+    """[..., d] -> [T, d] in the compute dtype."""
+    xt = x.reshape(-1, cfg.d_model)
+    return xt if cfg.dtype is None else xt.astype(cfg.dtype)
 
-    Returns (y [T, d], dropped FFN slots, routing).
+
+def ffn_routing(routing: Routing, cfg: MoEConfig) -> Routing:
+    """The part of `routing` a dispatch computes: FFN choices only, mapped to expert ids."""
+    r = routing.for_ffn_experts(cfg.num_ffn_choices)
+    if cfg.expert_map:
+        r = r.replace(expert_ids=jnp.asarray(cfg.expert_map, jnp.int32)[r.expert_ids])
+    return r
+
+
+def layer_body(
+    params: dict,
+    xt: jax.Array,
+    cfg: MoEConfig,
+    *,
+    dispatch: Callable,
+    state: Any,
+    key: jax.Array | None,
+    carry: Any,
+    balance_counts: jax.Array | None,
+    seq_len: int,
+    reduce: Callable[[jax.Array], jax.Array] = lambda v: v,
+    shards: int = 1,
+    partial_sum: Callable[[jax.Array], jax.Array] = lambda v: v,
+) -> tuple[jax.Array, MoEAux]:
+    """The MoE layer on flat tokens: route, dispatch, FLOP-free experts, shared experts, aux.
+
+    The single-device layer runs it on all tokens with a registered dispatch; the
+    expert-parallel layer runs it on each token shard inside `shard_map`, with a token
+    exchange as the dispatch, `reduce` summing statistics over the token shards and
+    `partial_sum` completing tensor-parallel shared experts.
+
+    Args:
+      params: the layer's parameters (expert weights as the dispatch needs them).
+      xt: [T, d] tokens in the compute dtype.
+      dispatch: `(expert_params, x [T, d], routing, cfg) -> (y [T, d], dropped)`.
+      seq_len: tokens per sequence (for sequence-scoped balance losses).
+    Returns:
+      y: [T, d] in the compute dtype, and the `MoEAux`.
     """
     router = ROUTERS.get(cfg.router)
     with jax.named_scope("router"):
         routing = router.apply(params["router"], xt, cfg, state=state, key=key, carry=carry)
     with jax.named_scope("dispatch"):
-        ffn_routing = routing.for_ffn_experts(cfg.num_routed)
-        if cfg.expert_map:
-            ffn_routing = ffn_routing.replace(expert_ids=jnp.asarray(cfg.expert_map, jnp.int32)[ffn_routing.expert_ids])
-        y, dropped = dispatch(experts, xt, ffn_routing, cfg)
+        y, dropped = dispatch(params["experts"], xt, ffn_routing(routing, cfg), cfg)
     if router.extra_output is not None:
         with jax.named_scope("flop_free_experts"):
             y = y + router.extra_output(params["router"], xt, routing, cfg).astype(y.dtype)
-    return y, dropped, routing
+    if cfg.num_shared_experts:
+        with jax.named_scope("shared_experts"):
+            y = y + shared_output(params["shared"], params.get("shared_gate"), xt, cfg, partial_sum).astype(y.dtype)
+    with jax.named_scope("aux"):
+        aux = moe_aux(routing, dropped, cfg, seq_len=seq_len, reduce=reduce, shards=shards, global_counts=balance_counts)
+    return y, aux
 
 
 @partial(jax.jit, static_argnums=2)
 def _moe_layer(params, x, cfg, state, key, carry, balance_counts):
-    lead = x.shape[:-1]
-    xt = x.reshape(-1, cfg.d_model)
-    if cfg.dtype is not None:
-        xt = xt.astype(cfg.dtype)
-    y, dropped, routing = route_and_compute(
-        params, xt, cfg, params["experts"], state=state, key=key, carry=carry, dispatch=DISPATCHERS.get(cfg.dispatch)
+    y, aux = layer_body(
+        params, flatten_tokens(x, cfg), cfg, dispatch=DISPATCHERS.get(cfg.dispatch), state=state, key=key,
+        carry=carry, balance_counts=balance_counts, seq_len=sequence_length(x.shape),
     )
-    if cfg.num_shared_experts:
-        with jax.named_scope("shared_experts"):
-            y = y + shared_output(params["shared"], params.get("shared_gate"), xt, cfg).astype(y.dtype)
-    with jax.named_scope("aux"):
-        aux = moe_aux(routing, dropped, cfg, seq_len=sequence_length(x.shape), global_counts=balance_counts)
-    return y.reshape(lead + (cfg.d_model,)), aux
+    return y.reshape(x.shape[:-1] + (cfg.d_model,)), aux
 
 
 def moe_aux(
@@ -234,8 +272,8 @@ def moe_aux(
 ) -> MoEAux:
     """Losses and statistics of one routing; `reduce` sums over the shards of the batch."""
     router = ROUTERS.get(cfg.router)
-    E = cfg.num_routed
-    C = routing.num_experts
+    E = cfg.num_ffn_choices
+    C = routing.num_choices
     counts = reduce(losses.expert_counts(routing.expert_ids, routing.mask, C))
     selected = jnp.maximum(jnp.sum(counts), 1.0)
     ctx = losses.BalanceContext(seq_len=seq_len, reduce=reduce, shards=shards, global_counts=global_counts)
@@ -257,5 +295,5 @@ def moe_aux(
         experts_per_token=ffn_slots / tokens,
         zero_compute_fraction=(jnp.sum(counts) - ffn_slots) / selected,
         routing=routing,
-        num_ffn_experts=E,
+        num_ffn_choices=E,
     )

@@ -13,7 +13,7 @@ at perfectly uniform routing unless noted):
                    choices (sums to the mean k; equals k at uniform routing).
   seq_aux          DeepSeek-V3's sequence-wise loss: per sequence, f_i = C/(k S) * count_i
                    and P_i = mean of the per-token normalised scores s_i / sum_j s_j.
-  device           DeepSeek-V2's device-level loss over `balance_devices` groups of experts:
+  device           DeepSeek-V2's device-level loss over `devices` groups of experts (option):
                    sum_d mean_{i in d}(C f_i) * sum_{i in d} P_i.
   none             0.
 `balance_scope` decides whose counts make f: "global" (everything the optimizer step sees:
@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Callable
 import jax
 import jax.numpy as jnp
 
+from jmoe.options import Options, option
 from jmoe.registry import BALANCE_LOSSES
 
 if TYPE_CHECKING:
@@ -117,6 +118,47 @@ def _stats(expert_ids, mask, probs, C, normalise=False) -> Stats:
     return Stats(expert_counts(expert_ids, mask, C), jnp.sum(p, axis=0), jnp.float32(p.shape[0]))
 
 
+@dataclasses.dataclass(frozen=True)
+class BalanceLoss:
+    """A registry entry: `fn(stats, cfg, eta) -> scalar` over one scope's statistics.
+
+    normalised_probs: P is the mean of the per-token normalised scores s_i / sum_j s_j.
+    scope: a scope the loss always uses ("sequence" for seq_aux), or None for
+      `MoEConfig.balance_scope`.
+    zero: the loss is identically 0 ("none").
+    """
+
+    fn: Callable[[Stats, object, jax.Array], jax.Array]
+    normalised_probs: bool = False
+    scope: str | None = None
+    zero: bool = False
+
+    def scope_for(self, cfg) -> str:
+        """The scope of this loss in the layer `cfg`."""
+        return self.scope or cfg.balance_scope
+
+
+def needs_step_counts(cfg) -> bool:
+    """Whether the layer's balance loss needs the counts of the whole optimizer step (a
+    global-scope loss that is not 0): under gradient accumulation they must be known before
+    any micro-batch's gradient."""
+    entry = BALANCE_LOSSES.get(cfg.balance_loss)
+    return entry.scope_for(cfg) == "global" and not entry.zero and cfg.aux_loss_coef > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceBalanceOptions(Options):
+    """devices: groups of contiguous experts (DeepSeek-V2's devices) the loss balances."""
+
+    devices: int = option(1, ge=1)
+
+    def validate(self, cfg) -> None:
+        if cfg.num_choices % self.devices:
+            raise ValueError(
+                f"MoEConfig.device.devices={self.devices} must divide the {cfg.num_choices} router choices"
+            )
+
+
 def _switch(s: Stats, cfg, eta) -> jax.Array:
     C = s.counts.shape[0]
     f = s.counts / jnp.maximum(jnp.sum(s.counts), 1.0)
@@ -130,19 +172,17 @@ def _switch_topk_any(s: Stats, cfg, eta) -> jax.Array:
 
 def _device(s: Stats, cfg, eta) -> jax.Array:
     C = s.counts.shape[0]
-    D = cfg.balance_devices
-    if C % D:
-        raise ValueError(f"balance_loss='device' needs the {C} router choices to split into balance_devices={D} groups")
+    D = cfg.balance_options.devices
     f = C * s.counts / jnp.maximum(jnp.sum(s.counts), 1.0)
     P = s.prob_sum / s.tokens
     return jnp.sum(jnp.mean((eta * f).reshape(D, -1), axis=1) * jnp.sum(P.reshape(D, -1), axis=1))
 
 
-BALANCE_LOSSES.add("switch", _switch)
-BALANCE_LOSSES.add("switch_topk_any", _switch_topk_any)
-BALANCE_LOSSES.add("seq_aux", _switch)  # with normalised scores, always per sequence (below)
-BALANCE_LOSSES.add("device", _device)
-BALANCE_LOSSES.add("none", lambda s, cfg, eta: jnp.zeros((), jnp.float32))
+BALANCE_LOSSES.add("switch", BalanceLoss(_switch))
+BALANCE_LOSSES.add("switch_topk_any", BalanceLoss(_switch_topk_any))
+BALANCE_LOSSES.add("seq_aux", BalanceLoss(_switch, normalised_probs=True, scope="sequence"))
+BALANCE_LOSSES.add("device", BalanceLoss(_device), options=DeviceBalanceOptions)
+BALANCE_LOSSES.add("none", BalanceLoss(lambda s, cfg, eta: jnp.zeros((), jnp.float32), zero=True))
 
 
 def balance_loss(routing: Routing, cfg, ctx: BalanceContext, eta=None, count_transform=None) -> jax.Array:
@@ -151,13 +191,13 @@ def balance_loss(routing: Routing, cfg, ctx: BalanceContext, eta=None, count_tra
     eta: optional [C] per-choice loss weights (MoE++'s tau for FLOP-free experts).
     count_transform: optional counts -> counts (AdaMoE averages the null experts' counts).
     """
-    name = cfg.balance_loss
-    fn = BALANCE_LOSSES.get(name)
-    C = routing.num_experts
+    entry = BALANCE_LOSSES.get(cfg.balance_loss)
+    fn = entry.fn
+    C = routing.num_choices
     eta = jnp.ones((C,), jnp.float32) if eta is None else eta
     tf = count_transform or (lambda c: c)
-    normalise = name == "seq_aux"
-    scope = "sequence" if name == "seq_aux" else cfg.balance_scope
+    normalise = entry.normalised_probs
+    scope = entry.scope_for(cfg)
     red = ctx.reduce
 
     if scope == "global":
@@ -183,5 +223,5 @@ def balance_loss(routing: Routing, cfg, ctx: BalanceContext, eta=None, count_tra
 
 def switch_balance_loss(routing: Routing) -> jax.Array:
     """The "switch" balance loss over all of `routing`'s tokens (no scopes, no weights)."""
-    s = _stats(routing.expert_ids, routing.mask, routing.probs, routing.num_experts)
-    return _switch(s, None, jnp.ones((routing.num_experts,), jnp.float32))
+    s = _stats(routing.expert_ids, routing.mask, routing.probs, routing.num_choices)
+    return _switch(s, None, jnp.ones((routing.num_choices,), jnp.float32))

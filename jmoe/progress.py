@@ -7,27 +7,46 @@ import time
 
 
 class Progress:
-    def __init__(self, total: int, start: int = 0, stream=None, every: int = 25, enabled: bool = True):
+    """Progress from `start` to `total`.
+
+    warmup: how many first updates the rate behind the ETA leaves out (steps that compile
+    take far longer than the others); until it has a rate the ETA shows "?".
+    """
+
+    def __init__(self, total: int, start: int = 0, stream=None, every: int = 25, enabled: bool = True,
+                 warmup: int = 0):
         self.total = total
         self.start = start
         self.stream = stream or sys.stderr
         self.every = every
         self.enabled = enabled
+        self.warmup = warmup
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.t0 = time.perf_counter()
         self._last_line = 0
+        self._updates = 0
+        self._origin = (self.t0, start)  # (time, step) the rate is measured from
+
+    def eta(self, step: int, now: float | None = None) -> float | None:
+        """Seconds left at `step`, from the rate since the warm-up updates; None before there is one."""
+        now = time.perf_counter() if now is None else now
+        t, s = self._origin
+        if self._updates <= self.warmup or step <= s or now <= t:
+            return None
+        return (self.total - step) * (now - t) / (step - s)
 
     def update(self, step: int, fields: dict[str, str]) -> None:
         if not self.enabled:
             return
-        done = step - self.start
-        elapsed = time.perf_counter() - self.t0
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - step) / rate if rate > 0 else 0.0
+        now = time.perf_counter()
+        self._updates += 1
+        if self._updates == self.warmup:
+            self._origin = (now, step)
+        eta = self.eta(step, now)
         frac = step / self.total
         bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
         info = "  ".join(f"{k} {v}" for k, v in fields.items())
-        line = f"step {step}/{self.total} [{bar}] {100 * frac:3.0f}%  {info}  eta {_fmt(eta)}"
+        line = f"step {step}/{self.total} [{bar}] {100 * frac:3.0f}%  {info}  eta {'?' if eta is None else _fmt(eta)}"
         if self.tty:
             self.stream.write("\r" + line[:200] + "\033[K")
             self.stream.flush()

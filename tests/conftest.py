@@ -20,4 +20,4 @@ jax.config.update("jax_default_prng_impl", "rbg")
 
 @pytest.fixture
 def small_cfg():
-    return jmoe.MoEConfig(num_experts=4, top_k=2, d_model=8, d_ff=16, block_size=16)
+    return jmoe.MoEConfig(num_experts=4, top_k=2, d_model=8, d_ff=16, dispatch_options=dict(block_size=16))

@@ -23,13 +23,13 @@ def test_defaults_are_valid_and_canonical():
         (dict(router="nope"), "router"),
         (dict(dispatch="nope"), "dispatch"),
         (dict(activation="relu6"), "activation"),
-        (dict(impl="cuda"), "impl"),
-        (dict(capacity_factor=0.0), "capacity_factor"),
+        (dict(dispatch_options=dict(impl="cuda")), "impl"),
+        (dict(dispatch="capacity", dispatch_options=dict(capacity_factor=0.0)), "capacity_factor"),
         (dict(router_jitter=1.5), "router_jitter"),
         (dict(num_shared_experts=-1), "num_shared_experts"),
         (dict(dtype="int32"), "dtype"),
         (dict(aux_loss_coef=-1.0), "aux_loss_coef"),
-        (dict(block_size=0), "block_size"),
+        (dict(dispatch_options=dict(block_size=0)), "block_size"),
     ],
 )
 def test_invalid_config_names_the_field(kwargs, field):

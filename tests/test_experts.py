@@ -40,3 +40,22 @@ def test_param_dtype_and_compute_dtype():
     assert params["w_up"].dtype == jnp.bfloat16
     y = ffn(jax.tree.map(lambda a: a[0], params), jnp.ones((2, 4)), "swiglu", dtype="float32")
     assert y.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_ffn_with_a_grouped_matmul_is_ffn_per_expert(activation):
+    cfg = MoEConfig(num_experts=3, top_k=1, d_model=4, d_ff=6, activation=activation)
+    params = init_experts(jax.random.key(0), cfg)
+    sizes = jnp.array([4, 0, 3], jnp.int32)
+    xs = jax.random.normal(jax.random.key(1), (7, 4))
+    calls = []
+
+    def matmul(a, w):
+        calls.append(w.shape)
+        return jax.lax.ragged_dot(a, w, sizes)
+
+    y = ffn(params, xs, activation, matmul=matmul)
+    assert len(calls) == (3 if activation == "swiglu" else 2) and all(len(s) == 3 for s in calls)
+    one = lambda e: jax.tree.map(lambda a: a[e], params)
+    expected = jnp.concatenate([ffn(one(0), xs[:4], activation), ffn(one(2), xs[4:], activation)])
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)

@@ -7,7 +7,7 @@ import jmoe
 from jmoe import MoEConfig, init_moe, moe_layer
 from tests.util import tree_allclose
 
-BASE = MoEConfig(num_experts=6, top_k=2, d_model=8, d_ff=12, block_size=8, num_shared_experts=1, d_ff_shared=4)
+BASE = MoEConfig(num_experts=6, top_k=2, d_model=8, d_ff=12, dispatch_options=dict(block_size=8), num_shared_experts=1, d_ff_shared=4)
 
 
 def layer_grads(cfg, params, x, key=None):
@@ -23,10 +23,10 @@ def layer_grads(cfg, params, x, key=None):
     "changes",
     [
         dict(dispatch="dropless"),
-        dict(dispatch="dropless", impl="ragged_dot"),
-        dict(dispatch="dropless", impl="pallas"),
-        dict(dispatch="capacity", capacity_factor=6.0),
-        dict(dispatch="dropless", renormalize=True, activation="geglu", num_shared_experts=0),
+        dict(dispatch="dropless", dispatch_options=dict(impl="ragged_dot", block_size=8)),
+        dict(dispatch="dropless", dispatch_options=dict(impl="pallas", block_size=8)),
+        dict(dispatch="capacity", dispatch_options=dict(capacity_factor=6.0)),
+        dict(dispatch="dropless", router_options=dict(renormalize=True), activation="geglu", num_shared_experts=0),
     ],
 )
 def test_layer_matches_reference_forward_and_gradients(changes):
@@ -58,7 +58,7 @@ def test_all_tokens_to_one_expert_through_the_router():
 
 
 def test_aux_contents():
-    cfg = BASE.replace(dispatch="capacity", capacity_factor=0.5)
+    cfg = BASE.replace(dispatch="capacity", dispatch_options=dict(capacity_factor=0.5))
     params = init_moe(jax.random.key(0), cfg)
     x = jax.random.normal(jax.random.key(1), (40, cfg.d_model))
     _, aux = jax.jit(lambda p, x: moe_layer(p, x, cfg))(params, x)

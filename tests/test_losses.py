@@ -90,7 +90,8 @@ def np_loss(name, ids, mask, probs, C, k, D=2):
 def test_balance_losses_match_numpy(name, scope):
     B, S, E, k = 3, 7, 6, 2
     r = make_routing(jax.random.key(1), B * S, E, k)
-    cfg = MoEConfig(num_experts=E, top_k=k, d_model=4, d_ff=4, balance_loss=name, balance_scope=scope, balance_devices=2)
+    cfg = MoEConfig(num_experts=E, top_k=k, d_model=4, d_ff=4, balance_loss=name, balance_scope=scope,
+                    balance_options=dict(devices=2) if name == "device" else None)
     got = balance_loss(r, cfg, BalanceContext(seq_len=S))
     ids, mask, probs = (np.asarray(a) for a in (r.expert_ids, r.mask, r.probs))
     if scope == "sequence" or name == "seq_aux":
@@ -114,5 +115,6 @@ def test_uniform_routing_gives_one():
     ids = (jnp.arange(T) % E)[:, None]
     r = make_routing(jax.random.key(0), T, E, 1, expert_ids=ids).replace(probs=jnp.full((T, E), 0.25))
     for name in ["switch", "seq_aux", "device"]:
-        cfg = MoEConfig(num_experts=E, top_k=1, d_model=4, d_ff=4, balance_loss=name, balance_devices=2)
+        cfg = MoEConfig(num_experts=E, top_k=1, d_model=4, d_ff=4, balance_loss=name,
+                        balance_options=dict(devices=2) if name == "device" else None)
         np.testing.assert_allclose(balance_loss(r, cfg, BalanceContext(seq_len=T)), 1.0, rtol=1e-6)

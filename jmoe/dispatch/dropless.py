@@ -1,6 +1,6 @@
 """Dropless dispatch: sort token-slots by expert, grouped matmul, unsort and combine.
 
-Implementations (`MoEConfig.impl`):
+Implementations (the `impl` option, `--set moe.dropless.impl=...`):
   "xla": the fused chunked loop of `jmoe.dispatch.chunked` (fast on CPU, O(T d) memory).
   "ragged_dot": permute -> `jax.lax.ragged_dot` grouped FFN -> unpermute + combine.
   "pallas": the same pipeline with jmoe's Pallas kernels (jmoe.dispatch.pallas).
@@ -8,6 +8,9 @@ Implementations (`MoEConfig.impl`):
 """
 
 from __future__ import annotations
+
+import dataclasses
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +20,9 @@ from jmoe.dispatch.base import expert_fn_for
 from jmoe.dispatch.chunked import chunked_expert_combine
 from jmoe.dispatch.permute import permute, unpermute_combine
 from jmoe.dispatch.sorting import sort_slots
-from jmoe.registry import ACTIVATIONS, DISPATCHERS, DROPLESS_IMPLS
+from jmoe.experts import ffn
+from jmoe.options import Options, option
+from jmoe.registry import DISPATCHERS, DROPLESS_IMPLS
 
 
 def resolve_impl(impl: str) -> str:
@@ -26,6 +31,28 @@ def resolve_impl(impl: str) -> str:
         DROPLESS_IMPLS.get(impl)
         return impl
     return "xla" if jax.default_backend() == "cpu" else "pallas"
+
+
+@dataclasses.dataclass(frozen=True)
+class DroplessOptions(Options):
+    """impl: the grouped-matmul implementation ("auto" picks per backend, see `resolve_impl`).
+    block_size: rows per chunk of the "xla" implementation.
+    tilings: a JSON file of measured tile sizes for the "pallas" implementation (written by
+      `jmoe.dispatch.pallas.TilingTable.save`, e.g. after `autotune`); None: the built-in ones."""
+
+    impl: str = option("auto")
+    block_size: int = option(512, ge=1)
+    tilings: str | None = option(None)
+
+    def validate(self, cfg) -> None:
+        if self.impl != "auto" and self.impl not in DROPLESS_IMPLS:
+            raise ValueError(
+                f"MoEConfig.dropless.impl={self.impl!r} is unknown; known: auto, {', '.join(DROPLESS_IMPLS.names())}"
+            )
+        if self.tilings is not None:
+            from jmoe.dispatch.pallas.tiling import load_tilings
+
+            load_tilings(self.tilings)
 
 
 def _num_experts(expert_params) -> int:
@@ -38,21 +65,13 @@ def xla_dropless(expert_params, x, expert_ids, weights, mask, cfg):
     order, group_sizes = sort_slots(expert_ids, mask, _num_experts(expert_params))
     w = jnp.where(mask, weights, 0.0).reshape(-1)
     return chunked_expert_combine(
-        x, w, order, group_sizes, expert_params, expert_fn_for(cfg), expert_ids.shape[1], cfg.block_size
+        x, w, order, group_sizes, expert_params, expert_fn_for(cfg), expert_ids.shape[1], cfg.dispatch_options.block_size
     )
 
 
 def ragged_ffn(params, xs, group_sizes, activation, dtype=None):
-    """Grouped FFN with `jax.lax.ragged_dot`. xs: [N, d] sorted by group; group_sizes: [E]."""
-    act = ACTIVATIONS.get(activation)
-    dt = xs.dtype if dtype is None else jnp.dtype(dtype)
-    xs = xs.astype(dt)
-    up = lax.ragged_dot(xs, params["w_up"].astype(dt), group_sizes)
-    if act.gated:
-        h = act.fn(lax.ragged_dot(xs, params["w_gate"].astype(dt), group_sizes)) * up
-    else:
-        h = act.fn(up)
-    return lax.ragged_dot(h, params["w_down"].astype(dt), group_sizes)
+    """`ffn` with `jax.lax.ragged_dot`. xs: [N, d] sorted by group; group_sizes: [E] -> [N, d]."""
+    return ffn(params, xs, activation, dtype, matmul=partial(lax.ragged_dot, group_sizes=group_sizes))
 
 
 @DROPLESS_IMPLS.register("ragged_dot")
@@ -70,16 +89,16 @@ def grouped_expert_apply(expert_params, rows, expert_ids, valid, cfg):
     rows: [R, d]; expert_ids, valid: [R] -> [R, d]. Used where rows arrive already
     assigned to one expert each (e.g. after an expert-parallel all-to-all).
     """
-    impl = DROPLESS_IMPLS.get(resolve_impl(cfg.impl))
+    impl = DROPLESS_IMPLS.get(resolve_impl(cfg.dispatch_options.impl))
     ids = expert_ids[:, None]
     return impl(expert_params, rows, ids, valid[:, None].astype(jnp.float32), valid[:, None], cfg)
 
 
 def dropless_dispatch(expert_params, x, routing, cfg):
     """No token-slot is dropped. x: [T, d] -> ([T, d], dropped=0)."""
-    impl = DROPLESS_IMPLS.get(resolve_impl(cfg.impl))
+    impl = DROPLESS_IMPLS.get(resolve_impl(cfg.dispatch_options.impl))
     y = impl(expert_params, x, routing.expert_ids, routing.weights, routing.mask, cfg)
     return y, jnp.zeros((), jnp.float32)
 
 
-DISPATCHERS.add("dropless", dropless_dispatch)
+DISPATCHERS.add("dropless", dropless_dispatch, options=DroplessOptions)

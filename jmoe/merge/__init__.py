@@ -1,62 +1,48 @@
 """Merging as pytree transformations.
 
-Model merging (`jmoe.merge.<method>(base, models, **params) -> tree`): linear, slerp,
-task_arithmetic, ties (per-tensor/global), dare, dare_ties, breadcrumbs, breadcrumbs_ties,
-della, della_linear, model_stock, sce, nearswap, karcher, fisher (+ diagonal_fisher),
-regmean (+ lm_grams), pcb, tall_masks, consensus, layer_swap. See jmoe.merge.methods for the
-shared pipeline and jmoe.merge.tree for filters and per-layer parameters.
+Model merging: `jmoe.merge.<method>(base, models, **params) -> tree` for every method of the
+table `MERGE_METHODS` (`MERGE_METHODS.names()`; e.g. linear, slerp, task_arithmetic, ties,
+dare_ties, della, model_stock, fisher, regmean, pcb, consensus, layer_swap). Calling one checks
+its parameters against the table, then runs the function. A new method is one function plus
+one registration (`merge_method` / `register_merge_method`, see `jmoe.merge.registry`).
+Helpers: `map_merge` and `task_vector_merge` (the shared pipeline, see `jmoe.merge.methods`),
+`global_magnitude_thresholds`, `tall_masks`, `diagonal_fisher`, `lm_grams`; `jmoe.merge.tree`
+has filters and per-layer parameters.
 """
 
-from jmoe.merge.masks import consensus, pcb, tall_masks
-from jmoe.merge.methods import (
-    breadcrumbs,
-    breadcrumbs_ties,
-    dare,
-    dare_ties,
-    della,
-    della_linear,
-    global_magnitude_thresholds,
-    karcher,
-    layer_swap,
-    linear,
-    map_merge,
-    model_stock,
-    nearswap,
-    sce,
-    slerp,
-    task_arithmetic,
-    task_vector_merge,
-    ties,
-)
+from jmoe.merge import masks, methods, weighted  # noqa: F401  (register their methods)
+from jmoe.merge.masks import tall_masks
+from jmoe.merge.methods import global_magnitude_thresholds, map_merge, task_vector_merge
+from jmoe.merge.registry import MERGE_METHODS, MergeMethod, Param, merge_method, register_merge_method
 from jmoe.merge.tree import MergeError, Selector
-from jmoe.merge.weighted import diagonal_fisher, fisher, lm_grams, regmean
+from jmoe.merge.weighted import diagonal_fisher, lm_grams
 
-__all__ = [
+_HELPERS = [
+    "MERGE_METHODS",
     "MergeError",
+    "MergeMethod",
+    "Param",
     "Selector",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "consensus",
-    "dare",
-    "dare_ties",
-    "della",
-    "della_linear",
     "diagonal_fisher",
-    "fisher",
     "global_magnitude_thresholds",
-    "karcher",
-    "layer_swap",
-    "linear",
     "lm_grams",
     "map_merge",
-    "model_stock",
-    "nearswap",
-    "pcb",
-    "regmean",
-    "sce",
-    "slerp",
+    "merge_method",
+    "register_merge_method",
     "tall_masks",
-    "task_arithmetic",
     "task_vector_merge",
-    "ties",
 ]
+
+
+def __getattr__(name: str):
+    """`jmoe.merge.<method>`: the method's row of `MERGE_METHODS` (callable)."""
+    if name in MERGE_METHODS:
+        return MERGE_METHODS.get(name)
+    raise AttributeError(f"module 'jmoe.merge' has no attribute {name!r} (merge methods: {', '.join(MERGE_METHODS)})")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(MERGE_METHODS))
+
+
+__all__ = sorted(_HELPERS + MERGE_METHODS.names())

@@ -2,10 +2,11 @@
 
 For every output tensor the engine reads that tensor from each input model (only its bytes:
 at most one file of each model is open at a time, and nothing is memory-mapped), resolves
-the method's parameters for it (per model, per slice, global; layer gradients and filters
-apply), merges it with the same `jmoe.merge` function the in-memory API uses, and streams
-it into the output shards. Memory holds a few copies of one tensor, whatever the size of
-the models. Whole-model statistics (global TIES thresholds) take extra streaming passes.
+the method's parameters for it as its row of `jmoe.merge.MERGE_METHODS` says (per model, per
+slice, global; layer gradients and filters apply), merges it with the same `jmoe.merge`
+method the in-memory API uses, and streams it into the output shards. Memory holds a few
+copies of one tensor, whatever the size of the models. Whole-model statistics (global TIES
+thresholds) take extra streaming passes.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmoe.io.safetensors import Checkpoint, ShardedWriter
-from jmoe.merge import methods as M
-from jmoe.merge.mergekit import METHODS, MergePlan, Slice, Source
+from jmoe.io.safetensors import INDEX, Checkpoint, ShardedWriter, parse_size
+from jmoe.merge.mergekit import MergePlan, Slice, Source
+from jmoe.merge.registry import REQUIRED, UNSET, MergeMethod, Param
 from jmoe.merge.select import StreamingKth
+from jmoe.merge.staging import staged_dir
 from jmoe.merge.tree import LAYER, MergeError, layer_of, resolve_at
 from jmoe.progress import Progress
 
@@ -57,7 +59,7 @@ def plan_tensors(plan: MergePlan, ckpts: dict[Path, Checkpoint]) -> tuple[list[_
     names = list(ref)
     if plan.slices is None:
         sources = list(plan.models)
-        if plan.base is not None and METHODS[plan.method]["base"] and all(s.model != plan.base for s in sources):
+        if plan.base is not None and plan.spec.base and all(s.model != plan.base for s in sources):
             sources.append(Source(plan.base, None, {}))
         total = max((layer_of(n) for n in names if layer_of(n) is not None), default=-1) + 1
         whole = Slice(sources, {})
@@ -95,72 +97,60 @@ def _param(name: str, source: Source, sl: Slice, plan: MergePlan, tensor: str, t
     return default
 
 
-def _rescale(value) -> str | None:
-    if value is True:
-        return "inverse"
-    if value in (False, None):
-        return None
-    if value in ("inverse", "l1"):
+def _convert(spec: MergeMethod, prm: Param, key: str, value, tensor: str):
+    if prm.convert is None:
         return value
-    raise MergeError(f"rescale={value!r} must be true, false, 'inverse' or 'l1'")
+    try:
+        return prm.convert(value)
+    except MergeError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise MergeError(f"merge_method {spec.name!r}: {key}={value!r} at tensor {tensor!r} is not valid ({e})") from None
+
+
+def _arguments(plan: MergePlan, task: _Task, idx: list[int], key, thresholds) -> dict:
+    """The method's keyword arguments for one tensor, resolved from the configuration."""
+    spec, tensor = plan.spec, task.out_name
+    kwargs = {}
+    for name, prm in spec.config_params.items():
+        if prm.per_model:
+            values = []
+            for i in idx:
+                v = _param(name, task.inputs[i][1], task.inputs[i][2], plan, tensor, task.t)
+                if v is None and prm.when_absent is REQUIRED:
+                    raise MergeError(f"{spec.name} needs parameter {name} (tensor {tensor})")
+                values.append(prm.when_absent if v is None else _convert(spec, prm, name, v, tensor))
+            kwargs[prm.name] = values
+            continue
+        v = _param(name, Source(Path("."), None, {}), task.inputs[0][2], plan, tensor, task.t)
+        if v is not None:
+            kwargs[prm.name] = _convert(spec, prm, name, v, tensor)
+        elif prm.config_default is not UNSET:
+            kwargs[prm.name] = prm.config_default
+        elif prm.default is REQUIRED:
+            raise MergeError(f"{spec.name} needs parameter {name} (tensor {tensor})")
+    if "key" in spec.params:
+        kwargs["key"] = key
+    if thresholds is not None:
+        kwargs["thresholds"] = thresholds
+    return kwargs
 
 
 def merge_tensor(plan: MergePlan, task: _Task, arrays: dict, base_array, key, thresholds=None) -> jax.Array:
     """Merge one tensor. arrays: {input index: array}; base_array: the base's (or None); key:
     the run's PRNG key (each tensor's own key derives from its name, as in the in-memory
     methods); thresholds: per-model global TIES thresholds (scope: global)."""
-    method = plan.method
+    spec = plan.spec
     name = task.out_name
-    p = lambda k, i, default=None: _param(k, task.inputs[i][1], task.inputs[i][2], plan, name, task.t, default)
     idx = [i for i, (_, src, _) in enumerate(task.inputs) if not (plan.base is not None and src.model == plan.base
-                                                                  and METHODS[method]["base"])]
+                                                                  and spec.base)]
     wrap = lambda a: {name: jnp.asarray(a)}
     models = [wrap(arrays[i]) for i in idx]
-    base = wrap(base_array) if base_array is not None else None
-    defaults = METHODS[method]["defaults"]
-    glob = lambda k, default=None: _param(k, Source(Path("."), None, {}), task.inputs[0][2], plan, name, task.t,
-                                          defaults.get(k, default))
-    if method == "passthrough":
-        return jnp.asarray(arrays[0]) * float(p("scale", 0, 1.0))
-    if method == "linear":
-        return M.linear(models, weights=[float(p("weight", i, 1.0)) for i in idx], normalize=bool(glob("normalize")))[name]
-    if method in ("slerp", "nearswap"):
-        if len(models) != 1:
-            raise MergeError(f"{method} needs the base model and exactly one other model")
-        fn = M.slerp if method == "slerp" else M.nearswap
-        t = glob("t")
-        if t is None:
-            raise MergeError(f"{method} needs parameter t (tensor {name})")
-        return fn(base, models, t=float(t))[name]
-    if method == "karcher":
-        return M.karcher(models, max_iter=int(glob("max_iter", 10)), tol=float(glob("tol", 1e-5)))[name]
-    if method == "model_stock":
-        return M.model_stock(base, models, filter_wise=bool(glob("filter_wise", False)))[name]
-    if method == "sce":
-        return M.sce(base, models, select_topk=float(glob("select_topk", 1.0)))[name]
-    weights = [float(p("weight", i, 1.0)) for i in idx]
-    density = [float(p("density", i, 1.0)) for i in idx]
-    lam = float(glob("lambda", 1.0))
-    normalize = bool(glob("normalize"))
-    if method == "task_arithmetic":
-        return M.task_arithmetic(base, models, weights=weights, lam=lam, normalize=normalize)[name]
-    if method == "ties":
-        return M.ties(base, models, density=density, weights=weights, lam=lam, disjoint="mean" if normalize else "sum",
-                      scope=glob("scope", "tensor"), thresholds=thresholds)[name]
-    rescale = _rescale(glob("rescale"))
-    consensus = "sum" if method.endswith("_ties") or method == "della" else None
-    if method in ("dare_ties", "dare_linear"):
-        return M.dare(base, models, density=density, key=key, weights=weights, lam=lam, rescale=rescale,
-                      consensus=consensus, normalize=normalize)[name]
-    if method in ("breadcrumbs", "breadcrumbs_ties"):
-        gamma = [float(p("gamma", i, 0.01)) for i in idx]
-        return M.breadcrumbs(base, models, density=density, gamma=gamma, weights=weights, lam=lam, consensus=consensus,
-                             normalize=normalize)[name]
-    if method in ("della", "della_linear"):
-        eps = [float(p("epsilon", i, 0.15)) for i in idx]
-        return M.della(base, models, density=density, epsilon=eps, key=key, weights=weights, lam=lam,
-                       rescale="l1" if rescale else None, consensus=consensus, normalize=normalize)[name]
-    raise MergeError(f"merge_method {method!r} is not supported out of core")
+    kwargs = _arguments(plan, task, idx, key, thresholds)
+    if spec.base:
+        base = wrap(base_array) if base_array is not None else None
+        return spec(base, models, **kwargs)[name]
+    return spec(models, **kwargs)[name]
 
 
 def _global_thresholds(plan, tasks, ckpts, log) -> list:
@@ -196,8 +186,17 @@ def _global_thresholds(plan, tasks, ckpts, log) -> list:
 
 def run_merge(plan: MergePlan, out_dir: str | Path, *, max_shard_size: int | str = "5GB", seed: int = 0,
               progress: bool = True, log: Callable[[str], None] = print) -> dict:
-    """Merge the checkpoints of `plan` into `out_dir` (Hugging Face layout). Returns a summary."""
+    """Merge the checkpoints of `plan` into `out_dir` (Hugging Face layout). Returns a summary.
+
+    The output is built in a temporary sibling of `out_dir` and moved into place at the end
+    (`jmoe.merge.staging`): a failure leaves nothing behind. Into an existing non-empty
+    `out_dir`, the merged checkpoint replaces the one there (files of the same name, and
+    stale shards and index), and other files stay.
+    """
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise MergeError(f"{out} exists and is not a directory")
+    parse_size(max_shard_size)
     t0 = time.perf_counter()
     ckpts = {p: Checkpoint(p) for p in plan.model_dirs()}
     tasks, layers = plan_tensors(plan, ckpts)
@@ -211,11 +210,31 @@ def run_merge(plan: MergePlan, out_dir: str | Path, *, max_shard_size: int | str
             raise MergeError(f"tensor {task.out_name!r} has different shapes across models: {sorted(shapes)}")
     key = jax.random.key(seed)
     thresholds = None
-    if plan.method == "ties" and plan.params.get("scope") == "global":
+    if "thresholds" in plan.spec.params and plan.params.get("scope") == "global":
         if plan.slices is not None:
             raise MergeError("global ties is not supported with slices")
         thresholds = _global_thresholds(plan, tasks, ckpts, log)
-    out.mkdir(parents=True, exist_ok=True)
+    with staged_dir(out) as tmp:
+        files, bytes_read, layers = _write_merge(plan, tasks, ckpts, layers, tmp, key, thresholds, max_shard_size,
+                                                 progress, t0)
+    _remove_stale_shards(out, {f.name for f in files})
+    seconds = time.perf_counter() - t0
+    summary = {"tensors": len(tasks), "bytes_read": bytes_read, "seconds": seconds,
+               "read_gb_per_s": bytes_read / 1e9 / seconds, "files": [f.name for f in files], "layers": layers}
+    log(f"merged {len(tasks)} tensors ({bytes_read / 1e9:.2f} GB read) in {seconds:.1f} s into {out}")
+    return summary
+
+
+def _remove_stale_shards(out: Path, written: set[str]) -> None:
+    """Remove safetensors files and the index of an earlier checkpoint in `out` that the merge
+    did not write (they would be read as part of the new one)."""
+    for f in [*out.glob("*.safetensors"), out / INDEX]:
+        if f.name not in written and f.is_file():
+            f.unlink()
+
+
+def _write_merge(plan, tasks, ckpts, layers, out, key, thresholds, max_shard_size, progress, t0):
+    """Merge every task into `out`; returns (files written, bytes read, layers)."""
     writer = ShardedWriter(out, max_shard_size=max_shard_size, metadata={"merged_by": "jmoe", "merge_method": plan.method})
     bar = Progress(len(tasks), enabled=progress, every=max(1, len(tasks) // 20))
     bytes_read = 0
@@ -227,11 +246,11 @@ def run_merge(plan: MergePlan, out_dir: str | Path, *, max_shard_size: int | str
             for i, (name, src, _) in enumerate(task.inputs):
                 a = ckpts[src.model][name]
                 bytes_read += a.nbytes
-                if plan.base is not None and src.model == plan.base and METHODS[plan.method]["base"]:
+                if plan.base is not None and src.model == plan.base and plan.spec.base:
                     base_array = a
                 else:
                     arrays[i] = a
-            if plan.base is not None and METHODS[plan.method]["base"] and base_array is None:
+            if plan.base is not None and plan.spec.base and base_array is None:
                 base_array = ckpts[plan.base][task.inputs[0][0]]
                 bytes_read += base_array.nbytes
             first = base_array if base_array is not None else next(iter(arrays.values()))
@@ -248,11 +267,7 @@ def run_merge(plan: MergePlan, out_dir: str | Path, *, max_shard_size: int | str
         bar.close()
     files = writer.close()
     _copy_side_files(plan, out, layers, out_dtype)
-    seconds = time.perf_counter() - t0
-    summary = {"tensors": len(tasks), "bytes_read": bytes_read, "seconds": seconds,
-               "read_gb_per_s": bytes_read / 1e9 / seconds, "files": [f.name for f in files], "layers": layers}
-    log(f"merged {len(tasks)} tensors ({bytes_read / 1e9:.2f} GB read) in {seconds:.1f} s into {out}")
-    return summary
+    return files, bytes_read, layers
 
 
 def _copy_side_files(plan: MergePlan, out: Path, layers: int, out_dtype) -> None:

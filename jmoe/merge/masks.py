@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jmoe.merge.methods import _f32, map_merge
+from jmoe.merge.registry import merge_method
 from jmoe.merge.select import kth_largest
 from jmoe.merge.tree import MergeError, as_selector, check_compatible, check_models, leaves_with_paths
 
@@ -56,6 +57,7 @@ def tall_masks(base, models: Sequence, *, lam: float = 0.4, merged=None, filter=
     return out
 
 
+@merge_method()
 def consensus(base, models: Sequence, *, k: int = 2, lam: float = 0.4, scale: float = 1.0, merged=None, filter=None):
     """Consensus merging: base + scale * (tau_MTL where at least k TALL masks agree)."""
     if k < 0:
@@ -76,6 +78,7 @@ def consensus(base, models: Sequence, *, k: int = 2, lam: float = 0.4, scale: fl
     return map_merge(leaf, base, models, filter=filter)
 
 
+@merge_method()
 def pcb(base, models: Sequence, *, ratio: float = 0.1, clip: float = 1e-4, filter=None):
     """PCB-merging (Parameter Competition Balancing)."""
     if not 0 < ratio <= 1:

@@ -1,9 +1,8 @@
 """mergekit's YAML configuration, for the methods jmoe shares with it.
 
 Accepted keys (anything else is an error naming it):
-  merge_method      linear, slerp, nearswap, task_arithmetic, ties, dare_ties, dare_linear,
-                    breadcrumbs, breadcrumbs_ties, della, della_linear, model_stock, sce,
-                    karcher, passthrough (slices with one source)
+  merge_method      a method of `jmoe.merge.MERGE_METHODS` registered with mergekit=True
+                    (`supported_methods()`: linear, slerp, ties, dare_ties, passthrough, ...)
   base_model        a local model directory
   models            [{model: dir, parameters: {...}}]            (or)
   slices            [{sources: [{model, layer_range: [a, b], parameters}], parameters}]
@@ -14,8 +13,11 @@ Accepted keys (anything else is an error naming it):
   name              ignored
 
 Parameters resolve per tensor, as mergekit does: the model's own `parameters`, then the
-slice's, then the top-level ones, then the method's default. jmoe additions: `scope: global`
-for ties (whole-model trim) and `rescale: inverse | l1`.
+slice's, then the top-level ones, then the method's default. Which parameters a method reads,
+their defaults, which are read per model and which may be lists (layer gradients, filter
+lists) come from its row of the table; anything else is an error naming the method and the
+parameter. jmoe additions: `scope: global` for ties (whole-model trim) and
+`rescale: inverse | l1`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from jmoe.merge.registry import MERGE_METHODS, REQUIRED, MergeMethod
 from jmoe.merge.tree import MergeError
 
 TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source", "name"}
@@ -34,31 +37,17 @@ SOURCE_KEYS = {"model", "layer_range", "parameters"}
 SLICE_KEYS = {"sources", "parameters", "base_model"}
 DTYPES = {"float32", "float16", "bfloat16"}
 
-# method -> (parameters it reads, defaults of the global switches)
-METHODS: dict[str, dict[str, Any]] = {
-    "linear": {"params": {"weight", "normalize"}, "defaults": {"normalize": True}, "base": False},
-    "slerp": {"params": {"t"}, "defaults": {}, "base": True},
-    "nearswap": {"params": {"t"}, "defaults": {}, "base": True},
-    "task_arithmetic": {"params": {"weight", "lambda", "normalize"}, "defaults": {"normalize": False}, "base": True},
-    "ties": {"params": {"weight", "density", "lambda", "normalize", "int8_mask", "scope"},
-             "defaults": {"normalize": True}, "base": True},
-    "dare_ties": {"params": {"weight", "density", "lambda", "normalize", "rescale", "int8_mask"},
-                  "defaults": {"normalize": False, "rescale": True}, "base": True},
-    "dare_linear": {"params": {"weight", "density", "lambda", "normalize", "rescale"},
-                    "defaults": {"normalize": False, "rescale": True}, "base": True},
-    "breadcrumbs": {"params": {"weight", "density", "gamma", "lambda", "normalize"},
-                    "defaults": {"normalize": False}, "base": True},
-    "breadcrumbs_ties": {"params": {"weight", "density", "gamma", "lambda", "normalize", "int8_mask"},
-                         "defaults": {"normalize": False}, "base": True},
-    "della": {"params": {"weight", "density", "epsilon", "lambda", "normalize", "rescale", "int8_mask"},
-              "defaults": {"normalize": True, "rescale": True}, "base": True},
-    "della_linear": {"params": {"weight", "density", "epsilon", "lambda", "normalize", "rescale"},
-                     "defaults": {"normalize": False, "rescale": True}, "base": True},
-    "model_stock": {"params": {"filter_wise"}, "defaults": {}, "base": True},
-    "sce": {"params": {"select_topk", "int8_mask"}, "defaults": {}, "base": True},
-    "karcher": {"params": {"max_iter", "tol"}, "defaults": {}, "base": False},
-    "passthrough": {"params": {"scale"}, "defaults": {}, "base": False},
-}
+
+def supported_methods() -> list[str]:
+    """The merge methods a configuration may name: those registered with mergekit=True."""
+    return [name for name in MERGE_METHODS if MERGE_METHODS.get(name).mergekit]
+
+
+def method_of(name) -> MergeMethod:
+    """The table row of merge_method `name`; MergeError listing the supported ones otherwise."""
+    if name not in MERGE_METHODS or not MERGE_METHODS.get(name).mergekit:
+        raise MergeError(f"merge_method {name!r} is not supported; supported: {', '.join(supported_methods())}")
+    return MERGE_METHODS.get(name)
 
 
 @dataclasses.dataclass
@@ -85,6 +74,11 @@ class MergePlan:
     out_dtype: str | None
     tokenizer_source: str | None
     raw: dict
+
+    @property
+    def spec(self) -> MergeMethod:
+        """The method's row of the merge-method table."""
+        return method_of(self.method)
 
     def model_dirs(self) -> list[Path]:
         dirs = [self.base] if self.base else []
@@ -113,17 +107,16 @@ def _model_path(ref: Any, root: Path, where: str) -> Path:
     return p
 
 
-def _check_params(params: Any, method: str, where: str) -> dict:
+def _check_params(params: Any, method: MergeMethod, where: str) -> dict:
     if params is None:
         return {}
     if not isinstance(params, dict):
         raise MergeError(f"{where}: parameters must be a mapping")
-    allowed = METHODS[method]["params"]
-    extra = sorted(set(params) - allowed)
-    if extra:
-        raise MergeError(f"{where}: parameter(s) {', '.join(extra)} are not used by merge_method {method!r} "
-                         f"(it reads {', '.join(sorted(allowed)) or 'none'})")
-    return dict(params)
+    return method.check_config(params, where)
+
+
+def _exactly(n: int, what: str, base: bool) -> str:
+    return f"exactly {'one' if n == 1 else n} {what}{'' if n == 1 else 's'}{' besides base_model' if base else ''}"
 
 
 def parse_config(config: str | Path | dict, root: Path | None = None) -> MergePlan:
@@ -133,7 +126,13 @@ def parse_config(config: str | Path | dict, root: Path | None = None) -> MergePl
     else:
         path = Path(config)
         if path.exists():
-            text, root = path.read_text(), root or path.parent
+            if not path.is_file():
+                raise MergeError(f"the merge configuration {str(path)!r} is not a file")
+            try:
+                text = path.read_text()
+            except (OSError, UnicodeDecodeError) as e:
+                raise MergeError(f"the merge configuration {str(path)!r} cannot be read as text ({e})") from None
+            root = root or path.parent
         else:
             text, root = str(config), root or Path.cwd()
         try:
@@ -143,15 +142,16 @@ def parse_config(config: str | Path | dict, root: Path | None = None) -> MergePl
     if not isinstance(raw, dict):
         raise MergeError("the merge configuration must be a YAML mapping")
     _unknown(raw, TOP_KEYS, "config")
-    method = raw.get("merge_method")
-    if method not in METHODS:
-        raise MergeError(f"merge_method {method!r} is not supported; supported: {', '.join(sorted(METHODS))}")
+    if raw.get("merge_method") is None:
+        raise MergeError(f"the merge configuration needs merge_method (one of {', '.join(supported_methods())})")
+    spec = method_of(raw.get("merge_method"))
+    method = spec.name
     for key in ("dtype", "out_dtype"):
         if raw.get(key) is not None and raw[key] not in DTYPES:
             raise MergeError(f"{key}={raw[key]!r} must be one of {', '.join(sorted(DTYPES))}")
-    params = _check_params(raw.get("parameters"), method, "parameters")
+    params = _check_params(raw.get("parameters"), spec, "parameters")
     base = _model_path(raw["base_model"], root, "base_model") if raw.get("base_model") else None
-    if METHODS[method]["base"] and base is None:
+    if spec.base and base is None:
         raise MergeError(f"merge_method {method!r} needs base_model")
     if ("models" in raw) == ("slices" in raw):
         raise MergeError("give exactly one of models or slices")
@@ -164,37 +164,64 @@ def parse_config(config: str | Path | dict, root: Path | None = None) -> MergePl
                 raise MergeError(f"models[{i}] must be a mapping with a 'model' key")
             _unknown(m, MODEL_KEYS, f"models[{i}]")
             models.append(Source(_model_path(m["model"], root, f"models[{i}]"), None,
-                                 _check_params(m.get("parameters"), method, f"models[{i}].parameters")))
+                                 _check_params(m.get("parameters"), spec, f"models[{i}].parameters")))
     else:
         slices = []
-        for si, s in enumerate(raw["slices"] or []):
+        if not isinstance(raw["slices"], list):
+            raise MergeError("slices must be a non-empty list")
+        for si, s in enumerate(raw["slices"]):
             if not isinstance(s, dict) or "sources" not in s:
                 raise MergeError(f"slices[{si}] must be a mapping with 'sources'")
+            if not isinstance(s["sources"], list) or not s["sources"]:
+                raise MergeError(f"slices[{si}].sources must be a non-empty list")
             _unknown(s, SLICE_KEYS, f"slices[{si}]")
             if s.get("base_model"):
                 raise MergeError(f"slices[{si}].base_model: per-slice base models are not supported")
             sources = []
             for j, src in enumerate(s["sources"]):
                 where = f"slices[{si}].sources[{j}]"
+                if not isinstance(src, dict) or "model" not in src:
+                    raise MergeError(f"{where} must be a mapping with a 'model' key")
                 _unknown(src, SOURCE_KEYS, where)
                 lr = src.get("layer_range")
                 if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(v, int) for v in lr) and lr[0] < lr[1]):
                     raise MergeError(f"{where}.layer_range must be [start, end) with start < end")
                 sources.append(Source(_model_path(src["model"], root, where), (lr[0], lr[1]),
-                                      _check_params(src.get("parameters"), method, f"{where}.parameters")))
+                                      _check_params(src.get("parameters"), spec, f"{where}.parameters")))
             lengths = {src.layer_range[1] - src.layer_range[0] for src in sources}
             if len(lengths) != 1:
                 raise MergeError(f"slices[{si}]: all sources must span the same number of layers")
-            if method == "passthrough" and len(sources) != 1:
-                raise MergeError(f"slices[{si}]: passthrough takes exactly one source")
-            slices.append(Slice(sources, _check_params(s.get("parameters"), method, f"slices[{si}].parameters")))
+            others = [src for src in sources if not (spec.base and src.model == base)]
+            if spec.num_models is not None and len(others) != spec.num_models:
+                raise MergeError(f"slices[{si}]: {method} takes {_exactly(spec.num_models, 'source', spec.base)}")
+            slices.append(Slice(sources, _check_params(s.get("parameters"), spec, f"slices[{si}].parameters")))
         if not slices:
             raise MergeError("slices must be a non-empty list")
-    if method == "passthrough" and slices is None and len(models) != 1:
-        raise MergeError("passthrough over models takes exactly one model")
+    others = [m for m in models if not (spec.base and m.model == base)]
+    if spec.num_models is not None and slices is None and len(others) != spec.num_models:
+        raise MergeError(f"{method} over models takes {_exactly(spec.num_models, 'model', spec.base)}")
     tok = raw.get("tokenizer_source")
     if tok not in (None, "base") and not isinstance(tok, str):
         raise MergeError(f"tokenizer_source={tok!r} must be 'base' or a model directory")
     if tok == "union":
         raise MergeError("tokenizer_source: 'union' is not supported (use 'base' or a model directory)")
-    return MergePlan(method, base, slices, models, params, raw.get("dtype"), raw.get("out_dtype"), tok, raw)
+    plan = MergePlan(method, base, slices, models, params, raw.get("dtype"), raw.get("out_dtype"), tok, raw)
+    _check_required(plan)
+    return plan
+
+
+def _check_required(plan: MergePlan) -> None:
+    """MergeError naming the method and parameter when a parameter the method needs is given
+    neither at the top level nor where every model (or slice) would find it."""
+    spec = plan.spec
+    for key, prm in spec.config_params.items():
+        if prm.when_absent is not REQUIRED or key in plan.params:
+            continue
+        for sl in plan.slices or [Slice(plan.models, {})]:
+            if key in sl.params:
+                continue
+            if not prm.per_model:
+                raise MergeError(f"merge_method {spec.name!r} needs parameter {key}")
+            for src in sl.sources:
+                if key not in src.params and not (spec.base and src.model == plan.base):
+                    raise MergeError(f"merge_method {spec.name!r} needs parameter {key} for model {str(src.model)!r}")

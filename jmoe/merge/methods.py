@@ -14,16 +14,20 @@ Task-vector methods share one pipeline, as mergekit's: task vectors d_i = m_i - 
   consensus (optional TIES sign election; disagreeing and pruned entries drop out),
   aggregate (sum, or with normalize the mean weighted by the agreeing models' weights),
 and base + lambda * the aggregate.
+
+Each method is registered in `jmoe.merge.registry.MERGE_METHODS` next to its definition, with
+its parameters and their names in a mergekit configuration.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from jmoe.merge import sparsify as sp
+from jmoe.merge.registry import Param, merge_method
 from jmoe.merge.select import kth_largest
 from jmoe.merge.tree import (
     MergeError,
@@ -38,6 +42,50 @@ from jmoe.merge.tree import (
 )
 
 LeafFn = Callable[[str, int, Any, list, Any], Any]
+
+
+# ----------------------------------------------------------- parameters of the table
+
+
+def _rescale(value) -> str | None:
+    """mergekit's `rescale` (true, false, "inverse" or "l1") as a DARE rescale mode."""
+    if value is True:
+        return "inverse"
+    if value in (False, None):
+        return None
+    if value in ("inverse", "l1"):
+        return value
+    raise MergeError(f"rescale={value!r} must be true, false, 'inverse' or 'l1'")
+
+
+def _della_rescale(value) -> str | None:
+    """mergekit's `rescale` for DELLA: any rescaling restores the L1 norm."""
+    return "l1" if _rescale(value) else None
+
+
+def _disjoint(normalize) -> str:
+    """mergekit's TIES `normalize` as a disjoint-merge mode."""
+    return "mean" if normalize else "sum"
+
+
+def _fraction(value) -> str | None:
+    """What is wrong with a fraction in (0, 1], or None."""
+    return None if 0 < value <= 1 else "must be in (0, 1]"
+
+
+def _ties_scope(value) -> str | None:
+    return None if value in ("tensor", "global") else "must be 'tensor' or 'global'"
+
+
+WEIGHTS = Param("weights", yaml="weight", per_model=True, layered=True, convert=float)
+DENSITY = Param("density", per_model=True, layered=True, convert=float, valid=_fraction, config_default=1.0)
+LAMBDA = Param("lam", yaml="lambda", layered=True, convert=float)
+NORMALIZE = Param("normalize", convert=bool)
+RESCALE = Param("rescale", convert=_rescale)
+GAMMA = Param("gamma", per_model=True, layered=True, convert=float)
+EPSILON = Param("epsilon", per_model=True, layered=True, convert=float)
+T = Param("t", layered=True, convert=float)
+INT8_MASK = ("int8_mask",)  # mergekit's mask storage option: accepted, no effect here
 
 
 # ------------------------------------------------------------------------------ driver
@@ -74,10 +122,12 @@ def map_merge(leaf_fn: LeafFn, base, models: Sequence, *, filter=None, key=None,
 
 
 def _per_model(value, n: int, name: str) -> list:
-    """One parameter value per model: a list or tuple with n entries is per model; anything
-    else (a number, a layer gradient, conditional entries) is shared by every model. To give
-    each of n models the same n-entry gradient, pass [gradient] * n."""
-    if isinstance(value, (list, tuple)) and len(value) == n:
+    """One parameter value per model: a list or tuple with n entries (not all {filter, value}
+    entries) is per model; anything else (a number, a layer gradient, conditional entries) is
+    shared by every model. To give each of n models the same n-entry gradient, pass
+    [gradient] * n. (Called through `MERGE_METHODS`, a per-model list of another length is
+    an error before this is reached.)"""
+    if isinstance(value, (list, tuple)) and len(value) == n and not all(isinstance(v, Mapping) for v in value):
         return list(value)
     return [value] * n
 
@@ -172,12 +222,16 @@ def _needs_key(key, method):
 # --------------------------------------------------------------------- task arithmetic
 
 
+@merge_method(WEIGHTS, LAMBDA, NORMALIZE, mergekit=True)
 def task_arithmetic(base, models, *, weights=1.0, lam=1.0, normalize=False, filter=None, num_layers=None):
     """base + lambda * sum_i w_i (m_i - base) (normalize: divide by sum_i w_i)."""
     return task_vector_merge(base, models, weights=weights, lam=lam, normalize=normalize, filter=filter,
                              num_layers=num_layers)
 
 
+@merge_method(DENSITY, WEIGHTS, LAMBDA, Param("disjoint", yaml="normalize", convert=_disjoint),
+              Param("scope", valid=_ties_scope),
+              Param("thresholds", per_model=True, yaml=False), mergekit=True, ignored=INT8_MASK)
 def ties(base, models, *, density, weights=1.0, lam=1.0, consensus="sum", scope="tensor", disjoint="mean", filter=None,
          num_layers=None, thresholds=None):
     """TIES-merging: trim (keep the top `density` of each task vector by magnitude), elect signs,
@@ -226,6 +280,7 @@ def global_magnitude_thresholds(base, models, density, *, filter=None) -> list:
     return out
 
 
+@merge_method(DENSITY, WEIGHTS, LAMBDA)
 def dare(base, models, *, density, key, weights=1.0, lam=1.0, rescale="inverse", consensus=None, normalize=False,
          filter=None, num_layers=None):
     """DARE: drop task-vector entries with probability 1 - density and rescale the rest
@@ -238,12 +293,23 @@ def dare(base, models, *, density, key, weights=1.0, lam=1.0, rescale="inverse",
     )
 
 
-def dare_ties(base, models, *, density, key, weights=1.0, lam=1.0, rescale="inverse", filter=None, num_layers=None):
+@merge_method(DENSITY, WEIGHTS, LAMBDA, NORMALIZE, RESCALE, mergekit=True, ignored=INT8_MASK)
+def dare_ties(base, models, *, density, key, weights=1.0, lam=1.0, rescale="inverse", normalize=False, filter=None,
+              num_layers=None):
     """DARE sparsification with TIES sign consensus."""
     return dare(base, models, density=density, key=key, weights=weights, lam=lam, rescale=rescale, consensus="sum",
-                filter=filter, num_layers=num_layers)
+                normalize=normalize, filter=filter, num_layers=num_layers)
 
 
+@merge_method(DENSITY, WEIGHTS, LAMBDA, NORMALIZE, RESCALE, mergekit=True)
+def dare_linear(base, models, *, density, key, weights=1.0, lam=1.0, rescale="inverse", normalize=False, filter=None,
+                num_layers=None):
+    """DARE sparsification without sign consensus: the weighted sum of the task vectors."""
+    return dare(base, models, density=density, key=key, weights=weights, lam=lam, rescale=rescale, consensus=None,
+                normalize=normalize, filter=filter, num_layers=num_layers)
+
+
+@merge_method(DENSITY, GAMMA, WEIGHTS, LAMBDA, NORMALIZE, mergekit=True)
 def breadcrumbs(base, models, *, density, gamma=0.01, weights=1.0, lam=1.0, consensus=None, normalize=False, filter=None, num_layers=None):
     """Model Breadcrumbs: drop the largest `gamma` and the smallest entries of each task
     vector, keeping `density`."""
@@ -254,12 +320,16 @@ def breadcrumbs(base, models, *, density, gamma=0.01, weights=1.0, lam=1.0, cons
     )
 
 
-def breadcrumbs_ties(base, models, *, density, gamma=0.01, weights=1.0, lam=1.0, filter=None, num_layers=None):
+@merge_method(DENSITY, GAMMA, WEIGHTS, LAMBDA, NORMALIZE, mergekit=True, ignored=INT8_MASK)
+def breadcrumbs_ties(base, models, *, density, gamma=0.01, weights=1.0, lam=1.0, normalize=False, filter=None,
+                     num_layers=None):
     """Model Breadcrumbs sparsification with TIES sign consensus."""
     return breadcrumbs(base, models, density=density, gamma=gamma, weights=weights, lam=lam, consensus="sum",
-                       filter=filter, num_layers=num_layers)
+                       normalize=normalize, filter=filter, num_layers=num_layers)
 
 
+@merge_method(DENSITY, EPSILON, WEIGHTS, LAMBDA, NORMALIZE, Param("rescale", convert=_della_rescale), mergekit=True,
+              ignored=INT8_MASK)
 def della(base, models, *, density, key, epsilon=0.15, weights=1.0, lam=1.0, rescale="l1", consensus="sum",
           normalize=True, filter=None, num_layers=None):
     """DELLA: magnitude-ranked random drop (MagPrune), TIES consensus, weighted mean."""
@@ -271,16 +341,19 @@ def della(base, models, *, density, key, epsilon=0.15, weights=1.0, lam=1.0, res
     )
 
 
-def della_linear(base, models, *, density, key, epsilon=0.15, weights=1.0, lam=1.0, rescale="l1", filter=None, num_layers=None):
+@merge_method(DENSITY, EPSILON, WEIGHTS, LAMBDA, NORMALIZE, Param("rescale", convert=_della_rescale), mergekit=True)
+def della_linear(base, models, *, density, key, epsilon=0.15, weights=1.0, lam=1.0, rescale="l1", normalize=False,
+                 filter=None, num_layers=None):
     """DELLA sparsification without sign consensus: the weighted sum of the task vectors."""
     return della(base, models, density=density, key=key, epsilon=epsilon, weights=weights, lam=lam, rescale=rescale,
-                 consensus=None, normalize=False, filter=filter, num_layers=num_layers)
+                 consensus=None, normalize=normalize, filter=filter, num_layers=num_layers)
 
 
 # ---------------------------------------------------------------------- interpolations
 
 
-def linear(models, *, weights=None, normalize=True, filter=None, num_layers=None):
+@merge_method(WEIGHTS, NORMALIZE, mergekit=True)
+def linear(models, *, weights=1.0, normalize=True, filter=None, num_layers=None):
     """sum_i w_i m_i (normalize: divided by sum_i w_i). No base."""
     check_models(models)
     w_all = _per_model(1.0 if weights is None else weights, len(models), "weights")
@@ -303,6 +376,7 @@ def _one_other(models, method):
         raise MergeError(f"{method} merges the base with exactly one other model: pass models=[other]")
 
 
+@merge_method(T, mergekit=True, num_models=1)
 def slerp(base, models, *, t, eps=1e-8, dot_threshold=0.9995, filter=None, num_layers=None):
     """Spherical interpolation of each tensor (flattened) from base (t=0) to models[0]
     (t=1); nearly parallel (or anti-parallel) tensors are interpolated linearly."""
@@ -326,6 +400,7 @@ def slerp(base, models, *, t, eps=1e-8, dot_threshold=0.9995, filter=None, num_l
     return map_merge(leaf, base, models, filter=filter, num_layers=num_layers)
 
 
+@merge_method(T, mergekit=True, num_models=1)
 def nearswap(base, models, *, t, filter=None, num_layers=None):
     """Take models[0]'s value where it is within t of the base's; farther entries move toward
     it with weight t / |base - other| (NearSwap)."""
@@ -343,6 +418,7 @@ def nearswap(base, models, *, t, filter=None, num_layers=None):
     return map_merge(leaf, base, models, filter=filter, num_layers=num_layers)
 
 
+@merge_method(Param("filter_wise", convert=bool), mergekit=True)
 def model_stock(base, models, *, filter_wise=False, filter=None, num_layers=None):
     """Model Stock: t = N cos / (1 + (N - 1) cos) from the mean pairwise cosine of the task
     vectors (per tensor, or per row with filter_wise); result t * mean(models) + (1 - t) *
@@ -370,6 +446,7 @@ def model_stock(base, models, *, filter_wise=False, filter=None, num_layers=None
     return map_merge(leaf, base, models, filter=filter, num_layers=num_layers)
 
 
+@merge_method(Param("select_topk", layered=True, convert=float), mergekit=True, ignored=INT8_MASK)
 def sce(base, models, *, select_topk=1.0, filter=None, num_layers=None):
     """SCE: select the entries whose task vectors vary most across models (top select_topk
     by variance), weight models by their mean squared task vector, erase entries disagreeing
@@ -399,6 +476,7 @@ def sce(base, models, *, select_topk=1.0, filter=None, num_layers=None):
     return map_merge(leaf, base, models, filter=filter, num_layers=num_layers)
 
 
+@merge_method(Param("max_iter", convert=int), Param("tol", convert=float), mergekit=True)
 def karcher(models, *, max_iter=10, tol=1e-5, filter=None, num_layers=None):
     """Karcher (Riemannian) mean of the tensors' directions on the sphere, scaled by their
     mean norm. No base."""
@@ -436,9 +514,25 @@ def karcher(models, *, max_iter=10, tol=1e-5, filter=None, num_layers=None):
     return map_merge(leaf, None, models, filter=filter, num_layers=num_layers)
 
 
+@merge_method(Param("scale", per_model=True, layered=True, convert=float), mergekit=True, num_models=1)
+def passthrough(models, *, scale=1.0, filter=None, num_layers=None):
+    """models[0] as it is (its floating leaves times `scale`): mergekit's passthrough, which
+    stacks layer ranges of models with `slices`. No base."""
+    if not isinstance(models, (list, tuple)) or len(models) != 1:
+        raise MergeError("passthrough takes exactly one model: pass models=[model]")
+    s_all = _per_model(scale, 1, "scale")
+
+    def leaf(path, layers, _b, xs, _k):
+        s = _scalar(s_all[0], path, layers, "scale")
+        return xs[0] if s == 1 else (_f32(xs[0]) * s).astype(jnp.asarray(xs[0]).dtype)
+
+    return map_merge(leaf, None, models, filter=filter, num_layers=num_layers)
+
+
 # ------------------------------------------------------------------------- layer swap
 
 
+@merge_method()
 def layer_swap(base, donor, *, bottom: int = 0, top: int = 0, transition: int = 0, filter=None, num_layers=None):
     """`base` with its `bottom` first and `top` last layers taken from `donor` (layer
     swapping for cross-lingual transfer). `transition` layers next to each swapped block are
@@ -484,6 +578,7 @@ __all__ = [
     "breadcrumbs",
     "breadcrumbs_ties",
     "dare",
+    "dare_linear",
     "dare_ties",
     "della",
     "della_linear",
@@ -494,6 +589,7 @@ __all__ = [
     "map_merge",
     "model_stock",
     "nearswap",
+    "passthrough",
     "sce",
     "slerp",
     "task_arithmetic",

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jmoe.merge.methods import _f32, _per_model, _scalar, map_merge
+from jmoe.merge.registry import Param, merge_method
 from jmoe.merge.tree import MergeError, check_compatible, check_models, leaves_with_paths
 
 
@@ -51,6 +52,7 @@ def diagonal_fisher(loss_fn: Callable[[Any, Any], jax.Array], params: Any, batch
     return jax.tree.map(lambda a: a / count, total)
 
 
+@merge_method(Param("weights", per_model=True))
 def fisher(models: Sequence, fishers: Sequence, *, weights=None, normalize_fisher: bool = True, eps: float = 1e-6,
            filter=None):
     """Fisher-weighted averaging (Matena & Raffel). No base."""
@@ -77,6 +79,7 @@ def fisher(models: Sequence, fishers: Sequence, *, weights=None, normalize_fishe
     return map_merge(leaf, None, models, filter=filter)
 
 
+@merge_method(Param("alpha", layered=True))
 def regmean(models: Sequence, grams: Sequence[dict], *, alpha: float = 1.0, ridge: float = 1e-6, filter=None):
     """RegMean merge of linear weights given each model's Gram matrices.
 

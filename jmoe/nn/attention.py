@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jmoe.options import check_fields, option
+
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
@@ -35,26 +37,23 @@ class AttentionConfig:
     softmax_scale: the logit scale (None: 1/sqrt(query head width)).
     """
 
-    kind: str = "gqa"
-    qk_norm: str | None = None
+    kind: str = option("gqa", choices=("gqa", "mla"))
+    qk_norm: str | None = option(None, choices=("head", "full"))
     qkv_bias: bool = False
-    clip_qkv: float | None = None
+    clip_qkv: float | None = option(None, gt=0.0)
     rope_scaling: tuple = ()
     rope_interleave: bool = False
-    q_lora_rank: int | None = None
-    kv_lora_rank: int = 0
-    qk_nope_head_dim: int = 0
-    qk_rope_head_dim: int = 0
-    v_head_dim: int = 0
-    softmax_scale: float | None = None
+    q_lora_rank: int | None = option(None, ge=1)
+    kv_lora_rank: int = option(0, ge=0)
+    qk_nope_head_dim: int = option(0, ge=0)
+    qk_rope_head_dim: int = option(0, ge=0)
+    v_head_dim: int = option(0, ge=0)
+    softmax_scale: float | None = option(None, gt=0.0)
 
     def __post_init__(self):
-        if self.kind not in ("gqa", "mla"):
-            raise ValueError(f"AttentionConfig.kind={self.kind!r} must be 'gqa' or 'mla'")
-        if self.qk_norm not in (None, "head", "full"):
-            raise ValueError(f"AttentionConfig.qk_norm={self.qk_norm!r} must be None, 'head' or 'full'")
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+        check_fields(self, "AttentionConfig")
         if self.kind == "mla" and not (self.kv_lora_rank and self.qk_rope_head_dim and self.v_head_dim):
             raise ValueError("MLA needs kv_lora_rank, qk_rope_head_dim and v_head_dim")
 

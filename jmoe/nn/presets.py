@@ -17,7 +17,7 @@ PRESETS: dict[str, dict] = {
     "tiny": {
         "model": LMConfig(
             d_model=128, n_layers=4, n_heads=4, d_ff=512, max_seq_len=128,
-            moe=MoEConfig(num_experts=8, top_k=2, d_model=128, d_ff=256, block_size=512),
+            moe=MoEConfig(num_experts=8, top_k=2, d_model=128, d_ff=256),
         ),
         "train": dict(steps=600, batch_size=32, seq_len=128, lr=3e-3, warmup_steps=50, eval_every=100, ckpt_every=100),
     },

@@ -14,6 +14,7 @@ Parameters are a plain pytree:
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from functools import partial
 from typing import Any
 
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from jmoe.config import MoEConfig, canonical_dtype
+from jmoe.options import check_fields, option
 from jmoe.experts import ffn, init_ffn
 from jmoe.layer import MoEAux, init_moe, init_moe_state, moe_layer
 from jmoe.registry import ROUTERS
@@ -53,45 +55,52 @@ class LMConfig:
       architecture and config a model was converted from).
     """
 
-    vocab_size: int = 256
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int | None = None
-    d_head: int | None = None
-    d_ff: int = 512
+    vocab_size: int = option(256, ge=1)
+    d_model: int = option(128, ge=1)
+    n_layers: int = option(4, ge=1)
+    n_heads: int = option(4, ge=1)
+    n_kv_heads: int | None = option(None, ge=1)
+    d_head: int | None = option(None, ge=1)
+    d_ff: int = option(512, ge=1)
     activation: str = "swiglu"
     moe: MoEConfig | None = None
-    moe_every: int = 1
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
+    moe_every: int = option(1, ge=1)
+    max_seq_len: int = option(256, ge=1)
+    rope_theta: float = option(10000.0, gt=0.0)
+    norm_eps: float = option(1e-6, gt=0.0)
     tie_embeddings: bool = False
-    dtype: str | None = None
-    param_dtype: str = "float32"
+    dtype: Any = None
+    param_dtype: Any = "float32"
     attention: AttentionConfig = AttentionConfig()
     dense_layers: tuple = ()
     layer_moe: tuple = ()
     meta: tuple = ()
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "moe_every", "max_seq_len"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"LMConfig.{name}={v!r} must be a positive integer")
+        if isinstance(self.moe, dict):
+            object.__setattr__(self, "moe", MoEConfig.from_dict(self.moe))
+        if isinstance(self.attention, dict):
+            object.__setattr__(self, "attention", AttentionConfig(**self.attention))
+        if isinstance(self.meta, dict):
+            object.__setattr__(self, "meta", tuple(sorted(self.meta.items())))
+        if isinstance(self.layer_moe, dict):
+            object.__setattr__(self, "layer_moe", tuple(self.layer_moe.items()))
+        if isinstance(self.moe, MoEConfig) or self.moe is None:
+            check_fields(self, "LMConfig")
+        else:
+            raise ValueError(f"LMConfig.moe must be a MoEConfig, a mapping or None, got {type(self.moe).__name__}")
         if self.d_head is None and self.d_model % self.n_heads:
             raise ValueError(f"LMConfig.d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set d_head")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"LMConfig.n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"LMConfig.d_head={self.head_dim} must be even (rotary embeddings)")
-        if isinstance(self.moe, dict):
-            object.__setattr__(self, "moe", MoEConfig.from_dict(self.moe))
-        if isinstance(self.attention, dict):
-            object.__setattr__(self, "attention", AttentionConfig(**self.attention))
+        for i in self.dense_layers:
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < self.n_layers:
+                raise ValueError(f"LMConfig.dense_layers entry {i!r} must be a layer index in [0, n_layers={self.n_layers})")
         object.__setattr__(self, "dense_layers", tuple(int(i) for i in self.dense_layers))
         overrides = []
-        for layer, moe in (self.layer_moe.items() if isinstance(self.layer_moe, dict) else self.layer_moe):
+        for layer, moe in self.layer_moe:
             moe = MoEConfig.from_dict(moe) if isinstance(moe, dict) else moe
             if moe.d_model != self.d_model:
                 raise ValueError(f"LMConfig.layer_moe[{layer}].d_model={moe.d_model} must equal d_model={self.d_model}")

@@ -79,14 +79,14 @@ def _local(shape: tuple, spec: P, sizes: dict) -> tuple:
 
 
 def plan_run(model_cfg, tc, mesh: str | dict, *, hosts: int, devices_per_host: int,
-             rules: Rules = DEFAULT_RULES) -> Plan:
+             rules: Rules = DEFAULT_RULES, state=None) -> Plan:
     """Plan `jmoe train` of (model_cfg, tc) on `mesh` spread over hosts x devices_per_host.
 
+    state: the run's train state as a tree of ShapeDtypeStructs ("params", "opt_state", ...),
+    e.g. `jmoe.train.abstract_train_state(model_cfg, tc)`; every leaf is planned.
     Raises ValueError when the topology and the mesh disagree, or the batch or the experts do
     not divide over the mesh axes that shard them.
     """
-    from jmoe.train.trainer import abstract_train_state
-
     sizes = parse_mesh_spec(mesh)
     if hosts < 1 or devices_per_host < 1:
         raise ValueError(f"hosts={hosts} and devices_per_host={devices_per_host} must be positive")
@@ -104,8 +104,9 @@ def plan_run(model_cfg, tc, mesh: str | dict, *, hosts: int, devices_per_host: i
     E = model_cfg.moe.num_experts if model_cfg.moe is not None else 0
     if E and sizes.get("expert", 1) > 1 and E % sizes["expert"]:
         raise ValueError(f"num_experts={E} does not divide over expert={sizes['expert']}")
+    if state is None:
+        raise ValueError("state=None: pass the run's abstract train state (jmoe.train.abstract_train_state(model_cfg, tc))")
     plan = Plan(mesh={a: sizes[a] for a in names}, hosts=hosts, devices_per_host=devices_per_host)
-    state = abstract_train_state(model_cfg, tc)
     for kp, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         if not hasattr(leaf, "shape") or not leaf.shape:
             continue
@@ -136,10 +137,15 @@ def plan_run(model_cfg, tc, mesh: str | dict, *, hosts: int, devices_per_host: i
         plan.activations_device = act * (model_cfg.n_layers * per_layer + n_moe * per_layer_moe + dense * 3 * t * model_cfg.d_ff)
         n_ep = sizes.get("expert", 1)
         if n_ep > 1:
-            cap = int(math.ceil(tc.ep_capacity_factor * t * k / n_ep))
+            if moe.dispatch == "capacity":
+                cf = moe.dispatch_options.capacity_factor
+                cap = int(math.ceil(cf * t * k / n_ep))
+                sizing = f"capacity factor {cf}"
+            else:  # dropless: a device may receive every slot of every shard
+                cap = t * k
+                sizing = "dropless (every slot may go to one device)"
             plan.ep_buffers_device = act * 2 * n_ep * cap * d * n_moe  # send + receive per MoE layer, kept for backward
-            plan.notes.append(f"expert-parallel buffers sized for ep_impl='padded' with capacity factor "
-                              f"{tc.ep_capacity_factor}; ragged all-to-all on GPU/TPU needs less")
+            plan.notes.append(f"expert-parallel buffers sized for the padded exchange, {sizing}")
     else:
         plan.activations_device = act * model_cfg.n_layers * (per_layer + 3 * t * model_cfg.d_ff)
     plan.activations_device += 4 * t * model_cfg.vocab_size * 2  # logits and their gradient

@@ -44,22 +44,22 @@ class Routing:
         return self.expert_ids.shape[1]
 
     @property
-    def num_experts(self) -> int:
-        """Number of choices C (FFN experts plus FLOP-free ones)."""
+    def num_choices(self) -> int:
+        """Number of router choices C (FFN choices plus FLOP-free ones)."""
         return self.probs.shape[-1]
 
-    def ffn_mask(self, num_ffn_experts: int) -> jax.Array:
-        """[T, k] slots that go to FFN experts (selected, id < E)."""
-        return self.mask & (self.expert_ids < num_ffn_experts)
+    def ffn_mask(self, num_ffn_choices: int) -> jax.Array:
+        """[T, k] slots that go to FFN experts (selected, id < num_ffn_choices)."""
+        return self.mask & (self.expert_ids < num_ffn_choices)
 
-    def for_ffn_experts(self, num_ffn_experts: int) -> "Routing":
-        """This routing restricted to FFN experts (what a dispatch computes)."""
-        m = self.ffn_mask(num_ffn_experts)
+    def for_ffn_experts(self, num_ffn_choices: int) -> "Routing":
+        """This routing restricted to FFN choices (what a dispatch computes)."""
+        m = self.ffn_mask(num_ffn_choices)
         return self.replace(mask=m, weights=jnp.where(m, self.weights, 0.0), expert_ids=jnp.where(m, self.expert_ids, 0))
 
     def combine_weights(self, num_experts: int | None = None) -> jax.Array:
         """[T, E] dense combine matrix: weight of expert e for token t (0 if not routed)."""
-        E = self.num_experts if num_experts is None else num_experts
+        E = self.num_choices if num_experts is None else num_experts
         one_hot = jax.nn.one_hot(self.expert_ids, E, dtype=jnp.float32)
         w = jnp.where(self.mask, self.weights, 0.0).astype(jnp.float32)
         return jnp.einsum("tke,tk->te", one_hot, w)
@@ -75,7 +75,9 @@ class Router:
 
     init(key, cfg) -> params pytree.
     apply(params, x [T, d], cfg, *, state, key, carry) -> Routing.
-    num_choices(cfg) -> C, the width of `Routing.probs` (default cfg.num_routed).
+    num_choices(cfg) -> C, the width of `Routing.probs` (default cfg.num_ffn_choices).
+    The router's options (a `jmoe.options.Options` dataclass) are registered with it:
+      `ROUTERS.add(name, Router(...), options=MyOptions)`; `cfg.router_options` holds them.
     init_state(cfg) -> explicit non-gradient state (e.g. a selection bias), or None.
     update_state(state, tokens_per_choice [C], cfg) -> new state, applied once per optimizer
       step outside the gradient (None: stateless).
@@ -89,7 +91,7 @@ class Router:
 
     init: Callable[[jax.Array, Any], Any]
     apply: Callable[..., Routing]
-    num_choices: Callable[[Any], int] = lambda cfg: cfg.num_routed
+    num_choices: Callable[[Any], int] = lambda cfg: cfg.num_ffn_choices
     init_state: Callable[[Any], Any] = _none
     update_state: Callable[..., Any] | None = None
     extra_output: Callable[..., jax.Array] | None = None

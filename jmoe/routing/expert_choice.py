@@ -31,7 +31,7 @@ def expert_choice_capacity(num_tokens: int, top_k: int, num_experts: int) -> int
 def expert_choice_route(params, x, cfg, *, state=None, key=None, carry=None) -> Routing:
     """x: [T, d] -> Routing with k = E slots per token (slot e is expert e, masked if not chosen)."""
     T = x.shape[0]
-    E = cfg.num_routed
+    E = cfg.num_ffn_choices
     logits = router_logits(params, x, cfg, key)
     probs = jax.nn.softmax(logits, axis=-1)
     C = expert_choice_capacity(T, cfg.top_k, E)

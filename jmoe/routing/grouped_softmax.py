@@ -14,28 +14,29 @@ from jax import lax
 
 from jmoe.registry import ROUTERS
 from jmoe.routing.base import Router, Routing
-from jmoe.routing.sigmoid_bias import _validate
+from jmoe.routing.sigmoid_bias import GroupLimitedOptions
 from jmoe.routing.topk import init_linear_router, router_logits
 
 
 def grouped_softmax_route(params, x, cfg, *, state=None, key=None, carry=None) -> Routing:
     """x: [T, d] -> Routing."""
+    opts = cfg.router_options
     logits = router_logits(params, x, cfg, key)
     scores = jax.nn.softmax(logits, axis=-1)
     choice = scores
-    G = cfg.expert_groups
+    G = opts.expert_groups
     if G > 1:
         T, E = scores.shape
         grouped = scores.reshape(T, G, E // G)
-        _, keep = lax.top_k(jnp.max(grouped, axis=-1), cfg.topk_groups)
+        _, keep = lax.top_k(jnp.max(grouped, axis=-1), opts.topk_groups)
         keep_mask = jnp.any(jax.nn.one_hot(keep, G, dtype=bool), axis=1)
         choice = jnp.where(keep_mask[:, :, None], grouped, 0.0).reshape(T, E)
     weights, ids = lax.top_k(choice, cfg.top_k)
-    if cfg.renormalize:
+    if opts.renormalize:
         weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
-    weights = weights * cfg.route_scale
+    weights = weights * opts.route_scale
     return Routing(expert_ids=ids.astype(jnp.int32), weights=weights, probs=scores, logits=logits,
                    mask=jnp.ones(ids.shape, bool))
 
 
-ROUTERS.add("grouped_softmax", Router(init=init_linear_router, apply=grouped_softmax_route, validate=_validate))
+ROUTERS.add("grouped_softmax", Router(init=init_linear_router, apply=grouped_softmax_route), options=GroupLimitedOptions)

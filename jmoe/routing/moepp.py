@@ -15,18 +15,35 @@ the routing carry. The balance loss weights the FLOP-free experts by
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jmoe.options import Options, option
 from jmoe.registry import ROUTERS
 from jmoe.routing.base import Router, Routing
 from jmoe.routing.topk import init_linear_router, router_logits
 
 
+@dataclasses.dataclass(frozen=True)
+class MoEPPOptions(Options):
+    """num_zero_experts, num_copy_experts, num_constant_experts: Z, P, Q FLOP-free experts.
+    gating_residual: add G_l logits_{l-1} to the router logits. zero_compute_loss_weight:
+    tau, the balance-loss weight of the FLOP-free experts."""
+
+    num_zero_experts: int = option(0, ge=0)
+    num_copy_experts: int = option(0, ge=0)
+    num_constant_experts: int = option(0, ge=0)
+    gating_residual: bool = option(False)
+    zero_compute_loss_weight: float = option(0.75, ge=0.0)
+
+
 def num_choices(cfg) -> int:
     """Number of router choices C = E + Z + P + Q (FFN, zero, copy and constant experts)."""
-    return cfg.num_routed + cfg.num_zero_experts + cfg.num_copy_experts + cfg.num_constant_experts
+    o = cfg.router_options
+    return cfg.num_ffn_choices + o.num_zero_experts + o.num_copy_experts + o.num_constant_experts
 
 
 def init_moepp_router(key, cfg) -> dict:
@@ -35,9 +52,9 @@ def init_moepp_router(key, cfg) -> dict:
     k_w, k_c, k_v = jax.random.split(key, 3)
     C = num_choices(cfg)
     params = init_linear_router(k_w, cfg, C)
-    if cfg.gating_residual:
+    if cfg.router_options.gating_residual:
         params["gate_map"] = jnp.zeros((C, C), cfg.param_dtype)
-    Q = cfg.num_constant_experts
+    Q = cfg.router_options.num_constant_experts
     if Q:
         d = cfg.d_model
         params["const_w"] = (d**-0.5 * jax.random.truncated_normal(k_c, -2, 2, (Q, d, 2))).astype(cfg.param_dtype)
@@ -47,23 +64,25 @@ def init_moepp_router(key, cfg) -> dict:
 
 def moepp_route(params, x, cfg, *, state=None, key=None, carry=None) -> Routing:
     """x: [T, d] -> Routing over C = E + Z + P + Q choices; carry: previous layer's logits [T, C]."""
+    o = cfg.router_options
     logits = router_logits(params, x, cfg, key)
-    if cfg.gating_residual and carry is not None:
+    if o.gating_residual and carry is not None:
         logits = logits + carry.astype(jnp.float32) @ params["gate_map"].astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
     top, ids = lax.top_k(probs, cfg.top_k)
-    E, Z = cfg.num_routed, cfg.num_zero_experts
+    E, Z = cfg.num_ffn_choices, o.num_zero_experts
     zero = (ids >= E) & (ids < E + Z)
     w = jnp.where(zero, 0.0, top)
     total = jnp.sum(w, axis=-1, keepdims=True)
     w = w / jnp.where(total > 0, total, 1.0)
     return Routing(expert_ids=ids.astype(jnp.int32), weights=w, probs=probs, logits=logits,
-                   mask=jnp.ones(ids.shape, bool), carry=logits if cfg.gating_residual else None)
+                   mask=jnp.ones(ids.shape, bool), carry=logits if o.gating_residual else None)
 
 
 def moepp_extra_output(params, x, routing, cfg) -> jax.Array:
     """The copy and constant experts' contribution. x: [T, d] -> [T, d]."""
-    E, Z, P, Q = cfg.num_routed, cfg.num_zero_experts, cfg.num_copy_experts, cfg.num_constant_experts
+    o = cfg.router_options
+    E, Z, P, Q = cfg.num_ffn_choices, o.num_zero_experts, o.num_copy_experts, o.num_constant_experts
     ids, w = routing.expert_ids, jnp.where(routing.mask, routing.weights, 0.0)
     x32 = x.astype(jnp.float32)
     copy_w = jnp.sum(jnp.where((ids >= E + Z) & (ids < E + Z + P), w, 0.0), axis=-1)
@@ -88,9 +107,10 @@ ROUTERS.add(
         num_choices=num_choices,
         extra_output=moepp_extra_output,
         balance_weights=lambda cfg: jnp.concatenate([
-            jnp.ones((cfg.num_routed,), jnp.float32),
-            jnp.full((num_choices(cfg) - cfg.num_routed,), cfg.zero_compute_loss_weight, jnp.float32),
+            jnp.ones((cfg.num_ffn_choices,), jnp.float32),
+            jnp.full((num_choices(cfg) - cfg.num_ffn_choices,), cfg.router_options.zero_compute_loss_weight, jnp.float32),
         ]),
         validate=_validate,
     ),
+    options=MoEPPOptions,
 )

@@ -11,13 +11,23 @@ experts stay balanced.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jmoe.options import Options, option
 from jmoe.registry import ROUTERS
 from jmoe.routing.base import Router, Routing
 from jmoe.routing.topk import init_linear_router, router_logits
+
+
+@dataclasses.dataclass(frozen=True)
+class NullExpertsOptions(Options):
+    """num_null_experts: M, FLOP-free null experts appended to the router's choices."""
+
+    num_null_experts: int = option(0, ge=0)
 
 
 def null_experts_route(params, x, cfg, *, state=None, key=None, carry=None) -> Routing:
@@ -25,7 +35,7 @@ def null_experts_route(params, x, cfg, *, state=None, key=None, carry=None) -> R
     logits = router_logits(params, x, cfg, key)
     probs = jax.nn.softmax(logits, axis=-1)
     top, ids = lax.top_k(probs, cfg.top_k)
-    true = ids < cfg.num_routed
+    true = ids < cfg.num_ffn_choices
     w = jnp.where(true, top, 0.0)
     total = jnp.sum(w, axis=-1, keepdims=True)
     w = w / jnp.where(total > 0, total, 1.0)
@@ -33,24 +43,25 @@ def null_experts_route(params, x, cfg, *, state=None, key=None, carry=None) -> R
 
 
 def _average_nulls(counts, cfg):
-    E = cfg.num_routed
-    if cfg.num_null_experts == 0:
+    E = cfg.num_ffn_choices
+    if cfg.router_options.num_null_experts == 0:
         return counts
     return counts.at[E:].set(jnp.mean(counts[E:]))
 
 
 def _validate(cfg):
-    if cfg.top_k > cfg.num_routed + cfg.num_null_experts:
-        raise ValueError("MoEConfig.top_k exceeds num_experts + num_null_experts")
+    if cfg.top_k > cfg.num_ffn_choices + cfg.router_options.num_null_experts:
+        raise ValueError("MoEConfig.top_k exceeds num_experts + null_experts.num_null_experts")
 
 
 ROUTERS.add(
     "null_experts",
     Router(
-        init=lambda key, cfg: init_linear_router(key, cfg, cfg.num_routed + cfg.num_null_experts),
+        init=lambda key, cfg: init_linear_router(key, cfg, cfg.num_choices),
         apply=null_experts_route,
-        num_choices=lambda cfg: cfg.num_routed + cfg.num_null_experts,
+        num_choices=lambda cfg: cfg.num_ffn_choices + cfg.router_options.num_null_experts,
         balance_counts=_average_nulls,
         validate=_validate,
     ),
+    options=NullExpertsOptions,
 )

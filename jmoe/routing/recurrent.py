@@ -10,18 +10,29 @@ cell's parameters are per layer).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jmoe.options import Options, option
 from jmoe.registry import ROUTERS
 from jmoe.routing.base import Router, Routing
+
+
+@dataclasses.dataclass(frozen=True)
+class RecurrentOptions(Options):
+    """recurrent_dim: h, the GRU state width. renormalize: as the topk router's."""
+
+    recurrent_dim: int = option(128, ge=1)
+    renormalize: bool = option(False)
 
 
 def init_recurrent_router(key, cfg) -> dict:
     """RMoE router parameters in `cfg.param_dtype`, h = `recurrent_dim`: `w_in: [d, h]`, a GRU cell
     (`w_x`, `w_h`: [h, 3h]; `b_x`, `b_h`: [3h] zeros) and `w_out: [h, E]`."""
-    d, h, E = cfg.d_model, cfg.recurrent_dim, cfg.num_routed
+    d, h, E = cfg.d_model, cfg.router_options.recurrent_dim, cfg.num_ffn_choices
     k1, k2, k3, k4 = jax.random.split(key, 4)
     n = lambda k, shape, fan: (fan**-0.5 * jax.random.truncated_normal(k, -2, 2, shape)).astype(cfg.param_dtype)
     return {
@@ -57,10 +68,10 @@ def recurrent_route(params, x, cfg, *, state=None, key=None, carry=None) -> Rout
     logits = h @ p["w_out"]
     probs = jax.nn.softmax(logits, axis=-1)
     weights, ids = lax.top_k(probs, cfg.top_k)
-    if cfg.renormalize:  # None (default) means no
+    if cfg.router_options.renormalize:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return Routing(expert_ids=ids.astype(jnp.int32), weights=weights, probs=probs, logits=logits,
                    mask=jnp.ones(ids.shape, bool), carry=h)
 
 
-ROUTERS.add("recurrent", Router(init=init_recurrent_router, apply=recurrent_route))
+ROUTERS.add("recurrent", Router(init=init_recurrent_router, apply=recurrent_route), options=RecurrentOptions)

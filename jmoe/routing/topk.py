@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jmoe.options import Options, option
 from jmoe.registry import ROUTERS
 from jmoe.routing.base import Router, Routing
+
+
+@dataclasses.dataclass(frozen=True)
+class TopKOptions(Options):
+    """renormalize: rescale the k selected softmax probabilities to sum to 1.
+    softmax_after_topk: Mixtral style, select on the logits then softmax over the k selected
+    logits (equal to softmax + top-k + renormalize)."""
+
+    renormalize: bool = option(False)
+    softmax_after_topk: bool = option(False)
 
 
 def init_linear_router(key: jax.Array, cfg, num_choices: int | None = None) -> dict:
     """Router weight `w: [d, C]` (C = num_choices, default E), truncated normal with
     variance 0.1 / d (Switch init)."""
-    C = cfg.num_routed if num_choices is None else num_choices
+    C = cfg.num_ffn_choices if num_choices is None else num_choices
     std = (0.1 / cfg.d_model) ** 0.5
     w = std * jax.random.truncated_normal(key, -2.0, 2.0, (cfg.d_model, C))
     return {"w": w.astype(cfg.param_dtype)}
@@ -36,17 +49,18 @@ def topk_route(params: dict, x: jax.Array, cfg, *, state=None, key=None, carry=N
       x: [T, d] tokens.
     Returns:
       Routing with `expert_ids [T, k]`, `weights [T, k]`: the top-k softmax probabilities
-      (renormalised to sum to 1 when `cfg.renormalize`), or with `cfg.softmax_after_topk`
+      (renormalised to sum to 1 with the `renormalize` option), or with `softmax_after_topk`
       the softmax over the k selected logits. Ties go to the lower expert index.
     """
+    opts = cfg.router_options
     logits = router_logits(params, x, cfg, key)
     probs = jax.nn.softmax(logits, axis=-1)
-    if cfg.softmax_after_topk:
+    if opts.softmax_after_topk:
         top_logits, ids = lax.top_k(logits, cfg.top_k)
         weights = jax.nn.softmax(top_logits, axis=-1)
     else:
         weights, ids = lax.top_k(probs, cfg.top_k)
-        if cfg.renormalize:  # None (default) means no
+        if opts.renormalize:
             weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return Routing(
         expert_ids=ids.astype(jnp.int32),
@@ -57,4 +71,4 @@ def topk_route(params: dict, x: jax.Array, cfg, *, state=None, key=None, carry=N
     )
 
 
-ROUTERS.add("topk", Router(init=init_linear_router, apply=topk_route))
+ROUTERS.add("topk", Router(init=init_linear_router, apply=topk_route), options=TopKOptions)

@@ -1,11 +1,9 @@
 """The training loop: optax AdamW with warmup + cosine, orbax checkpoints, exact resume.
 
-A run directory holds:
-  config.json      model, training and data description (the data's content hash included)
-  metrics.jsonl    per-step training records and validation records
-  training.png     loss curves and per-layer expert load over time
-  summary.json     final numbers (written at the end)
-  checkpoints/     orbax step directories: params, optimizer state, step, PRNG key, data position
+`train` writes a run directory (its format: `jmoe.train.rundir`) in named steps: check the
+inputs, lock the run directory and check what it holds, start or restore the state, run
+the steps (with the logging, evaluation and checkpoint hooks), and write the summary.
+Nothing is written before every check that bad input can fail has passed.
 
 Batches are a function of (seed, step) and routing noise of (key, step), so a resumed run
 repeats exactly the trajectory of an uninterrupted one.
@@ -13,10 +11,9 @@ repeats exactly the trajectory of an uninterrupted one.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import time
-from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -25,26 +22,35 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import jmoe
 from jmoe.data import Corpus, eval_batches, load_corpus, train_batch
-from jmoe.nn.transformer import LMConfig, init_lm, init_lm_state, lm_apply, stack_padded, update_lm_state
+from jmoe.losses import needs_step_counts
+from jmoe.nn.transformer import LMConfig, lm_apply, stack_padded, update_lm_state
 from jmoe.parallel import ExpertParallel, batch_sharding, global_array, is_primary, make_mesh, shardings, to_host
-from jmoe.train.checkpoint import CheckpointError, CheckpointStore
-from jmoe.train.config import TrainConfig
-from jmoe.train.metrics import MetricsLog, atomic_write_text
-from jmoe.train.plot import plot_run
 from jmoe.progress import Progress
+from jmoe.train import rundir
+from jmoe.train.checkpoint import CheckpointStore
+from jmoe.train.config import TrainConfig
+from jmoe.train.errors import NonFiniteLoss, TrainError
+from jmoe.train.metrics import MetricsLog
+from jmoe.train.plot import plot_run
+from jmoe.train.rundir import load_run
+from jmoe.train.state import abstract_train_state, init_train_state, make_optimizer
 
-# Fields of TrainConfig a resumed run may change: they do not alter the trajectory so far.
-RESUMABLE_CHANGES = {"steps", "eval_every", "eval_batches", "ckpt_every", "keep_ckpts", "log_every", "mesh"}
-
-
-class TrainError(ValueError):
-    """A run cannot start or resume (bad configuration, mismatched or corrupt checkpoint)."""
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss or the parameters became NaN/inf; the last good checkpoint is kept."""
+__all__ = [
+    "NonFiniteLoss",
+    "Placement",
+    "TrainError",
+    "abstract_train_state",
+    "cross_entropy",
+    "distillation_loss",
+    "evaluate",
+    "init_train_state",
+    "load_run",
+    "make_eval_step",
+    "make_optimizer",
+    "make_train_step",
+    "train",
+]
 
 
 class Placement:
@@ -53,7 +59,7 @@ class Placement:
     def __init__(self, mesh_spec: str | None, tc: TrainConfig | None = None):
         self.mesh = make_mesh(mesh_spec) if mesh_spec else None
         self.ep = (
-            ExpertParallel(self.mesh, tc.ep_impl, tc.ep_capacity_factor) if self.mesh is not None and tc else None
+            ExpertParallel(self.mesh, tc.ep_impl) if self.mesh is not None and tc else None
         )
 
     def shardings(self, abstract):
@@ -86,22 +92,6 @@ class Placement:
             raise TrainError(f"batch_size={batch_size} is not divisible by the mesh's {n} token shards")
 
 
-def make_optimizer(tc: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW (decay on matrices only) with global-norm clipping; warmup + cosine learning rate."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=tc.lr,
-        warmup_steps=max(tc.warmup_steps, 1),
-        decay_steps=max(tc.steps, tc.warmup_steps + 1),
-        end_value=tc.lr * tc.min_lr_ratio,
-    )
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    return optax.chain(
-        optax.clip_by_global_norm(tc.grad_clip),
-        optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=decay_mask),
-    ), schedule
-
-
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy (nats). logits: [B, S, V]; targets: [B, S] int."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -124,25 +114,6 @@ def _moe_metrics(auxes) -> dict:
     }
 
 
-def init_train_state(model_cfg: LMConfig, tc: TrainConfig, tx) -> dict:
-    """A fresh train state from `tc.seed`: "step" and "data_position" (int32 zeros), "params",
-    "opt_state" (`tx.init`), "rng" (key data), and "router_state" when the routers keep state."""
-    key = jax.random.key(tc.seed)
-    k_init, k_run = jax.random.split(key)
-    params = init_lm(k_init, model_cfg)
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "data_position": jnp.zeros((), jnp.int32),
-        "params": params,
-        "opt_state": tx.init(params),
-        "rng": jax.random.key_data(k_run),
-    }
-    router_state = init_lm_state(model_cfg)
-    if router_state:
-        state["router_state"] = router_state
-    return state
-
-
 def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float) -> jax.Array:
     """T^2 * mean over positions of KL(softmax(teacher / T) || softmax(student / T)); logits [B, S, V]."""
     t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
@@ -157,7 +128,10 @@ def make_train_step(model_cfg: LMConfig, tx, schedule, placement: Placement | No
 
     With grad_accum > 1 the batch is split into that many micro-batches whose gradients are
     averaged; a global-scope balance loss then sees the counts of the whole batch (a
-    forward-only pass collects them first), so the step equals the unsplit one.
+    forward-only pass collects them first), so the step equals the unsplit one. That pass is
+    the price of one micro-batch's activation memory: a micro-batch's backward pass needs the
+    counts of the later ones, so without it every micro-batch's activations would have to wait
+    for the last forward, the memory of the unsplit step (experiments/bench_grad_accum.py).
     With teacher_cfg the step takes a third argument {"params", "router_state"} of the teacher
     and trains on (1 - w) CE + w `distillation_loss`.
     """
@@ -187,7 +161,7 @@ def make_train_step(model_cfg: LMConfig, tx, schedule, placement: Placement | No
             micro = tokens.reshape((grad_accum, tokens.shape[0] // grad_accum) + tokens.shape[1:])
             keys = jax.random.split(key, grad_accum)
             step_counts = None
-            if moe is not None and moe.balance_scope == "global":
+            if moe is not None and any(needs_step_counts(model_cfg.moe_for(i)) for i in model_cfg.moe_layers):
                 per_micro = jax.lax.map(
                     lambda mb: lm_apply(params, mb[:, :-1], model_cfg, state=router_state, ep=ep)[1].counts(model_cfg),
                     micro,
@@ -271,51 +245,6 @@ def evaluate(
     return {"val_loss": val, "val_bpb": val / math.log(2), "load": load}
 
 
-def abstract_train_state(model_cfg: LMConfig, tc: TrainConfig):
-    """The train state's shapes and dtypes (`jax.eval_shape`), without allocating it."""
-    tx, _ = make_optimizer(tc)
-    return jax.eval_shape(lambda: init_train_state(model_cfg, tc, tx))
-
-
-def _run_config(model_cfg, tc, corpus) -> dict:
-    return {
-        "model": model_cfg.to_dict(),
-        "train": tc.to_dict(),
-        "data": corpus.metadata(),
-        "jmoe_version": jmoe.__version__,
-    }
-
-
-def _check_resume_compatible(saved: dict, model_cfg: LMConfig, tc: TrainConfig, corpus: Corpus) -> None:
-    saved_model = LMConfig.from_dict(saved["model"])
-    if saved_model != model_cfg:
-        diffs = _dict_diff(saved_model.to_dict(), model_cfg.to_dict())
-        raise TrainError(f"cannot resume: the model differs from the run's ({diffs})")
-    saved_train = saved["train"]
-    changed = {k for k, v in tc.to_dict().items() if saved_train.get(k) != v} - RESUMABLE_CHANGES
-    if changed:
-        diffs = ", ".join(f"{k}: {saved_train.get(k)!r} -> {getattr(tc, k)!r}" for k in sorted(changed))
-        raise TrainError(f"cannot resume: training settings differ from the run's ({diffs})")
-    if saved.get("data", {}).get("sha256") != corpus.sha256:
-        raise TrainError(
-            f"cannot resume: the corpus differs from the run's (sha256 {saved['data'].get('sha256', '?')[:12]} "
-            f"vs {corpus.sha256[:12]})"
-        )
-
-
-def _dict_diff(a: dict, b: dict, prefix="") -> str:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            sub = _dict_diff(va, vb, f"{prefix}{k}.")
-            if sub:
-                out.append(sub)
-        elif va != vb:
-            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
-    return ", ".join(out)
-
-
 def _host_metrics(step: int, m: dict, tokens_per_s: float | None) -> dict:
     rec = {
         "kind": "train",
@@ -338,6 +267,29 @@ def _host_metrics(step: int, m: dict, tokens_per_s: float | None) -> dict:
     return rec
 
 
+# ------------------------------------------------------------------------- the steps of train
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the steps of `train` share: the run directory and how the run is laid out."""
+
+    out: Path
+    model_cfg: LMConfig
+    tc: TrainConfig
+    corpus: Corpus
+    placement: Placement
+    store: CheckpointStore
+    metrics: MetricsLog
+    primary: bool
+    latest: int | None  # the newest checkpoint when the run started (None: none)
+
+    @property
+    def title(self) -> str:
+        cfg = self.model_cfg
+        return f"{'MoE' if cfg.moe else 'dense'} LM, {cfg.num_params(active=True) / 1e6:.2f}M active params"
+
+
 def train(
     model_cfg: LMConfig,
     tc: TrainConfig,
@@ -349,104 +301,184 @@ def train(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Train `model_cfg` with `tc`, writing the run directory `out_dir` (see module docstring).
+    """Train `model_cfg` with `tc`, writing the run directory `out_dir` (`jmoe.train.rundir`).
 
     stop_after: leave after this many steps in this process, with a checkpoint (for time-limited
-    sessions; continue with resume=True).
+    sessions; continue with resume=True). Resuming a finished run changes nothing and returns
+    its summary.
 
-    Returns the summary dict. Raises TrainError for runs that cannot start or resume (nothing
-    on disk is changed then) and NonFiniteLoss when the loss diverges (the last good
+    The run directory has one writer: this process holds its lock (`rundir.lock`) from before
+    it writes anything until it returns. Returns the summary dict. Raises TrainError for runs
+    that cannot start or resume (nothing on disk is changed then; RunLocked when another
+    process writes `out_dir`) and NonFiniteLoss when the loss diverges (the last good
     checkpoint is kept).
     """
     out = Path(out_dir)
+    corpus = _check_inputs(model_cfg, tc, out, corpus)
+    placement = _placement(tc)
+    primary = is_primary()
+    if not primary:
+        log = lambda _msg: None
+        progress = False
+    lock = rundir.lock(out) if primary else None
+    writing = False
+    try:
+        latest = _check_run_dir(out, model_cfg, tc, corpus, resume)
+        if latest is not None and latest >= tc.steps and rundir.read_summary(out) is not None:
+            log(f"{out} already finished at step {latest}; nothing to do (raise --steps to train it further)")
+            return rundir.read_summary(out)
+        teacher_cfg, teacher = _load_teacher(tc)
+        tx, schedule = make_optimizer(tc)
+        state_shardings = placement.shardings(abstract_train_state(model_cfg, tc))
+        state, start = _start_state(out, model_cfg, tc, placement, latest, tx, state_shardings, log)
+        # everything that can fail on bad input has been checked: from here on the run is written
+        writing = True
+        if not primary:
+            out.mkdir(parents=True, exist_ok=True)
+        store = rundir.checkpoint_store(out, keep=tc.keep_ckpts)
+        run = _Run(out, model_cfg, tc, corpus, placement, store, rundir.metrics_log(out), primary, latest)
+        try:
+            if primary:
+                run.metrics.truncate_after(start)
+                rundir.write_config(out, model_cfg, tc, corpus.metadata())
+            train_step = make_train_step(
+                model_cfg, tx, schedule, placement, state_shardings if placement.mesh is not None else None,
+                tc.grad_accum, teacher_cfg=teacher_cfg, distill_weight=tc.distill_weight,
+                distill_temperature=tc.distill_temperature,
+            )
+            end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
+            if start == 0:
+                log(
+                    f"training {run.title} ({model_cfg.num_params() / 1e6:.2f}M total) on {corpus.source} "
+                    f"({corpus.train.size / 1e6:.1f} MB) for {tc.steps} steps of {tc.batch_size * tc.seq_len} tokens"
+                )
+            t_run = time.perf_counter()
+            step_times = _step_loop(run, state, start, end, train_step, teacher, progress)
+        finally:
+            store.close()
+        if end < tc.steps:
+            log(f"stopped at step {end} of {tc.steps} with a checkpoint; continue with --resume")
+            return {"steps": end, "stopped_early": True}
+        if not primary:
+            return {"steps": tc.steps}
+        return _write_summary(run, step_times, time.perf_counter() - t_run, log)
+    finally:
+        if lock is not None:
+            lock.release(remove_created=not writing)
+
+
+def _check_inputs(model_cfg: LMConfig, tc: TrainConfig, out: Path, corpus: Corpus | None) -> Corpus:
+    """The corpus to train on (loaded from `tc.data` when not given), after checking that the
+    run can start at all: nothing is written yet, and nothing expensive is done."""
     if tc.seq_len > model_cfg.max_seq_len:
         raise TrainError(f"seq_len={tc.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} exists and is not a directory")
+    for flag, source in (("--distill-from", tc.distill_from), ("--resume-from", tc.init_from)):
+        if not source:
+            continue
+        try:
+            saved, _ = rundir.find_checkpoint(source)
+        except TrainError as e:
+            raise TrainError(f"{flag}: {e}") from None
+        src_cfg = LMConfig.from_dict(saved["model"])
+        if flag == "--resume-from" and src_cfg != model_cfg:
+            raise TrainError(f"cannot start from {source}: its model differs ({rundir.config_diff(src_cfg, model_cfg)})")
+        if flag == "--distill-from" and src_cfg.vocab_size != model_cfg.vocab_size:
+            raise TrainError(f"cannot distill: the teacher's vocabulary ({src_cfg.vocab_size}) differs from "
+                             f"the model's ({model_cfg.vocab_size})")
+    if tc.distill_from and tc.mesh is not None:
+        raise TrainError("distillation runs on one device (--distill-from cannot be combined with --mesh)")
     corpus = corpus if corpus is not None else load_corpus(tc.data)
     if corpus.train.size < tc.seq_len + 2 or corpus.val.size < tc.seq_len + 2:
         raise TrainError(
             f"the corpus {corpus.source} is too small for seq_len={tc.seq_len} "
             f"({corpus.train.size} train / {corpus.val.size} validation bytes)"
         )
+    return corpus
+
+
+def _placement(tc: TrainConfig) -> Placement:
+    """The run's `Placement`, checked to split a micro-batch over the mesh's token shards."""
     try:
         placement = Placement(tc.mesh, tc)
     except ValueError as e:
         raise TrainError(str(e)) from None
     placement.check_batch(tc.batch_size // tc.grad_accum)
-    primary = is_primary()
-    if not primary:
-        log = lambda _msg: None
-        progress = False
-    out.mkdir(parents=True, exist_ok=True)
-    store = CheckpointStore(out / "checkpoints", keep=tc.keep_ckpts)
-    latest = store.latest_step()
-    config_path = out / "config.json"
-    if latest is not None and not resume:
+    return placement
+
+
+def _check_run_dir(out: Path, model_cfg: LMConfig, tc: TrainConfig, corpus: Corpus, resume: bool) -> int | None:
+    """The newest complete checkpoint of the run in `out` (None: none), read without writing.
+    Refuses to start a new run over an existing one, and to resume a different one."""
+    latest = max(rundir.checkpoint_steps(out), default=None)
+    if latest is None:
+        return None
+    if not resume:
         raise TrainError(
             f"{out} already holds a run (checkpoint at step {latest}); pass --resume to continue it "
             "or choose another --out"
         )
+    config_path = out / rundir.CONFIG
+    if not config_path.exists():
+        raise TrainError(f"cannot resume: {config_path} is missing")
+    rundir.check_resumable(rundir.read_run_config(out), model_cfg, tc, corpus.sha256)
+    return latest
 
-    teacher = teacher_cfg = None
-    if tc.distill_from:
-        if placement.mesh is not None:
-            raise TrainError("distillation runs on one device (--distill-from cannot be combined with --mesh)")
+
+def _load_teacher(tc: TrainConfig) -> tuple[LMConfig | None, dict | None]:
+    """(teacher config, {"params", "router_state"}) of `tc.distill_from` (checked by
+    `_check_inputs`), or (None, None)."""
+    if not tc.distill_from:
+        return None, None
+    try:
         teacher_cfg, _, t_params, t_state, _, _ = load_run(tc.distill_from)
-        teacher = {"params": t_params, **({"router_state": t_state} if t_state else {})}
-        if teacher_cfg.vocab_size != model_cfg.vocab_size:
-            raise TrainError(f"cannot distill: the teacher's vocabulary ({teacher_cfg.vocab_size}) differs from "
-                             f"the model's ({model_cfg.vocab_size})")
-    tx, schedule = make_optimizer(tc)
-    metrics_log = MetricsLog(out / "metrics.jsonl")
-    abstract = jax.eval_shape(lambda: init_train_state(model_cfg, tc, tx))
-    state_shardings = placement.shardings(abstract)
-    if resume and latest is not None:
-        if not config_path.exists():
-            raise TrainError(f"cannot resume: {config_path} is missing")
-        _check_resume_compatible(json.loads(config_path.read_text()), model_cfg, tc, corpus)
-        try:
-            state, meta = store.restore(latest, placement.abstract(abstract))
-        except CheckpointError as e:
-            raise TrainError(str(e)) from None
+    except TrainError as e:
+        raise TrainError(f"--distill-from: {e}") from None
+    return teacher_cfg, {"params": t_params, **({"router_state": t_state} if t_state else {})}
+
+
+def _start_state(out: Path, model_cfg: LMConfig, tc: TrainConfig, placement: Placement, latest: int | None, tx,
+                 state_shardings, log) -> tuple[dict, int]:
+    """(state, first step): restored from checkpoint `latest` of the run in `out` when it has
+    one (resuming), else fresh (or with the parameters of `tc.init_from`). Writes nothing."""
+    if latest is not None:
+        state, _ = rundir.restore_state(out, latest, placement.abstract(abstract_train_state(model_cfg, tc)))
         start = int(to_host(state["step"]))
-        if primary:
-            metrics_log.truncate_after(start)
         log(f"resuming {out} from step {start}")
-    else:
-        state = jax.jit(lambda: init_train_state(model_cfg, tc, tx), out_shardings=state_shardings)()
-        if tc.init_from:
-            state = _start_from_run(state, tc.init_from, model_cfg, tx, state_shardings)
-            log(f"starting from the parameters of {tc.init_from} (fresh optimizer)")
-        start = 0
-        if primary:
-            metrics_log.truncate_after(0)
-    if primary:
-        atomic_write_text(config_path, json.dumps(_run_config(model_cfg, tc, corpus), indent=1))
+        return state, start
+    state = jax.jit(lambda: init_train_state(model_cfg, tc, tx), out_shardings=state_shardings)()
+    if tc.init_from:
+        state = _start_from_run(state, tc.init_from, tx, state_shardings)
+        log(f"starting from the parameters of {tc.init_from} (fresh optimizer)")
+    return state, 0
 
-    train_step = make_train_step(
-        model_cfg, tx, schedule, placement, state_shardings if placement.mesh is not None else None, tc.grad_accum,
-        teacher_cfg=teacher_cfg, distill_weight=tc.distill_weight, distill_temperature=tc.distill_temperature,
-    )
-    eval_step = make_eval_step(model_cfg, placement)
-    val = eval_batches(corpus.val, tc.eval_batches, tc.batch_size, tc.seq_len)
+
+def _start_from_run(state: dict, run_dir: str, tx, shardings) -> dict:
+    """`state` with the parameters and router state of another run and a fresh optimizer."""
+    try:
+        _, _, params, router_state, _, _ = load_run(run_dir)  # its model was checked by _check_inputs
+    except TrainError as e:
+        raise TrainError(f"--resume-from: {e}") from None
+    new = dict(state, params=params, opt_state=tx.init(params))
+    if router_state:
+        new["router_state"] = router_state
+    return jax.device_put(new, shardings) if shardings is not None else new
+
+
+def _step_loop(run: _Run, state: dict, start: int, end: int, train_step, teacher, progress: bool) -> list[float]:
+    """Steps start..end-1 with their hooks; returns the step times (the first, compiling, left out)."""
+    tc = run.tc
+    eval_step = make_eval_step(run.model_cfg, run.placement)
+    val = eval_batches(run.corpus.val, tc.eval_batches, tc.batch_size, tc.seq_len)
     tokens_per_step = tc.batch_size * tc.seq_len
-    bar = Progress(tc.steps, start=start, enabled=progress)
-    title = f"{'MoE' if model_cfg.moe else 'dense'} LM, {model_cfg.num_params(active=True) / 1e6:.2f}M active params"
-    if start == 0:
-        log(
-            f"training {title} ({model_cfg.num_params() / 1e6:.2f}M total) on {corpus.source} "
-            f"({corpus.train.size / 1e6:.1f} MB) for {tc.steps} steps of {tokens_per_step} tokens"
-        )
-
-    end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
+    bar = Progress(tc.steps, start=start, enabled=progress, warmup=1)  # the first step compiles
     last_eval = None
+    last_good_ckpt = run.latest
     step_times: list[float] = []
-    t_run = time.perf_counter()
-    last_good_ckpt = latest
     try:
         for step in range(start, end):
-            batch = placement.batch(train_batch(corpus.train, tc.seed, step, tc.batch_size, tc.seq_len))
+            batch = run.placement.batch(train_batch(run.corpus.train, tc.seed, step, tc.batch_size, tc.seq_len))
             t0 = time.perf_counter()
             state, m = train_step(state, batch) if teacher is None else train_step(state, batch, teacher)
             m = to_host(m)
@@ -455,56 +487,70 @@ def train(
             if step > start:  # the first step of a process includes compilation
                 step_times.append(dt)
             tps = tokens_per_step / np.mean(step_times[-20:]) if step_times else None
-            if not (np.isfinite(m["loss"]) and bool(m["params_finite"])):
-                bar.close()
-                where = f"step {last_good_ckpt} in {store.directory}" if last_good_ckpt is not None else "none was saved"
-                raise NonFiniteLoss(
-                    f"the loss became {float(m['loss'])} at step {done}; stopping. Last good checkpoint: {where}"
-                )
-            if primary and (done % tc.log_every == 0 or done == tc.steps):
-                metrics_log.append(_host_metrics(done, m, tps))
-            fields = {"loss": f"{float(m['loss']):.3f}"}
-            if "max_vio" in m:
-                fields["imb"] = f"{float(np.mean(m['max_vio'])):.2f}"
-            if last_eval is not None:
-                fields["val"] = f"{last_eval:.3f}"
-            if tps:
-                fields["tok/s"] = f"{tps:,.0f}"
-            bar.update(done, fields)
+            _check_finite(m, done, last_good_ckpt, run.store, bar)
+            _log_step(run, done, m, tps, last_eval, bar)
             if done % tc.eval_every == 0 or done == tc.steps:
-                ev = evaluate(state["params"], state.get("router_state"), model_cfg, val, eval_step, placement)
-                last_eval = ev["val_loss"]
-                if primary:
-                    metrics_log.append({"kind": "eval", "step": done, **ev})
-                    plot_run(metrics_log.records(), out / "training.png", title)
+                last_eval = _evaluate_and_log(run, state, done, eval_step, val)
             if done % tc.ckpt_every == 0 or done == end:
-                store.save(done, state, {"step": done, "data_position": done, "loss": float(m["loss"])})
+                run.store.save(done, state, {"step": done, "data_position": done, "loss": float(m["loss"])})
                 last_good_ckpt = done
     finally:
         bar.close()
-        store.close()
+    return step_times
 
-    if end < tc.steps:
-        log(f"stopped at step {end} of {tc.steps} with a checkpoint; continue with --resume")
-        return {"steps": end, "stopped_early": True}
-    if not primary:
-        return {"steps": tc.steps}
-    records = metrics_log.records()
+
+def _check_finite(m: dict, done: int, last_good_ckpt: int | None, store: CheckpointStore, bar: Progress) -> None:
+    """Raise NonFiniteLoss (naming the last good checkpoint) when step `done` diverged."""
+    if np.isfinite(m["loss"]) and bool(m["params_finite"]):
+        return
+    bar.close()
+    where = f"step {last_good_ckpt} in {store.directory}" if last_good_ckpt is not None else "none was saved"
+    raise NonFiniteLoss(f"the loss became {float(m['loss'])} at step {done}; stopping. Last good checkpoint: {where}")
+
+
+def _log_step(run: _Run, done: int, m: dict, tps: float | None, last_eval: float | None, bar: Progress) -> None:
+    """Append the step's metrics.jsonl record (every `log_every` steps) and update the progress bar."""
+    if run.primary and (done % run.tc.log_every == 0 or done == run.tc.steps):
+        run.metrics.append(_host_metrics(done, m, tps))
+    fields = {"loss": f"{float(m['loss']):.3f}"}
+    if "max_vio" in m:
+        fields["imb"] = f"{float(np.mean(m['max_vio'])):.2f}"
+    if last_eval is not None:
+        fields["val"] = f"{last_eval:.3f}"
+    if tps:
+        fields["tok/s"] = f"{tps:,.0f}"
+    bar.update(done, fields)
+
+
+def _evaluate_and_log(run: _Run, state: dict, done: int, eval_step, val: np.ndarray) -> float:
+    """Validate the state after step `done`, record it and redraw the plot; returns the validation loss."""
+    ev = evaluate(state["params"], state.get("router_state"), run.model_cfg, val, eval_step, run.placement)
+    if run.primary:
+        run.metrics.append({"kind": "eval", "step": done, **ev})
+        plot_run(run.metrics.records(), rundir.plot_path(run.out), run.title)
+    return ev["val_loss"]
+
+
+def _write_summary(run: _Run, step_times: list[float], wall_s: float, log) -> dict:
+    """summary.json of a finished run, from its metrics; returns it."""
+    tc, model_cfg = run.tc, run.model_cfg
+    records = run.metrics.records()
     train_recs = [r for r in records if r["kind"] == "train"]
     eval_recs = [r for r in records if r["kind"] == "eval"]
+    tokens_per_step = tc.batch_size * tc.seq_len
     summary = {
         "steps": tc.steps,
         "train_loss": train_recs[-1]["loss"] if train_recs else None,
         "val_loss": eval_recs[-1]["val_loss"] if eval_recs else None,
         "val_bpb": eval_recs[-1]["val_bpb"] if eval_recs else None,
-        "tokens_per_s": float(tokens_per_step / np.median(step_times)) if step_times else None,
-        "wall_s_this_process": time.perf_counter() - t_run,
+        "tokens_per_s": _tokens_per_s(step_times, tokens_per_step, train_recs),
+        "wall_s_this_process": wall_s,
         "active_params": model_cfg.num_params(active=True),
         "total_params": model_cfg.num_params(),
         "mesh": tc.mesh,
         "devices": jax.device_count(),
     }
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    rundir.write_summary(run.out, summary)
     log(
         f"done: step {tc.steps}, train loss {summary['train_loss']:.4f}, validation loss "
         f"{summary['val_loss']:.4f} ({summary['val_bpb']:.3f} bits/byte)"
@@ -513,48 +559,10 @@ def train(
     return summary
 
 
-def _start_from_run(state: dict, run_dir: str, model_cfg: LMConfig, tx, shardings) -> dict:
-    """`state` with the parameters and router state of another run and a fresh optimizer."""
-    src_cfg, _, params, router_state, _, _ = load_run(run_dir)
-    if src_cfg != model_cfg:
-        diffs = _dict_diff(src_cfg.to_dict(), model_cfg.to_dict())
-        raise TrainError(f"cannot start from {run_dir}: its model differs ({diffs})")
-    new = dict(state, params=params, opt_state=tx.init(params))
-    if router_state:
-        new["router_state"] = router_state
-    return jax.device_put(new, shardings) if shardings is not None else new
-
-
-def load_run(run_dir: str | Path, step: int | None = None):
-    """Restore a run's model for evaluation or sampling.
-
-    Returns (model_cfg, train_cfg, params, router_state, run_config dict, step).
-    """
-    run = Path(run_dir)
-    config_path = run / "config.json"
-    if not config_path.exists():
-        raise TrainError(f"{run} is not a jmoe run directory (no config.json)")
-    try:
-        saved = json.loads(config_path.read_text())
-        model_cfg = LMConfig.from_dict(saved["model"])
-        tc = TrainConfig.from_dict(saved["train"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise TrainError(f"{config_path} is corrupt: {e}") from None
-    if not (run / "checkpoints").is_dir():
-        raise TrainError(f"{run} has no checkpoints")
-    store = CheckpointStore(run / "checkpoints", create=False)
-    try:
-        steps = store.steps()
-        if not steps:
-            raise TrainError(f"{run} has no complete checkpoint")
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise TrainError(f"{run} has no checkpoint at step {step} (have {steps})")
-        try:
-            state, _ = store.restore(step, Placement(None).abstract(abstract_train_state(model_cfg, tc)))
-        except CheckpointError as e:
-            raise TrainError(str(e)) from None
-    finally:
-        store.close()
-    return model_cfg, tc, state["params"], state.get("router_state"), saved, step
+def _tokens_per_s(step_times: list[float], tokens_per_step: int, train_recs: list[dict]) -> float | None:
+    """Throughput of the steps timed in this process or, when it timed none (it resumed at the
+    last step), of the run's earlier records."""
+    if step_times:
+        return float(tokens_per_step / np.median(step_times))
+    earlier = [r["tokens_per_s"] for r in train_recs if r.get("tokens_per_s")]
+    return float(np.median(earlier)) if earlier else None

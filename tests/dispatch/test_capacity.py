@@ -50,8 +50,9 @@ def test_assignment_matches_loop(E, k_frac, T, C, mask_prob, seed):
     np.testing.assert_array_equal(np.where(ekeep, pos, 0), np.where(ekeep, epos, 0))
 
 
-def _setup(E=6, k=2, T=30, seed=0, d=8, f=12, **cfg_kw):
-    cfg = MoEConfig(num_experts=E, top_k=k, d_model=d, d_ff=f, block_size=8, **cfg_kw)
+def _setup(E=6, k=2, T=30, seed=0, d=8, f=12, capacity_factor=1.25):
+    cfg = MoEConfig(num_experts=E, top_k=k, d_model=d, d_ff=f, dispatch="capacity",
+                    dispatch_options=dict(capacity_factor=capacity_factor))
     r = make_routing(jax.random.key(seed), T, E, k)
     params = init_experts(jax.random.key(seed + 1), cfg)
     x = jax.random.normal(jax.random.key(seed + 2), (T, d))
@@ -60,7 +61,8 @@ def _setup(E=6, k=2, T=30, seed=0, d=8, f=12, **cfg_kw):
 
 def test_large_capacity_equals_dropless_forward_and_gradient():
     cfg, r, params, x = _setup()
-    big = cfg.replace(capacity_factor=float(cfg.num_experts))  # C >= T: nothing can drop
+    big = cfg.replace(dispatch_options=dict(capacity_factor=float(cfg.num_experts)))  # C >= T: nothing can drop
+    dropless = cfg.replace(dispatch="dropless", dispatch_options=dict(block_size=8))
 
     def f(name, c):
         def loss(p, x, w):
@@ -69,7 +71,7 @@ def test_large_capacity_equals_dropless_forward_and_gradient():
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(params, x, r.weights)
 
     (_, (y_cap, dropped)), g_cap = f("capacity", big)
-    (_, (y_dl, _)), g_dl = f("dropless", big)
+    (_, (y_dl, _)), g_dl = f("dropless", dropless)
     assert float(dropped) == 0.0
     np.testing.assert_allclose(y_cap, y_dl, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(g_cap), jax.tree.leaves(g_dl)):

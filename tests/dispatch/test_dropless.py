@@ -38,7 +38,7 @@ def check_against_reference(cfg, routing, impls, seed=0, rtol=2e-5, atol=2e-5):
     probe = jax.random.normal(k_r, (T, cfg.d_model))
     ref_y, ref_grads = output_and_grads("dense", params, x, routing, cfg, probe)
     for impl in impls:
-        y, grads = output_and_grads("dropless", params, x, routing, cfg.replace(impl=impl), probe)
+        y, grads = output_and_grads("dropless", params, x, routing, cfg.replace(dispatch_options=dict(impl=impl)), probe)
         np.testing.assert_allclose(y, ref_y, rtol=rtol, atol=atol, err_msg=impl)
         tree_allclose(grads, ref_grads, rtol=1e-4, atol=1e-4)
 
@@ -53,7 +53,7 @@ def check_against_reference(cfg, routing, impls, seed=0, rtol=2e-5, atol=2e-5):
 )
 def test_dropless_matches_reference(E, k_frac, T, block, mask_prob, seed):
     k = 1 + int(k_frac * (min(E, 8) - 1))
-    cfg = MoEConfig(num_experts=E, top_k=k, d_model=D, d_ff=F, block_size=block)
+    cfg = MoEConfig(num_experts=E, top_k=k, d_model=D, d_ff=F, dispatch_options=dict(block_size=block))
     routing = make_routing(jax.random.key(seed), T, E, k, mask_prob=mask_prob)
     check_against_reference(cfg, routing, ["xla", "ragged_dot"], seed=seed)
 
@@ -61,7 +61,7 @@ def test_dropless_matches_reference(E, k_frac, T, block, mask_prob, seed):
 @pytest.mark.parametrize("impl", ["xla", "ragged_dot"])
 def test_all_tokens_to_one_expert_and_empty_experts(impl):
     E, T, k = 8, 37, 1
-    cfg = MoEConfig(num_experts=E, top_k=k, d_model=D, d_ff=F, block_size=8)
+    cfg = MoEConfig(num_experts=E, top_k=k, d_model=D, d_ff=F, dispatch_options=dict(block_size=8))
     routing = make_routing(jax.random.key(0), T, E, k, expert_ids=jnp.full((T, 1), 5))
     check_against_reference(cfg, routing, [impl])
     # k=2: every token goes to the last two experts; experts 0..5 are empty.
@@ -71,7 +71,7 @@ def test_all_tokens_to_one_expert_and_empty_experts(impl):
 
 
 def test_fully_masked_routing_gives_zero():
-    cfg = MoEConfig(num_experts=4, top_k=2, d_model=D, d_ff=F, block_size=8)
+    cfg = MoEConfig(num_experts=4, top_k=2, d_model=D, d_ff=F, dispatch_options=dict(block_size=8))
     routing = make_routing(jax.random.key(0), 5, 4, 2, mask_prob=1.1)
     assert not routing.mask.any()
     params = init_experts(jax.random.key(1), cfg)
@@ -81,20 +81,20 @@ def test_fully_masked_routing_gives_zero():
 
 @pytest.mark.parametrize("activation", ["geglu", "gelu"])
 def test_other_activations(activation):
-    cfg = MoEConfig(num_experts=5, top_k=2, d_model=D, d_ff=F, block_size=8, activation=activation)
+    cfg = MoEConfig(num_experts=5, top_k=2, d_model=D, d_ff=F, dispatch_options=dict(block_size=8), activation=activation)
     routing = make_routing(jax.random.key(3), 19, 5, 2)
     check_against_reference(cfg, routing, ["xla", "ragged_dot"])
 
 
 def test_bfloat16_inputs():
-    cfg = MoEConfig(num_experts=4, top_k=2, d_model=8, d_ff=16, block_size=8)
+    cfg = MoEConfig(num_experts=4, top_k=2, d_model=8, d_ff=16, dispatch_options=dict(block_size=8))
     routing = make_routing(jax.random.key(0), 21, 4, 2)
     params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), init_experts(jax.random.key(1), cfg))
     x = jax.random.normal(jax.random.key(2), (21, 8)).astype(jnp.bfloat16)
     probe = jnp.ones((21, 8))
     ref, g_ref = output_and_grads("dense", params, x, routing, cfg, probe)
     for impl in ["xla", "ragged_dot"]:
-        y, g = output_and_grads("dropless", params, x, routing, cfg.replace(impl=impl), probe)
+        y, g = output_and_grads("dropless", params, x, routing, cfg.replace(dispatch_options=dict(impl=impl)), probe)
         assert y.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref, np.float32), atol=5e-2, rtol=5e-2)
         assert g[0]["w_up"].dtype == jnp.bfloat16 and g[1].dtype == jnp.bfloat16

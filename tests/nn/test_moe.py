@@ -6,7 +6,7 @@ from flax import nnx
 from jmoe import MoEConfig, init_moe, moe_layer
 from jmoe.nn import MoE
 
-CFG = MoEConfig(num_experts=4, top_k=2, d_model=8, d_ff=16, block_size=8, num_shared_experts=1)
+CFG = MoEConfig(num_experts=4, top_k=2, d_model=8, d_ff=16, dispatch_options=dict(block_size=8), num_shared_experts=1)
 
 
 def test_split_state_has_the_functional_tree_and_same_output():

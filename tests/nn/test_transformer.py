@@ -8,7 +8,7 @@ from jmoe import MoEConfig
 from jmoe.nn import LMConfig, TransformerLM, init_lm, lm_apply, preset
 from jmoe.nn.attention import apply_rope, attention_block_size, blockwise_causal_attention
 
-MOE = MoEConfig(num_experts=4, top_k=2, d_model=16, d_ff=8, block_size=8)
+MOE = MoEConfig(num_experts=4, top_k=2, d_model=16, d_ff=8, dispatch_options=dict(block_size=8))
 CFG = LMConfig(d_model=16, n_layers=3, n_heads=2, d_ff=16, max_seq_len=16, moe=MOE, moe_every=2)
 
 

@@ -42,13 +42,13 @@ def test_expert_choice_is_refused_in_a_causal_decoder():
 
 
 def test_top_p_hand_example_and_invariants():
-    cfg = MoEConfig(router="top_p", num_experts=4, top_k=4, d_model=4, d_ff=4, top_p=0.5)
+    cfg = MoEConfig(router="top_p", num_experts=4, top_k=4, d_model=4, d_ff=4, router_options=dict(threshold=0.5))
     logits = np.log(np.array([[0.1, 0.45, 0.3, 0.15], [0.7, 0.1, 0.1, 0.1]]))
     r = top_p_route({"w": jnp.eye(4)}, jnp.asarray(logits), cfg)
     # token 0: sorted 0.45, 0.30 (0.45 <= 0.5 before it), then 0.15 has 0.75 before it: stop
     np.testing.assert_array_equal(r.mask, [[True, True, False, False], [True, False, False, False]])
     np.testing.assert_allclose(r.weights[0, :2], [0.45, 0.30], rtol=1e-5)  # not renormalised
-    cfg2 = MoEConfig(router="top_p", num_experts=8, top_k=8, d_model=16, d_ff=8, top_p=0.6)
+    cfg2 = MoEConfig(router="top_p", num_experts=8, top_k=8, d_model=16, d_ff=8, router_options=dict(threshold=0.6))
     params = jmoe.init_moe(jax.random.key(0), cfg2)["router"]
     x = jax.random.normal(jax.random.key(1), (100, 16)) * 4
     r = top_p_route(params, x, cfg2)
@@ -61,7 +61,7 @@ def test_top_p_hand_example_and_invariants():
 
 
 def test_top_p_entropy_loss_enters_the_aux_loss():
-    cfg = MoEConfig(router="top_p", num_experts=8, top_k=8, d_model=16, d_ff=8, top_p=0.4, entropy_loss_coef=0.5)
+    cfg = MoEConfig(router="top_p", num_experts=8, top_k=8, d_model=16, d_ff=8, router_options=dict(threshold=0.4), entropy_loss_coef=0.5)
     params = jmoe.init_moe(jax.random.key(0), cfg)
     x = jax.random.normal(jax.random.key(1), (30, 16))
     _, aux = jmoe.moe_layer(params, x, cfg)
@@ -72,7 +72,7 @@ def test_top_p_entropy_loss_enters_the_aux_loss():
 
 
 def test_null_experts_contribute_nothing_and_renormalise_true_experts():
-    cfg = MoEConfig(router="null_experts", num_experts=4, num_null_experts=4, top_k=2, d_model=16, d_ff=8)
+    cfg = MoEConfig(router="null_experts", num_experts=4, router_options=dict(num_null_experts=4), top_k=2, d_model=16, d_ff=8)
     params = jmoe.init_moe(jax.random.key(0), cfg)
     assert params["router"]["w"].shape == (16, 8)
     x = jax.random.normal(jax.random.key(1), (64, 16)) * 3

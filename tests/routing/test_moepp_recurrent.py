@@ -8,8 +8,8 @@ from jmoe.dispatch import get_dispatch
 from jmoe.routing.moepp import moepp_route
 from jmoe.routing.recurrent import gru_cell
 
-CFG = MoEConfig(router="moepp", num_experts=4, top_k=2, d_model=8, d_ff=16, num_zero_experts=1, num_copy_experts=1,
-                num_constant_experts=1, gating_residual=True)
+CFG = MoEConfig(router="moepp", num_experts=4, top_k=2, d_model=8, d_ff=16,
+                router_options=dict(num_zero_experts=1, num_copy_experts=1, num_constant_experts=1, gating_residual=True))
 
 
 def forced_router(params, choice_a, choice_b):
@@ -57,7 +57,7 @@ def test_gating_residual_uses_the_previous_logits():
 
 
 def test_moepp_balance_weights_flop_free_experts_by_tau():
-    cfg = CFG.replace(zero_compute_loss_weight=0.0, gating_residual=False)
+    cfg = CFG.replace(router_options=dict(zero_compute_loss_weight=0.0, gating_residual=False))
     params = jmoe.init_moe(jax.random.key(0), cfg)
     x = jax.random.normal(jax.random.key(1), (50, 8))
     _, aux = jmoe.moe_layer(params, x, cfg)
@@ -68,7 +68,7 @@ def test_moepp_balance_weights_flop_free_experts_by_tau():
 
 
 def test_recurrent_router_carries_state_between_layers():
-    cfg = MoEConfig(router="recurrent", num_experts=4, top_k=2, d_model=8, d_ff=16, recurrent_dim=6)
+    cfg = MoEConfig(router="recurrent", num_experts=4, top_k=2, d_model=8, d_ff=16, router_options=dict(recurrent_dim=6))
     params = jmoe.init_moe(jax.random.key(0), cfg)
     x = jax.random.normal(jax.random.key(1), (5, 8))
     _, aux0 = jmoe.moe_layer(params, x, cfg)
@@ -91,7 +91,7 @@ def test_recurrent_router_carries_state_between_layers():
 def test_lm_passes_the_carry_through_layers():
     from jmoe.nn import LMConfig, init_lm, lm_apply
 
-    moe = MoEConfig(router="recurrent", num_experts=4, top_k=2, d_model=16, d_ff=8, recurrent_dim=4)
+    moe = MoEConfig(router="recurrent", num_experts=4, top_k=2, d_model=16, d_ff=8, router_options=dict(recurrent_dim=4))
     cfg = LMConfig(d_model=16, n_layers=3, n_heads=2, d_ff=16, moe=moe)
     params = init_lm(jax.random.key(0), cfg)
     _, aux = lm_apply(params, jnp.zeros((2, 5), jnp.int32), cfg)

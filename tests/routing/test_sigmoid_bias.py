@@ -8,8 +8,8 @@ from jmoe import MoEConfig
 from jmoe.losses import update_selection_bias
 from jmoe.routing.sigmoid_bias import group_limited_scores, sigmoid_bias_route
 
-CFG = MoEConfig(router="sigmoid_bias", num_experts=8, top_k=2, d_model=8, d_ff=8, expert_groups=4, topk_groups=2,
-                route_scale=2.5)
+CFG = MoEConfig(router="sigmoid_bias", num_experts=8, top_k=2, d_model=8, d_ff=8,
+                router_options=dict(expert_groups=4, topk_groups=2, route_scale=2.5))
 
 
 def identity_router(E, d):
@@ -17,8 +17,8 @@ def identity_router(E, d):
 
 
 def test_hand_worked_example():
-    cfg = MoEConfig(router="sigmoid_bias", num_experts=4, top_k=2, d_model=4, d_ff=4, expert_groups=2, topk_groups=1,
-                    route_scale=2.0)
+    cfg = MoEConfig(router="sigmoid_bias", num_experts=4, top_k=2, d_model=4, d_ff=4,
+                    router_options=dict(expert_groups=2, topk_groups=1, route_scale=2.0))
     x = jnp.array([[0.5, 2.0, 1.0, 1.5]])  # logits = x; groups {0,1} and {2,3}
     s = 1 / (1 + np.exp(-np.array([0.5, 2.0, 1.0, 1.5])))
     r = sigmoid_bias_route({"w": jnp.eye(4)}, x, cfg, state={"bias": jnp.zeros(4)})
@@ -41,7 +41,7 @@ def test_weights_do_not_depend_on_bias():
     r1 = sigmoid_bias_route(params, x, CFG, state={"bias": bias})
     s = np.asarray(r1.probs)
     expected = np.take_along_axis(s, np.asarray(r1.expert_ids), 1)
-    expected = expected / expected.sum(-1, keepdims=True) * CFG.route_scale
+    expected = expected / expected.sum(-1, keepdims=True) * CFG.router_options.route_scale
     np.testing.assert_allclose(r1.weights, expected, rtol=1e-5)
     np.testing.assert_array_equal(r0.probs, r1.probs)
     assert not np.array_equal(r0.expert_ids, r1.expert_ids)  # the bias did change choices
@@ -74,15 +74,15 @@ def test_bias_update_and_layer_state():
     y, aux = jax.jit(lambda p, x, s: jmoe.moe_layer(p, x, cfg, state=s))(params, x, state)
     new = jmoe.layer.update_moe_state(state, aux, cfg)
     load = np.asarray(aux.tokens_per_expert)
-    np.testing.assert_allclose(new["bias"], -cfg.bias_update_rate * np.sign(load - load.mean()))
+    np.testing.assert_allclose(new["bias"], -cfg.router_options.bias_update_rate * np.sign(load - load.mean()))
     g = jax.grad(lambda p: jnp.sum(jmoe.moe_layer(p, x, cfg, state=state)[0]))(params)
     assert float(jnp.abs(g["router"]["w"]).sum()) > 0
 
 
 def test_validation():
     with pytest.raises(ValueError, match="expert_groups"):
-        MoEConfig(router="sigmoid_bias", num_experts=8, expert_groups=3)
+        MoEConfig(router="sigmoid_bias", num_experts=8, router_options=dict(expert_groups=3))
     with pytest.raises(ValueError, match="topk_groups"):
-        MoEConfig(router="sigmoid_bias", num_experts=8, expert_groups=4, topk_groups=5)
+        MoEConfig(router="sigmoid_bias", num_experts=8, router_options=dict(expert_groups=4, topk_groups=5))
     with pytest.raises(ValueError, match="top_k"):
-        MoEConfig(router="sigmoid_bias", num_experts=8, top_k=3, expert_groups=4, topk_groups=1)
+        MoEConfig(router="sigmoid_bias", num_experts=8, top_k=3, router_options=dict(expert_groups=4, topk_groups=1))

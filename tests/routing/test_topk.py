@@ -21,7 +21,7 @@ def test_hand_worked_example():
     np.testing.assert_allclose(r.weights[0], p0[:2], rtol=1e-6)
     np.testing.assert_allclose(r.probs[0], p0, rtol=1e-6)
     assert r.mask.all()
-    rn = topk_route({"w": w}, x, CFG.replace(renormalize=True))
+    rn = topk_route({"w": w}, x, CFG.replace(router_options=dict(renormalize=True)))
     np.testing.assert_allclose(rn.weights[0], p0[:2] / p0[:2].sum(), rtol=1e-6)
 
 
@@ -30,8 +30,8 @@ def test_softmax_after_topk_equals_renormalized_softmax():
     params = get_router("topk").init(key, MoEConfig(num_experts=8, top_k=3, d_model=16, d_ff=8))
     x = jax.random.normal(jax.random.key(1), (32, 16)) * 5
     c = MoEConfig(num_experts=8, top_k=3, d_model=16, d_ff=8)
-    a = topk_route(params, x, c.replace(softmax_after_topk=True))
-    b = topk_route(params, x, c.replace(renormalize=True))
+    a = topk_route(params, x, c.replace(router_options=dict(softmax_after_topk=True)))
+    b = topk_route(params, x, c.replace(router_options=dict(renormalize=True)))
     np.testing.assert_array_equal(a.expert_ids, b.expert_ids)
     np.testing.assert_allclose(a.weights, b.weights, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(a.weights.sum(-1), 1.0, rtol=1e-5)

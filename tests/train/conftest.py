@@ -1,12 +1,41 @@
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 # A model small enough that a process compiles and trains it in seconds.
 MICRO = [
     "--set", "model.d_model=32", "--set", "model.n_layers=2", "--set", "model.n_heads=2",
     "--set", "model.d_ff=64", "--set", "moe.num_experts=4", "--set", "moe.d_ff=32",
-    "--set", "moe.block_size=32", "--batch-size", "4", "--seq-len", "32",
+    "--set", "moe.dropless.block_size=32", "--batch-size", "4", "--seq-len", "32",
     "--set", "train.eval_batches=2", "--set", "train.warmup_steps=2",
 ]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_LOCK_HOLDER = """
+import sys
+from jmoe.train import rundir
+lock = rundir.lock(sys.argv[1])
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def lock_held(run: Path):
+    """Another process holding the writer's lock of the run directory `run`; yields its pid."""
+    p = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, str(run)], cwd=ROOT, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    try:
+        assert p.stdout.readline().strip() == "locked"
+        yield p
+    finally:
+        p.kill()
+        p.wait()
 
 
 @pytest.fixture

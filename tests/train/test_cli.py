@@ -154,3 +154,46 @@ def test_diverging_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, m
     if steps:
         _, _, params, _, _, _ = load_run(run, steps[-1])
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_resuming_a_finished_run_changes_nothing(trained_run, tmp_path, capsys):
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--quiet"]) == 0
+    assert "already finished at step 8" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert json.loads((run / "summary.json").read_text())["tokens_per_s"] > 0
+
+
+def test_a_run_resumed_at_its_end_keeps_its_throughput(trained_run, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    (run / "summary.json").unlink()  # ended after its last checkpoint, before its summary
+    assert main(["train", "--out", str(run), "--resume", "--quiet"]) == 0
+    assert json.loads((run / "summary.json").read_text())["tokens_per_s"] > 0
+
+
+def test_a_run_being_written_is_read_at_its_newest_checkpoint(trained_run, tmp_path, capsys):
+    from tests.train.conftest import lock_held
+
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    with lock_held(run) as holder:
+        capsys.readouterr()
+        assert main(["eval", "--ckpt", str(run), "--json", "--batches", "1"]) == 0
+        assert json.loads(capsys.readouterr().out)["step"] == 8
+        assert main(["generate", "--ckpt", str(run), "--max-new-tokens", "2"]) == 0
+        assert main(["train", "--out", str(run), "--resume", "--steps", "12", "--quiet"]) == 2
+        assert f"being written by process {holder.pid}" in capsys.readouterr().err
+
+
+def test_every_option_has_help():
+    from jmoe.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name in ("train", "eval", "generate", "plan"):
+        missing = [a.option_strings for a in sub.choices[name]._actions if not a.help]
+        assert not missing, (name, missing)

@@ -65,6 +65,20 @@ def test_compress_errors_are_one_line_with_exit_2(source_run, tmp_path, capsys, 
     assert message in err and len(err.splitlines()) == 1
 
 
+def test_compress_interrupted_while_writing_leaves_nothing(source_run, tmp_path, monkeypatch, capsys):
+    from jmoe.train import rundir
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rundir, "write_report", interrupt)  # the last file written
+    (tmp_path / "keep.txt").write_text("k")
+    assert main(["compress", "--ckpt", str(source_run), "--out", str(tmp_path / "new" / "out"), "--method", "prune",
+                 "--target-experts", "2", "--calib-batches", "1", "--quiet"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["keep.txt"]
+
+
 def test_fine_tuning_from_a_missing_run_is_refused(tmp_path, capsys):
     assert main(["train", "--resume-from", str(tmp_path / "nope"), "--out", str(tmp_path / "t"), "--quiet"]) == 2
     assert "not a jmoe run directory" in capsys.readouterr().err

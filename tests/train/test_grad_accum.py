@@ -12,7 +12,7 @@ from jmoe.train.trainer import init_train_state, make_train_step
 from tests.util import tree_allclose
 
 MODEL = LMConfig(d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=16,
-                 moe=MoEConfig(num_experts=4, top_k=2, d_model=16, d_ff=8, block_size=16, aux_loss_coef=1.0))
+                 moe=MoEConfig(num_experts=4, top_k=2, d_model=16, d_ff=8, dispatch_options=dict(block_size=16), aux_loss_coef=1.0))
 
 
 def one_step(model, grad_accum):

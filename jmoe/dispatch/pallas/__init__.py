@@ -3,7 +3,13 @@
 `MoEConfig(dispatch="dropless", impl="pallas")` runs the layer as
 permute_tokens -> gmm (gate, up) -> activation -> gmm (down) -> combine_tokens.
 On CPU the kernels run in Pallas interpret mode: exact, and slow.
+
+Modules, each importing only those before it: `metadata`, `tiling` (tile sizes and the
+`TilingTable`), `gmm_gpu`, `gmm_tpu`, `rows` (kernels), `ops` (the ops with custom VJPs),
+`tuning` (autotuning, which times `ops.gmm`).
 """
+
+from functools import partial
 
 import jax.numpy as jnp
 
@@ -17,34 +23,39 @@ from jmoe.dispatch.pallas.ops import (
     permute_tokens,
     tgmm,
 )
-from jmoe.dispatch.pallas.tiling import autotune, heuristic_tiling, load_tuned, save_tuned, tiling_for
+from jmoe.dispatch.pallas.tiling import DEFAULT_TILINGS, TilingTable, heuristic_tiling, load_tilings, tiling_for
+from jmoe.dispatch.pallas.tuning import autotune, time_tilings
 from jmoe.dispatch.sorting import sort_slots
-from jmoe.registry import ACTIVATIONS, DROPLESS_IMPLS
+from jmoe.experts import ffn
+from jmoe.registry import DROPLESS_IMPLS
 
 
-def grouped_ffn(params, xs, group_sizes, activation, dtype=None, *, backend=None, interpret=None):
-    """The expert FFN over rows sorted by expert, with `gmm`. xs: [N, d] -> [N, d]."""
-    act = ACTIVATIONS.get(activation)
-    dt = xs.dtype if dtype is None else jnp.dtype(dtype)
-    xs = xs.astype(dt)
-    kw = dict(backend=backend, interpret=interpret)
-    up = gmm(xs, params["w_up"].astype(dt), group_sizes, **kw)
-    h = act.fn(gmm(xs, params["w_gate"].astype(dt), group_sizes, **kw)) * up if act.gated else act.fn(up)
-    return gmm(h, params["w_down"].astype(dt), group_sizes, **kw)
+def grouped_ffn(params, xs, group_sizes, activation, dtype=None, *, tilings=DEFAULT_TILINGS, backend=None,
+                interpret=None):
+    """`ffn` with `gmm`. xs: [N, d] sorted by expert; group_sizes: [E]; params `[E, ...]` -> [N, d]."""
+    matmul = partial(gmm, group_sizes=group_sizes, tilings=tilings, backend=backend, interpret=interpret)
+    return ffn(params, xs, activation, dtype, matmul=matmul)
 
 
 @DROPLESS_IMPLS.register("pallas")
-def pallas_dropless(expert_params, x, expert_ids, weights, mask, cfg):
-    """permute -> grouped FFN -> combine with the Pallas kernels. x: [T, d] -> [T, d]."""
+def pallas_dropless(expert_params, x, expert_ids, weights, mask, cfg, *, tilings=None):
+    """permute -> grouped FFN -> combine with the Pallas kernels. x: [T, d]; expert_ids, weights,
+    mask: [T, k] -> [T, d]. `tilings`: the grouped matmuls' `TilingTable` (default: the file of
+    the layer's `tilings` option, or the built-in tiles)."""
+    if tilings is None:
+        path = getattr(cfg.dispatch_options, "tilings", None)
+        tilings = DEFAULT_TILINGS if path is None else load_tilings(path)
     E = expert_params["w_up"].shape[0]
     order, group_sizes = sort_slots(expert_ids, mask, E)
     xs = permute_tokens(x, order, expert_ids.shape[1])
-    ys = grouped_ffn(expert_params, xs, group_sizes, cfg.activation, cfg.dtype)
+    ys = grouped_ffn(expert_params, xs, group_sizes, cfg.activation, cfg.dtype, tilings=tilings)
     y = combine_tokens(ys, order, jnp.where(mask, weights, 0.0))
     return y.astype(ys.dtype)
 
 
 __all__ = [
+    "DEFAULT_TILINGS",
+    "TilingTable",
     "autotune",
     "combine_rows",
     "combine_tokens",
@@ -54,10 +65,10 @@ __all__ = [
     "gmm",
     "grouped_ffn",
     "heuristic_tiling",
-    "load_tuned",
+    "load_tilings",
     "pallas_dropless",
     "permute_tokens",
-    "save_tuned",
     "tgmm",
     "tiling_for",
+    "time_tilings",
 ]

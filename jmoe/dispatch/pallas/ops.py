@@ -10,6 +10,10 @@ transposed-rhs gmm and a tgmm; permute backward is a combine with unit weights; 
 backward is a permute). `backend` picks the kernel family: "gpu" (Triton lowering) or
 "tpu" (Mosaic lowering); by default the one of the current backend, and on CPU the GPU
 kernels run in Pallas interpret mode (that is how the tests check them).
+
+Tile sizes come from an explicit `tiling`, else from the `tilings` table (a
+`jmoe.dispatch.pallas.tiling.TilingTable`; by default the built-in heuristic); gmm's backward
+looks its own tilings up in the same table.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from jmoe.dispatch.pallas import gmm_gpu, gmm_tpu, rows
-from jmoe.dispatch.pallas.tiling import tiling_for
+from jmoe.dispatch.pallas.tiling import DEFAULT_TILINGS, Tiling, TilingTable
 from jmoe.dispatch.sorting import inverse_permutation
 
 BACKENDS = ("gpu", "tpu")
@@ -41,6 +45,12 @@ def _resolve(backend, interpret):
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
     return backend, default_interpret() if interpret is None else bool(interpret)
+
+
+def _check_tilings(tilings):
+    if not isinstance(tilings, TilingTable):
+        raise TypeError(f"tilings must be a TilingTable, got {type(tilings).__name__} (one tile: pass tiling=)")
+    return tilings
 
 
 def _pad_to(a, axis, multiple):
@@ -83,7 +93,8 @@ def gmm(
     *,
     transpose_rhs: bool = False,
     group_offset: int | jax.Array = 0,
-    tiling: tuple[int, int, int] | None = None,
+    tiling: Tiling | None = None,
+    tilings: TilingTable = DEFAULT_TILINGS,
     preferred_element_type=None,
     backend: str | None = None,
     interpret: bool | None = None,
@@ -95,6 +106,8 @@ def gmm(
       rhs: [G_local, k, n] (or [G_local, n, k] with transpose_rhs): the groups
         [group_offset, group_offset + G_local) of the G in group_sizes (expert sharding).
       group_sizes: [G] int rows per group.
+      tiling: (tm, tk, tn) of this call (default: looked up in `tilings`).
+      tilings: the table the tilings of this call (without `tiling`) and of its backward come from.
     Returns:
       [m, n] in preferred_element_type (default lhs's dtype), accumulated in float32; rows of
       groups outside this rhs shard are zero.
@@ -104,14 +117,15 @@ def gmm(
     m, k = lhs.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
-    tiling = tuple(tiling or tiling_for(backend, m, k, n, group_sizes.shape[0], lhs.dtype))
-    static = (transpose_rhs, tiling, out_dtype.name, backend, interpret)
+    tilings = _check_tilings(tilings)
+    tiling = tuple(tiling or tilings.get(backend, m, k, n, group_sizes.shape[0], lhs.dtype))
+    static = (transpose_rhs, tiling, tilings, out_dtype.name, backend, interpret)
     goff = jnp.asarray(group_offset, jnp.int32)
     return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), goff, static)
 
 
 def _gmm_impl(lhs, rhs, group_sizes, goff, static):
-    transpose_rhs, tiling, out_dtype, backend, interpret = static
+    transpose_rhs, tiling, _, out_dtype, backend, interpret = static
     tm, tk, tn = tiling
     m, k = lhs.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
@@ -136,17 +150,18 @@ def _gmm_fwd(lhs, rhs, group_sizes, goff, static):
 
 
 def _gmm_bwd(static, res, g):
-    transpose_rhs, tiling, out_dtype, backend, interpret = static
+    transpose_rhs, _, tilings, out_dtype, backend, interpret = static
     lhs, rhs, group_sizes, goff = res
     g = g.astype(lhs.dtype)
+    kw = dict(tilings=tilings, backend=backend, interpret=interpret)
     dlhs = gmm(g, rhs, group_sizes, transpose_rhs=not transpose_rhs, group_offset=goff,
-               preferred_element_type=lhs.dtype, backend=backend, interpret=interpret)
+               preferred_element_type=lhs.dtype, **kw)
     if transpose_rhs:
         drhs = tgmm(g, lhs, group_sizes, group_offset=goff, num_groups=rhs.shape[0],
-                    preferred_element_type=rhs.dtype, backend=backend, interpret=interpret)
+                    preferred_element_type=rhs.dtype, **kw)
     else:
         drhs = tgmm(lhs, g, group_sizes, group_offset=goff, num_groups=rhs.shape[0],
-                    preferred_element_type=rhs.dtype, backend=backend, interpret=interpret)
+                    preferred_element_type=rhs.dtype, **kw)
     return dlhs, drhs, None, None
 
 
@@ -160,7 +175,8 @@ def tgmm(
     *,
     group_offset: int | jax.Array = 0,
     num_groups: int | None = None,
-    tiling: tuple[int, int, int] | None = None,
+    tiling: Tiling | None = None,
+    tilings: TilingTable = DEFAULT_TILINGS,
     preferred_element_type=None,
     backend: str | None = None,
     interpret: bool | None = None,
@@ -170,6 +186,7 @@ def tgmm(
     Args:
       lhs: [m, k]; rhs: [m, n]; group_sizes: [G].
       num_groups: groups computed, starting at group_offset (default all G).
+      tiling: (tm, tk, tn) of this call (default: looked up in `tilings`, a `TilingTable`).
     Returns:
       [num_groups, k, n] (zero for groups without rows).
     """
@@ -181,7 +198,7 @@ def tgmm(
     m, k = lhs.shape
     n = rhs.shape[1]
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
-    tm, tk, tn = tuple(tiling or tiling_for(backend, m, k, n, G, lhs.dtype))
+    tm, tk, tn = tuple(tiling or _check_tilings(tilings).get(backend, m, k, n, G, lhs.dtype))
     lhs_p = _pad_to(_pad_to(lhs, 0, tm), 1, tk)
     rhs_p = _pad_to(_pad_to(rhs.astype(lhs.dtype), 0, tm), 1, tn)
     goff = jnp.asarray(group_offset, jnp.int32)

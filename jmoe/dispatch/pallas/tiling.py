@@ -1,19 +1,20 @@
-"""Tile sizes for the grouped matmul: a small heuristic table per backend, and autotuning.
+"""Tile sizes for the grouped matmul: a small heuristic table per backend, and `TilingTable`,
+an immutable record of measured tilings by problem shape.
 
-`tiling_for` answers with a tuned entry when `autotune` (or `load_tuned`) recorded one for
-the shape, and with the heuristic otherwise.
+The ops take the table as an argument (`gmm(..., tilings=table)`); `DEFAULT_TILINGS` holds no
+measured entries, so it answers with `heuristic_tiling` everywhere. `jmoe.dispatch.pallas.tuning`
+measures tilings and returns a new table; `TilingTable.save`/`load` keep one in a JSON file.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
-import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Iterable, Mapping, Union
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 Tiling = tuple[int, int, int]
 
@@ -40,8 +41,6 @@ def gpu_launch(tm: int, tn: int, stage_bytes: int = 0) -> tuple[int, int]:
         stages -= 1
     return (8 if tm * tn >= 128 * 256 else 4), stages
 
-_TUNED: dict[str, Tiling] = {}
-
 
 def _pow2_at_least(x: int, lo: int) -> int:
     p = lo
@@ -54,8 +53,8 @@ def _bucket(m: int) -> int:
     return _pow2_at_least(max(m, 1), 1)
 
 
-def tuned_key(backend: str, m: int, k: int, n: int, num_groups: int, dtype) -> str:
-    """Key of a recorded tuning: backend, dtype, m rounded up to a power of two, k, n and groups."""
+def tuning_key(backend: str, m: int, k: int, n: int, num_groups: int, dtype) -> str:
+    """Key of a measured tiling: backend, dtype, m rounded up to a power of two, k, n and groups."""
     return f"{backend}:{jnp.dtype(dtype).name}:m{_bucket(m)}:k{k}:n{n}:g{num_groups}"
 
 
@@ -75,16 +74,8 @@ def heuristic_tiling(backend: str, m: int, k: int, n: int, num_groups: int, dtyp
     return min(tm, _pow2_at_least(m, 16)), min(tk, _pow2_at_least(k, 16)), min(tn, _pow2_at_least(n, 16))
 
 
-def tiling_for(backend: str, m: int, k: int, n: int, num_groups: int, dtype) -> Tiling:
-    """(tm, tk, tn) for lhs [m, k] times rhs [num_groups, k, n]: the tuned entry for the shape
-    if one was recorded, else `heuristic_tiling`."""
-    return _TUNED.get(tuned_key(backend, m, k, n, num_groups, dtype)) or heuristic_tiling(
-        backend, m, k, n, num_groups, dtype
-    )
-
-
 def candidate_tilings(backend: str, m: int, k: int, n: int, num_groups: int, dtype) -> list[Tiling]:
-    """The tilings `autotune` tries: a per-backend grid of (tm, tk, tn), each shrunk to fit the
+    """The tilings autotuning tries: a per-backend grid of (tm, tk, tn), each shrunk to fit the
     shape, deduplicated and sorted."""
     if backend == "tpu":
         grid = [(tm, tk, tn) for tm in (128, 256, 512) for tk in (256, 512) for tn in (256, 512)]
@@ -98,60 +89,84 @@ def candidate_tilings(backend: str, m: int, k: int, n: int, num_groups: int, dty
     return sorted(fitted)
 
 
-def autotune(
-    m: int,
-    k: int,
-    n: int,
-    num_groups: int,
-    dtype=jnp.bfloat16,
-    *,
-    backend: str | None = None,
-    candidates: Sequence[Tiling] | None = None,
-    repeats: int = 5,
-    interpret: bool | None = None,
-    log: Callable[[str], None] | None = None,
-) -> dict:
-    """Time gmm forward for each candidate tiling on random data with balanced groups and
-    record the fastest for the shape. Returns {"best": tiling, "seconds": {tiling: s}}."""
-    from jmoe.dispatch.pallas.ops import default_backend, default_interpret, gmm
-
-    backend = backend or default_backend()
-    interpret = default_interpret() if interpret is None else interpret
-    kl, kr = jax.random.split(jax.random.key(0))
-    lhs = jax.random.normal(kl, (m, k), jnp.float32).astype(dtype)
-    rhs = jax.random.normal(kr, (num_groups, k, n), jnp.float32).astype(dtype)
-    base = m // num_groups
-    sizes = jnp.full((num_groups,), base, jnp.int32).at[: m - base * num_groups].add(1)
-    seconds = {}
-    for tiling in candidates or candidate_tilings(backend, m, k, n, num_groups, dtype):
-        fn = jax.jit(lambda a, b, s, t=tiling: gmm(a, b, s, tiling=t, backend=backend, interpret=interpret))
-        try:
-            jax.block_until_ready(fn(lhs, rhs, sizes))
-        except Exception as e:  # a tiling the compiler refuses (e.g. too much shared memory)
-            if log:
-                log(f"  {tiling}: failed ({type(e).__name__})")
-            continue
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(lhs, rhs, sizes))
-            times.append(time.perf_counter() - t0)
-        seconds[tiling] = float(np.median(times))
-        if log:
-            log(f"  {tiling}: {seconds[tiling] * 1e3:.3f} ms")
-    if not seconds:
-        raise ValueError(f"no candidate tiling ran for m={m}, k={k}, n={n}, groups={num_groups}")
-    best = min(seconds, key=seconds.get)
-    _TUNED[tuned_key(backend, m, k, n, num_groups, dtype)] = best
-    return {"best": best, "seconds": seconds}
+def _as_tiling(value) -> Tiling:
+    tiling = tuple(int(v) for v in value)
+    if len(tiling) != 3 or min(tiling) < 1:
+        raise ValueError(f"a tiling is three positive ints (tm, tk, tn), got {value!r}")
+    return tiling
 
 
-def save_tuned(path: str | Path) -> None:
-    """Write the recorded tunings to a JSON file ({key: [tm, tk, tn]})."""
-    Path(path).write_text(json.dumps({k: list(v) for k, v in sorted(_TUNED.items())}, indent=1))
+Entries = Union[Mapping[str, Iterable[int]], Iterable[tuple[str, Iterable[int]]]]
 
 
-def load_tuned(path: str | Path) -> None:
-    """Record the tunings of a JSON file written by `save_tuned` (replacing entries with the same key)."""
-    for k, v in json.loads(Path(path).read_text()).items():
-        _TUNED[k] = tuple(int(x) for x in v)
+@dataclasses.dataclass(frozen=True)
+class TilingTable:
+    """Measured tilings by problem shape, over the built-in heuristic.
+
+    An immutable, hashable value: `with_tiling` and `merge` return new tables. `get` answers
+    with the entry measured for the shape (keyed by `tuning_key`) if there is one, else with
+    `heuristic_tiling`.
+
+    Attributes:
+      entries: sorted `(tuning_key, (tm, tk, tn))` pairs; the constructor also takes a mapping
+        `{tuning_key: [tm, tk, tn]}` (the JSON form).
+    """
+
+    entries: tuple[tuple[str, Tiling], ...] = ()
+
+    def __init__(self, entries: Entries = ()):
+        items = entries.items() if isinstance(entries, Mapping) else entries
+        normalised = {str(key): _as_tiling(tiling) for key, tiling in items}
+        object.__setattr__(self, "entries", tuple(sorted(normalised.items())))
+
+    def get(self, backend: str, m: int, k: int, n: int, num_groups: int, dtype) -> Tiling:
+        """(tm, tk, tn) for lhs [m, k] times rhs [num_groups, k, n]: the measured entry for the
+        shape if the table has one, else `heuristic_tiling`."""
+        measured = dict(self.entries).get(tuning_key(backend, m, k, n, num_groups, dtype))
+        return measured or heuristic_tiling(backend, m, k, n, num_groups, dtype)
+
+    def with_tiling(self, backend: str, m: int, k: int, n: int, num_groups: int, dtype, tiling) -> TilingTable:
+        """A new table that also maps the shape to `tiling` (replacing an entry for the same key)."""
+        return self.merge(TilingTable({tuning_key(backend, m, k, n, num_groups, dtype): tiling}))
+
+    def merge(self, other: TilingTable) -> TilingTable:
+        """A new table with the entries of both; `other`'s win where both have a key."""
+        return TilingTable({**dict(self.entries), **dict(other.entries)})
+
+    def to_dict(self) -> dict[str, list[int]]:
+        """The JSON form: `{tuning_key: [tm, tk, tn]}`."""
+        return {key: list(tiling) for key, tiling in self.entries}
+
+    def save(self, path: str | Path) -> None:
+        """Write the table to a JSON file (`to_dict`)."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> TilingTable:
+        """The table of a JSON file written by `save`."""
+        return cls(json.loads(Path(path).read_text()))
+
+
+DEFAULT_TILINGS = TilingTable()  # no measured entries: the heuristic tables above
+
+
+def load_tilings(path: str | Path) -> TilingTable:
+    """The `TilingTable` of a JSON file, read once per file version; ValueError naming the file."""
+    p = Path(path)
+    try:
+        return _load_tilings(str(p.resolve()), p.stat().st_mtime_ns)
+    except FileNotFoundError:
+        raise ValueError(f"tilings file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as e:
+        raise ValueError(f"tilings file {path} is not a tiling table: {e}") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _load_tilings(path: str, mtime_ns: int) -> TilingTable:
+    return TilingTable.load(path)
+
+
+def tiling_for(backend: str, m: int, k: int, n: int, num_groups: int, dtype,
+               tilings: TilingTable = DEFAULT_TILINGS) -> Tiling:
+    """(tm, tk, tn) for lhs [m, k] times rhs [num_groups, k, n] from `tilings` (`TilingTable.get`)."""
+    return tilings.get(backend, m, k, n, num_groups, dtype)

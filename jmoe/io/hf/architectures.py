@@ -111,8 +111,8 @@ def _get(hf: dict, key: str, default=None):
     raise KeyError(f"config.json has no {key!r}")
 
 
-def _moe(hf: dict, **kw) -> MoEConfig:
-    return MoEConfig(d_model=hf["hidden_size"], activation="swiglu", **kw)
+def _moe(hf: dict, *, router: str, router_options: dict, **kw) -> MoEConfig:
+    return MoEConfig(d_model=hf["hidden_size"], activation="swiglu", router=router, router_options=router_options, **kw)
 
 
 def _meta(arch: str, hf: dict) -> tuple:
@@ -139,7 +139,7 @@ def mixtral(hf: dict) -> LMConfig:
     """`LMConfig` of a Mixtral config.json (softmax top-k router, renormalised weights)."""
     common, scaling = _common(hf)
     moe = _moe(hf, num_experts=_get(hf, "num_local_experts"), top_k=hf["num_experts_per_tok"], d_ff=hf["intermediate_size"],
-               router="topk", renormalize=True)
+               router="topk", router_options=dict(renormalize=True))
     return LMConfig(**common, d_ff=hf["intermediate_size"], moe=moe, attention=AttentionConfig(rope_scaling=scaling),
                     meta=_meta("MixtralForCausalLM", hf))
 
@@ -149,7 +149,7 @@ def qwen2_moe(hf: dict) -> LMConfig:
     common, scaling = _common(hf)
     shared = hf.get("shared_expert_intermediate_size") or 0
     moe = _moe(hf, num_experts=_get(hf, "num_experts"), top_k=hf["num_experts_per_tok"], d_ff=hf["moe_intermediate_size"],
-               router="topk", renormalize=bool(hf.get("norm_topk_prob", False)),
+               router="topk", router_options=dict(renormalize=bool(hf.get("norm_topk_prob", False))),
                num_shared_experts=1 if shared else 0, d_ff_shared=shared or None, shared_gate=bool(shared))
     return LMConfig(**common, d_ff=hf["intermediate_size"], moe=moe, moe_every=hf.get("decoder_sparse_step", 1),
                     dense_layers=tuple(hf.get("mlp_only_layers") or ()),
@@ -161,7 +161,7 @@ def qwen3_moe(hf: dict) -> LMConfig:
     """`LMConfig` of a Qwen3-MoE config.json (per-head q/k norms, dense `mlp_only_layers`)."""
     common, scaling = _common(hf)
     moe = _moe(hf, num_experts=_get(hf, "num_experts"), top_k=hf["num_experts_per_tok"], d_ff=hf["moe_intermediate_size"],
-               router="topk", renormalize=bool(hf.get("norm_topk_prob", True)))
+               router="topk", router_options=dict(renormalize=bool(hf.get("norm_topk_prob", True))))
     return LMConfig(**common, d_ff=hf["intermediate_size"], moe=moe, moe_every=hf.get("decoder_sparse_step", 1),
                     dense_layers=tuple(hf.get("mlp_only_layers") or ()),
                     attention=AttentionConfig(qk_norm="head", qkv_bias=bool(hf.get("attention_bias", False)),
@@ -173,7 +173,7 @@ def olmoe(hf: dict) -> LMConfig:
     """`LMConfig` of an OLMoE config.json (q/k norms over all heads, optional `clip_qkv`)."""
     common, scaling = _common(hf)
     moe = _moe(hf, num_experts=_get(hf, "num_experts"), top_k=hf["num_experts_per_tok"], d_ff=hf["intermediate_size"],
-               router="topk", renormalize=bool(hf.get("norm_topk_prob", False)))
+               router="topk", router_options=dict(renormalize=bool(hf.get("norm_topk_prob", False))))
     return LMConfig(**common, d_ff=hf["intermediate_size"], moe=moe,
                     attention=AttentionConfig(qk_norm="full", clip_qkv=hf.get("clip_qkv"), rope_scaling=scaling),
                     meta=_meta("OlmoeForCausalLM", hf))
@@ -186,8 +186,9 @@ def deepseek_v2(hf: dict) -> LMConfig:
     groups = hf.get("n_group") or 1
     limited = hf.get("topk_method", "greedy") == "group_limited_greedy" and groups > 1
     moe = _moe(hf, num_experts=_get(hf, "n_routed_experts"), top_k=hf["num_experts_per_tok"], d_ff=hf["moe_intermediate_size"],
-               router="grouped_softmax", renormalize=False, route_scale=float(hf.get("routed_scaling_factor", 1.0)),
-               expert_groups=groups if limited else 1, topk_groups=(hf.get("topk_group") or 1) if limited else 1,
+               router="grouped_softmax", router_options=dict(
+                   renormalize=False, route_scale=float(hf.get("routed_scaling_factor", 1.0)),
+                   expert_groups=groups if limited else 1, topk_groups=(hf.get("topk_group") or 1) if limited else 1),
                num_shared_experts=hf.get("n_shared_experts") or 0, d_ff_shared=hf["moe_intermediate_size"])
     common["n_kv_heads"] = common["n_heads"]
     return LMConfig(**common, d_ff=hf["intermediate_size"], moe=moe,
@@ -200,9 +201,10 @@ def deepseek_v3(hf: dict) -> LMConfig:
     and expert groups, shared experts, the first `first_k_dense_replace` layers dense)."""
     common, scaling = _common(hf)
     moe = _moe(hf, num_experts=_get(hf, "n_routed_experts"), top_k=hf["num_experts_per_tok"], d_ff=hf["moe_intermediate_size"],
-               router="sigmoid_bias", renormalize=bool(hf.get("norm_topk_prob", True)),
-               route_scale=float(hf.get("routed_scaling_factor", 1.0)), expert_groups=hf.get("n_group") or 1,
-               topk_groups=hf.get("topk_group") or 1, num_shared_experts=hf.get("n_shared_experts") or 0,
+               router="sigmoid_bias", router_options=dict(
+                   renormalize=bool(hf.get("norm_topk_prob", True)), route_scale=float(hf.get("routed_scaling_factor", 1.0)),
+                   expert_groups=hf.get("n_group") or 1, topk_groups=hf.get("topk_group") or 1),
+               num_shared_experts=hf.get("n_shared_experts") or 0,
                d_ff_shared=hf["moe_intermediate_size"])
     common["n_kv_heads"] = common["n_heads"]
     return LMConfig(**common, d_ff=hf["intermediate_size"], moe=moe,

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jmoe.merge.experts.msmoe import merging_check, merging_reducer
+from jmoe.merge.experts.registry import CompressMethod, register_compress_method
 from jmoe.nn.transformer import LMConfig
 
 NAMES = ("w_gate", "w_up", "w_down")
@@ -32,6 +34,22 @@ def low_rank(W: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
 def compressed_size(m: int, n: int, rank: int, kept_columns: int) -> int:
     """Parameters of L R + S: the factors, the kept columns and their indices."""
     return rank * (m + n) + kept_columns * (m + 1)
+
+
+def check_low_rank(cfg: LMConfig, rank: int, budget: float | None = None, source: str = "the model") -> None:
+    """ValueError unless every expert matrix of `cfg`'s MoE layers has room for `rank`, and
+    `budget` (a fraction of the experts' size) for the rank-`rank` factors (checked on the
+    configuration alone)."""
+    ratios = []
+    for i in cfg.moe_layers:
+        moe = cfg.moe_for(i)
+        m, n = moe.d_model, moe.d_ff
+        if rank > min(m, n):
+            raise ValueError(f"rank={rank} is larger than the {m}x{n} expert matrices of layer {i} of {source}")
+        ratios.append(rank * (m + n) / (m * n))
+    if budget is not None and ratios and budget < min(ratios):
+        raise ValueError(f"budget={budget:g} is below the size of the rank-{rank} factors alone "
+                         f"({min(ratios):.3f} of the experts of {source})")
 
 
 def compress_experts(params: dict, cfg: LMConfig, *, rank: int, sparsity: float | None = None,
@@ -142,3 +160,8 @@ def expert_gradients(params: dict, cfg: LMConfig, batches, router_state=None) ->
         total = g if total is None else {l: {k: total[l][k] + g[l][k] for k in g[l]} for l in g}
         n += 1
     return {l: {k: v / n for k, v in d.items()} for l, d in total.items()}
+
+
+register_compress_method(CompressMethod("mcsmoe", merging_reducer("msmoe"), aligns=True, low_rank=True,
+                                        check=merging_check("msmoe"),
+                                        doc="MC-SMoE: M-SMoE, then low rank + sparse residual"))

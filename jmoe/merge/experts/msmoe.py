@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from jmoe.merge.experts.align import activation_matching, permute_expert, weight_matching
+from jmoe.merge.experts.registry import CompressMethod, check_target_experts, register_compress_method
 from jmoe.merge.experts.stats import router_logit_similarity
 from jmoe.nn.transformer import LMConfig
 
@@ -137,13 +138,8 @@ def merge_experts(params: dict, cfg: LMConfig, stats: dict, target_experts: floa
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} must be one of {METHODS}")
+    check_mergeable(cfg, target_experts, method=method)
     layers = [str(i) for i in cfg.moe_layers]
-    E_max = max(cfg.moe_for(int(l)).num_experts for l in layers)
-    if not 1 <= target_experts <= E_max:
-        raise ValueError(f"target_experts={target_experts} must be between 1 and the {E_max} experts per layer")
-    for l in layers:
-        if cfg.moe_for(int(l)).expert_map:
-            raise ValueError(f"layer {l} is already merged (it has an expert_map)")
     shares = {l: np.asarray(stats["layers"][l]["topk_share"])[: cfg.moe_for(int(l)).num_experts] for l in layers}
     budget = allocate_dominant(shares, target_experts)
     if method == "random":
@@ -172,3 +168,45 @@ def merge_experts(params: dict, cfg: LMConfig, stats: dict, target_experts: floa
         groups[l] = labels
     new_cfg = cfg.replace(layer_moe=tuple(sorted(overrides.items())))
     return new_params, new_cfg, groups
+
+
+def check_mergeable(cfg: LMConfig, target_experts: float, *, method: str = "msmoe", source: str = "the model") -> None:
+    """ValueError unless `merge_experts(method=method)` can reduce the MoE layers of `cfg` to
+    `target_experts` (checked on the configuration alone)."""
+    check_target_experts(cfg, target_experts, source)
+    for i in cfg.moe_layers:
+        if cfg.moe_for(i).expert_map:
+            raise ValueError(f"layer {i} of {source} is already merged (it has an expert_map)")
+    fewest = min(cfg.moe_for(i).num_experts for i in cfg.moe_layers)
+    if method == "random" and round(target_experts) > fewest:
+        raise ValueError(f"target_experts={target_experts:g}: method 'random' keeps {round(target_experts)} experts in "
+                         f"every MoE layer, and a layer of {source} has {fewest}")
+
+
+def merging_reducer(method: str):
+    """A compress method's `reduce` that merges experts with `merge_experts(method=method)`."""
+
+    def reduce(params, cfg, stats, target_experts, *, align, router, calib, seed):
+        new, new_cfg, groups = merge_experts(params, cfg, stats, target_experts, method=method, align=align,
+                                             router=router, calib=calib, seed=seed)
+        mapping = {l: ("groups", g) for l, g in groups.items()} if router == "merge" else {}
+        return new, new_cfg, mapping, {"groups": {l: g.tolist() for l, g in groups.items()}}
+
+    return reduce
+
+
+def merging_check(method: str):
+    """A compress method's `check` for `merging_reducer(method)`."""
+
+    def check(cfg, target_experts, source="the model"):
+        check_mergeable(cfg, target_experts, method=method, source=source)
+
+    return check
+
+
+register_compress_method(CompressMethod("msmoe", merging_reducer("msmoe"), aligns=True, check=merging_check("msmoe"),
+                                        doc="M-SMoE: group by routing, align, frequency-weighted merge"))
+register_compress_method(CompressMethod("average", merging_reducer("average"), check=merging_check("average"),
+                                        doc="M-SMoE's groups, uniform mean, no alignment"))
+register_compress_method(CompressMethod("random", merging_reducer("random"), check=merging_check("random"),
+                                        doc="random groups, uniform mean"))

@@ -10,7 +10,25 @@ from __future__ import annotations
 import numpy as np
 
 from jmoe.merge.experts.msmoe import allocate_dominant
+from jmoe.merge.experts.registry import CompressMethod, check_target_experts, register_compress_method
 from jmoe.nn.transformer import LMConfig
+
+
+LINEAR_ROUTERS = ("topk", "sigmoid_bias", "grouped_softmax", "top_p")
+
+
+def _check_prunable_layer(moe_cfg, where: str = "") -> None:
+    if moe_cfg.expert_map or moe_cfg.router not in LINEAR_ROUTERS:
+        raise ValueError(f"pruning supports linear routers without an expert_map, not router={moe_cfg.router!r}"
+                         + (" with an expert_map" if moe_cfg.expert_map else "") + where)
+
+
+def check_prunable(cfg: LMConfig, target_experts: float, source: str = "the model") -> None:
+    """ValueError unless `prune_experts` can reduce the MoE layers of `cfg` to
+    `target_experts` (checked on the configuration alone)."""
+    check_target_experts(cfg, target_experts, source)
+    for i in cfg.moe_layers:
+        _check_prunable_layer(cfg.moe_for(i), f" (layer {i} of {source})")
 
 
 def prune_layer(moe_params: dict, moe_cfg, keep) -> tuple[dict, object]:
@@ -19,8 +37,7 @@ def prune_layer(moe_params: dict, moe_cfg, keep) -> tuple[dict, object]:
     E = moe_cfg.num_experts
     if keep.size == 0 or keep.min() < 0 or keep.max() >= E or len(set(keep.tolist())) != keep.size:
         raise ValueError(f"keep={keep.tolist()} must be distinct expert indices in [0, {E})")
-    if moe_cfg.expert_map or moe_cfg.router not in ("topk", "sigmoid_bias", "grouped_softmax", "top_p"):
-        raise ValueError(f"pruning supports linear routers without an expert_map, not router={moe_cfg.router!r}")
+    _check_prunable_layer(moe_cfg)
     params = dict(moe_params)
     params["experts"] = {n: np.asarray(v)[keep] for n, v in moe_params["experts"].items()}
     r = dict(moe_params["router"])
@@ -28,10 +45,11 @@ def prune_layer(moe_params: dict, moe_cfg, keep) -> tuple[dict, object]:
     if "bias" in r:
         r["bias"] = np.asarray(r["bias"])[keep]
     params["router"] = r
-    groups = moe_cfg.expert_groups
-    new_cfg = moe_cfg.replace(num_experts=int(keep.size), top_k=min(moe_cfg.top_k, int(keep.size)),
-                              expert_groups=groups if keep.size % groups == 0 else 1,
-                              topk_groups=moe_cfg.topk_groups if keep.size % groups == 0 else 1)
+    changes = dict(num_experts=int(keep.size), top_k=min(moe_cfg.top_k, int(keep.size)))
+    groups = getattr(moe_cfg.router_options, "expert_groups", None)
+    if groups is not None and keep.size % groups:  # the groups no longer divide the experts
+        changes["router_options"] = dict(expert_groups=1, topk_groups=1)
+    new_cfg = moe_cfg.replace(**changes)
     return params, new_cfg
 
 
@@ -40,10 +58,8 @@ def prune_experts(params: dict, cfg: LMConfig, stats: dict, target_experts: floa
 
     Returns (params, cfg with per-layer MoE configs, {layer: kept expert indices}).
     """
+    check_prunable(cfg, target_experts)
     layers = [str(i) for i in cfg.moe_layers]
-    E_max = max(cfg.moe_for(int(l)).num_experts for l in layers)
-    if not 1 <= target_experts <= E_max:
-        raise ValueError(f"target_experts={target_experts} must be between 1 and the {E_max} experts per layer")
     shares = {l: np.asarray(stats["layers"][l]["topk_share"])[: cfg.moe_for(int(l)).num_experts] for l in layers}
     budget = allocate_dominant(shares, target_experts)
     new_params = dict(params)
@@ -57,3 +73,12 @@ def prune_experts(params: dict, cfg: LMConfig, stats: dict, target_experts: floa
         overrides[int(l)] = moe_cfg
         kept[l] = keep
     return new_params, cfg.replace(layer_moe=tuple(sorted(overrides.items()))), kept
+
+
+def _reduce(params, cfg, stats, target_experts, *, align, router, calib, seed):
+    new, new_cfg, kept = prune_experts(params, cfg, stats, target_experts)
+    return new, new_cfg, {l: ("keep", k) for l, k in kept.items()}, {"kept": {l: k.tolist() for l, k in kept.items()}}
+
+
+register_compress_method(CompressMethod("prune", _reduce, merges=False, check=check_prunable,
+                                        doc="keep the most used experts"))

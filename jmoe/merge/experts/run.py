@@ -10,7 +10,7 @@ state with a fresh optimizer), so `jmoe eval`, `jmoe generate` and `jmoe train -
 
 from __future__ import annotations
 
-import json
+import numbers
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,14 +18,11 @@ from typing import Callable
 import jax
 import numpy as np
 
-import jmoe
-from jmoe.merge.experts.compress import compress_experts, expert_gradients
-from jmoe.merge.experts.msmoe import merge_experts
-from jmoe.merge.experts.prune import prune_experts
-from jmoe.merge.experts.stats import collect_expert_inputs, collect_routing_stats, load_stats, save_stats
+from jmoe.merge.experts.compress import check_low_rank, compress_experts, expert_gradients
+from jmoe.merge.experts.registry import check_options, check_target_experts
+from jmoe.merge.experts.stats import check_stats, collect_expert_inputs, collect_routing_stats, load_stats, save_stats
+from jmoe.merge.staging import check_output_dir, staged_dir
 from jmoe.nn.transformer import LMConfig, init_lm_state
-
-METHODS = ("msmoe", "mcsmoe", "average", "random", "prune")
 
 
 def _expert_params(params: dict, cfg: LMConfig) -> int:
@@ -61,70 +58,75 @@ def _carry_router_state(old: dict | None, cfg: LMConfig, mapping: dict) -> dict:
 
 
 def compress_run(ckpt: str | Path, out: str | Path, *, method: str, target_experts: float, rank: int | None = None,
-                 sparsity: float | None = None, budget: float | None = None, importance: str = "magnitude",
-                 router: str = "share", align: str | None = "weight", calib_batches: int = 8,
+                 sparsity: float | None = None, budget: float | None = None, importance: str | None = None,
+                 router: str | None = None, align: str | None = None, calib_batches: int = 8,
                  calib_data: str | None = None, stats: str | Path | None = None, step: int | None = None,
                  seed: int = 0, log: Callable[[str], None] = print) -> dict:
     """Reduce the experts of the run in `ckpt` and write the result as a run in `out`.
 
-    method: msmoe | average | random (merge into groups, `router` "share" or "merge"),
-    prune (drop the least used experts), mcsmoe (msmoe, then low rank + sparse residual:
-    `rank` with `sparsity` or a parameter `budget`). target_experts: experts per MoE layer on
-    average over layers. Returns the report (also written to out/report.json).
+    method: a row of `jmoe.merge.experts.registry.COMPRESS_METHODS`: msmoe | average | random
+    (merge into groups, `router` "share" (default) or "merge"), prune (drop the least used
+    experts), mcsmoe (msmoe, then low rank + sparse residual: `rank` with `sparsity` or a
+    parameter `budget`, `importance` "magnitude" (default) or "sensitivity"). align: neuron
+    alignment of msmoe and mcsmoe, "weight" (default), "activation" or "none". Options left
+    None take the method's default; an option the method does not take is an error.
+    target_experts: experts per MoE layer on average over layers. stats: routing statistics
+    saved by an earlier compress (instead of collecting them).
+
+    Every argument is checked against the run's config.json before the model is loaded
+    (one-line ValueErrors), and `out` must not exist or be empty. The new run is written in
+    a temporary sibling of `out` and renamed into place at the end: a failure leaves nothing
+    behind. Returns the report (also written to out/report.json).
     """
     from jmoe.data import eval_batches, load_corpus, train_batch
-    from jmoe.train.checkpoint import CheckpointStore
-    from jmoe.train.metrics import atomic_write_text
-    from jmoe.train.trainer import TrainError, evaluate, init_train_state, load_run, make_optimizer
+    from jmoe.train import rundir
+    from jmoe.train.state import init_train_state, make_optimizer
+    from jmoe.train.trainer import evaluate
 
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} must be one of {', '.join(METHODS)}")
-    if method == "mcsmoe":
-        if rank is None or (sparsity is None) == (budget is None):
-            raise ValueError("method='mcsmoe' needs rank and exactly one of sparsity or budget")
-    elif rank is not None or sparsity is not None or budget is not None:
-        raise ValueError(f"rank, sparsity and budget belong to method='mcsmoe', not {method!r}")
-    if calib_batches < 1:
-        raise ValueError(f"calib_batches={calib_batches} must be >= 1")
-    out = Path(out)
-    if (out / "checkpoints").exists() or (out / "config.json").exists():
-        raise TrainError(f"{out} already holds a run; choose another --out")
-    t0 = time.perf_counter()
-    cfg, tc, params, router_state, saved, step = load_run(ckpt, step)
+    spec = check_options(method, rank=rank, sparsity=sparsity, budget=budget, importance=importance, router=router,
+                         align=align)
+    if not isinstance(calib_batches, numbers.Integral) or isinstance(calib_batches, bool) or calib_batches < 1:
+        raise ValueError(f"calib_batches={calib_batches!r} must be an integer >= 1")
+    importance = (importance or "magnitude") if spec.low_rank else None
+    router = (router or "share") if spec.merges else None
+    align = ({None: "weight", "none": None}.get(align, align)) if spec.aligns else None
+    out = check_output_dir(out)
+    cfg, tc, _ = rundir.read_config(ckpt)
+    source = str(ckpt)
     if cfg.moe is None:
         raise ValueError(f"{ckpt} is a dense model: there are no experts to reduce")
+    check_target_experts(cfg, target_experts, source)
+    if spec.check is not None:
+        spec.check(cfg, target_experts, source)
+    if spec.low_rank:
+        check_low_rank(cfg, rank, budget, source)
+    routing = None
+    if stats is not None:
+        routing = load_stats(stats)
+        check_stats(routing, cfg, f"the routing statistics {str(stats)!r}")
+    if calib_data is not None and not Path(calib_data).exists():
+        raise ValueError(f"calibration data {str(calib_data)!r} does not exist")
+
+    t0 = time.perf_counter()
+    cfg, tc, params, router_state, saved, step = rundir.load_run(ckpt, step)
     params = jax.tree.map(np.asarray, params)
     corpus = load_corpus(calib_data if calib_data is not None else tc.data)
     calib = [train_batch(corpus.train, seed + 7919, i, tc.batch_size, tc.seq_len) for i in range(calib_batches)]
-    if stats is not None:
-        routing = load_stats(stats)
+    if routing is not None:
         log(f"routing statistics from {stats}")
     else:
         log(f"collecting routing statistics on {calib_batches} calibration batches of {corpus.source}")
         routing = collect_routing_stats(params, cfg, calib, router_state=router_state)
-    out.mkdir(parents=True, exist_ok=True)
-    save_stats(routing, out / "routing_stats.npz")
 
     log(f"{method}: about {target_experts:g} experts per MoE layer (from {cfg.moe.num_experts})")
-    mapping: dict = {}
     factors = None
-    report: dict = {}
-    if method == "prune":
-        new, new_cfg, kept = prune_experts(params, cfg, routing, target_experts)
-        mapping = {l: ("keep", k) for l, k in kept.items()}
-        report["kept"] = {l: k.tolist() for l, k in kept.items()}
-    else:
-        inputs = None
-        if align == "activation":
-            inputs = collect_expert_inputs(params, cfg, calib, router_state=router_state)
-        new, new_cfg, groups = merge_experts(params, cfg, routing, target_experts,
-                                             method="msmoe" if method == "mcsmoe" else method,
-                                             align=align, router=router, calib=inputs, seed=seed)
-        if router == "merge":
-            mapping = {l: ("groups", g) for l, g in groups.items()}
-        report["groups"] = {l: g.tolist() for l, g in groups.items()}
+    inputs = None
+    if spec.merges and align == "activation":
+        inputs = collect_expert_inputs(params, cfg, calib, router_state=router_state)
+    new, new_cfg, mapping, report = spec.reduce(params, cfg, routing, target_experts, align=align, router=router,
+                                                calib=inputs, seed=seed)
     experts_before, experts_after = _expert_params(params, cfg), _expert_params(new, new_cfg)
-    if method == "mcsmoe":
+    if spec.low_rank:
         grads = None
         if importance == "sensitivity":
             log("gradients of the merged experts for sensitivity scores")
@@ -144,7 +146,7 @@ def compress_run(ckpt: str | Path, out: str | Path, *, method: str, target_exper
     ev_after = evaluate(new, new_state or None, new_cfg, val)
     report = {
         "source": str(Path(ckpt).absolute()), "step": step, "method": method, "target_experts": target_experts,
-        "router": router if method != "prune" else None, "align": align if method in ("msmoe", "mcsmoe") else None,
+        "router": router, "align": align,
         "experts_per_layer": {str(i): new_cfg.moe_for(i).num_experts for i in new_cfg.moe_layers},
         "params_before": total_before, "params_after": int(total_after),
         "expert_params_before": experts_before, "expert_params_after": int(experts_after),
@@ -160,27 +162,33 @@ def compress_run(ckpt: str | Path, out: str | Path, *, method: str, target_exper
     state = dict(state, params=jax.tree.map(jax.numpy.asarray, new), opt_state=tx.init(new))
     if new_state:
         state["router_state"] = jax.tree.map(jax.numpy.asarray, new_state)
-    store = CheckpointStore(out / "checkpoints", keep=1)
-    try:
-        store.save(step, state, {"step": step, "data_position": step, "compressed_from": report["source"]})
-    finally:
-        store.close()
-    run_config = {"model": new_cfg.to_dict(), "train": tc.to_dict(), "data": saved.get("data", {}),
-                  "jmoe_version": jmoe.__version__, "compressed_from": {k: report[k] for k in ("source", "step", "method")}}
-    atomic_write_text(out / "config.json", json.dumps(run_config, indent=1))
-    if factors is not None:
-        from jmoe.io.safetensors import save_safetensors
-
-        flat = {}
-        for l, names in factors.items():
-            for n, f in names.items():
-                flat[f"layers.{l}.{n}.L"], flat[f"layers.{l}.{n}.R"] = f["L"], f["R"]
-                for e, (cols, S) in enumerate(zip(f["cols"], f["S"])):
-                    flat[f"layers.{l}.{n}.{e}.cols"] = cols.astype(np.int32)
-                    flat[f"layers.{l}.{n}.{e}.S"] = S
-        save_safetensors(flat, out / "factors.safetensors")
-    report["wall_s"] = time.perf_counter() - t0
-    atomic_write_text(out / "report.json", json.dumps(report, indent=1))
+    with staged_dir(out) as tmp:
+        save_stats(routing, tmp / "routing_stats.npz")
+        store = rundir.checkpoint_store(tmp, keep=1)
+        try:
+            store.save(step, state, {"step": step, "data_position": step, "compressed_from": report["source"]})
+        finally:
+            store.close()
+        rundir.write_config(tmp, new_cfg, tc, saved.get("data", {}),
+                            compressed_from={k: report[k] for k in ("source", "step", "method")})
+        if factors is not None:
+            _save_factors(factors, tmp / "factors.safetensors")
+        report["wall_s"] = time.perf_counter() - t0
+        rundir.write_report(tmp, report)
     log(f"parameters {total_before:,} -> {int(total_after):,} ({report['memory_ratio']:.1%}); "
         f"validation loss {ev_before['val_loss']:.4f} -> {ev_after['val_loss']:.4f}; wrote {out}")
     return report
+
+
+def _save_factors(factors: dict, path: Path) -> None:
+    """The MC-SMoE factors and kept residual columns as one safetensors file."""
+    from jmoe.io.safetensors import save_safetensors
+
+    flat = {}
+    for l, names in factors.items():
+        for n, f in names.items():
+            flat[f"layers.{l}.{n}.L"], flat[f"layers.{l}.{n}.R"] = f["L"], f["R"]
+            for e, (cols, S) in enumerate(zip(f["cols"], f["S"])):
+                flat[f"layers.{l}.{n}.{e}.cols"] = cols.astype(np.int32)
+                flat[f"layers.{l}.{n}.{e}.S"] = S
+    save_safetensors(flat, path)

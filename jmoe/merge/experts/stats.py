@@ -9,6 +9,7 @@ saved with `save_stats` as an .npz next to the checkpoint.
 
 from __future__ import annotations
 
+import zipfile
 from functools import partial
 from pathlib import Path
 from typing import Iterable
@@ -86,17 +87,75 @@ def save_stats(stats: dict, path: str | Path) -> Path:
     return path if path.suffix == ".npz" else path.with_suffix(".npz")
 
 
+LAYER_KEYS = ("top1", "topk", "top1_share", "topk_share", "logits")
+
+
 def load_stats(path: str | Path) -> dict:
-    """Statistics written by `save_stats`, in the layout `collect_routing_stats` returns."""
-    data = np.load(path)
-    stats = {"layers": {}, "coactivation": {}, "tokens": int(data["tokens"])}
-    for key in data.files:
+    """Statistics written by `save_stats`, in the layout `collect_routing_stats` returns.
+
+    Raises a one-line ValueError naming the file when it is missing, not an .npz or not
+    routing statistics.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"routing statistics {str(path)!r} do not exist")
+    if not path.is_file():
+        raise ValueError(f"routing statistics {str(path)!r} are not a file")
+    bad = f"{str(path)!r} is not routing statistics saved by jmoe compress"
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic not in (b"PK\x03\x04", b"PK\x05\x06"):
+            raise ValueError(f"{bad} (not an .npz file)")
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except ValueError as e:
+        if str(e).startswith(bad):
+            raise
+        raise ValueError(f"{bad} (unreadable .npz: {str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise ValueError(f"{bad} (unreadable .npz: {str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if "tokens" not in arrays or np.shape(arrays["tokens"]) != ():
+        raise ValueError(f"{bad} (no token count)")
+    stats = {"layers": {}, "coactivation": {}, "tokens": int(arrays["tokens"])}
+    for key, value in arrays.items():
         parts = key.split("/")
-        if parts[0] == "layers":
-            stats["layers"].setdefault(parts[1], {})[parts[2]] = data[key]
-        elif parts[0] == "coactivation":
-            stats["coactivation"][parts[1]] = data[key]
+        if parts[0] == "layers" and len(parts) == 3:
+            stats["layers"].setdefault(parts[1], {})[parts[2]] = value
+        elif parts[0] == "coactivation" and len(parts) == 2:
+            stats["coactivation"][parts[1]] = value
+    if not stats["layers"]:
+        raise ValueError(f"{bad} (no layers)")
+    for layer, s in stats["layers"].items():
+        missing = [k for k in LAYER_KEYS if k not in s]
+        if missing:
+            raise ValueError(f"{bad} (layer {layer} has no {', '.join(missing)})")
     return stats
+
+
+def check_stats(stats: dict, cfg: LMConfig, source: str = "the routing statistics") -> None:
+    """ValueError naming `source` unless `stats` cover every MoE layer of `cfg` with its
+    number of experts (statistics of another model cannot steer this one's reduction)."""
+    layers = [str(i) for i in cfg.moe_layers]
+    missing = [l for l in layers if l not in stats["layers"]]
+    if missing:
+        raise ValueError(f"{source} are of another model: they have no MoE layer {missing[0]} "
+                         f"(they cover layers {', '.join(sorted(stats['layers'], key=str)) or 'none'})")
+    for l in layers:
+        moe = cfg.moe_for(int(l))
+        E = len(moe.expert_map) if moe.expert_map else moe.num_experts  # the router's outputs
+        s = stats["layers"][l]
+        for k in ("top1", "topk", "top1_share", "topk_share"):
+            v = np.asarray(s[k])
+            if v.shape != (E,):
+                raise ValueError(f"{source} are of another model: layer {l} {k} has shape {v.shape}, "
+                                 f"the model has {E} experts")
+            if not np.issubdtype(v.dtype, np.number) or not np.all(np.isfinite(v)):
+                raise ValueError(f"{source}: layer {l} {k} holds values that are not finite numbers")
+        logits = np.asarray(s["logits"])
+        if logits.ndim != 2 or logits.shape[1] != E or logits.shape[0] == 0:
+            raise ValueError(f"{source} are of another model: layer {l} logits have shape {logits.shape}, "
+                             f"expected [tokens, {E}]")
 
 
 def router_logit_similarity(logits: np.ndarray) -> np.ndarray:

@@ -23,8 +23,10 @@ from jmoe.nn.transformer import LMConfig
 
 
 def _moe_cfg(cfg: LMConfig, num_experts: int, top_k: int, **kw) -> MoEConfig:
+    if kw.get("router", "topk") == "topk":  # renormalised top-k, as the models it starts from
+        kw.setdefault("router_options", dict(renormalize=True))
     return MoEConfig(num_experts=num_experts, top_k=top_k, d_model=cfg.d_model, d_ff=cfg.d_ff,
-                     activation=cfg.activation, renormalize=True, **kw)
+                     activation=cfg.activation, **kw)
 
 
 def upcycle(params: dict, cfg: LMConfig, *, num_experts: int, top_k: int, key: jax.Array, noise: float = 0.0,

@@ -3,6 +3,8 @@ forward and gradient; both families lower for their real platforms. On a GPU mac
 `JMOE_PALLAS_COMPILED=1 python -m pytest tests/dispatch/pallas` runs the GPU tests on the
 compiled Triton kernels (all pass on an H100)."""
 
+import dataclasses
+import json
 import os
 from functools import partial
 
@@ -13,8 +15,20 @@ import pytest
 from jax import lax
 
 from jmoe.dispatch import permute, sort_slots, unpermute_combine
-from jmoe.dispatch.pallas import autotune, combine_tokens, gmm, permute_tokens, tgmm, tiling_for
-from jmoe.dispatch.pallas.tiling import gpu_launch
+from jmoe.dispatch.pallas import (
+    DEFAULT_TILINGS,
+    TilingTable,
+    autotune,
+    combine_tokens,
+    gmm,
+    grouped_ffn,
+    permute_tokens,
+    tgmm,
+    tiling_for,
+)
+from jmoe.dispatch.pallas import ops
+from jmoe.dispatch.pallas.tiling import gpu_launch, tuning_key
+from jmoe.experts import ffn
 from tests.util import make_routing
 
 # JMOE_PALLAS_COMPILED=1 on a GPU machine runs the same tests on the compiled Triton kernels
@@ -156,9 +170,86 @@ def test_tiling_heuristic_and_autotune():
     assert tiling_for("gpu", 64, 24, 40, 8, jnp.float32) == (64, 32, 64)
     t = tiling_for("tpu", 100, 40, 20, 4, jnp.float32)
     assert t[1] % 128 == 0 and t[2] % 128 == 0
-    result = autotune(64, 32, 32, 4, jnp.float32, backend="gpu", candidates=[(16, 16, 16), (32, 32, 32)], repeats=1)
-    assert result["best"] in [(16, 16, 16), (32, 32, 32)] and len(result["seconds"]) == 2
-    assert tiling_for("gpu", 64, 32, 32, 4, jnp.float32) == result["best"]
+    before = DEFAULT_TILINGS.get("gpu", 64, 32, 32, 4, jnp.float32)
+    lines = []
+    table = autotune(64, 32, 32, 4, jnp.float32, backend="gpu", candidates=[(16, 16, 16), (32, 32, 32)], repeats=1,
+                     log=lines.append)
+    assert len(lines) == 2 and len(table.entries) == 1
+    best = table.get("gpu", 64, 32, 32, 4, jnp.float32)
+    assert best in [(16, 16, 16), (32, 32, 32)] and tiling_for("gpu", 64, 32, 32, 4, jnp.float32, table) == best
+    # a new table: the default (and every other table) is unchanged
+    assert DEFAULT_TILINGS.entries == () and DEFAULT_TILINGS.get("gpu", 64, 32, 32, 4, jnp.float32) == before
+    # another shape goes on top of the given table
+    table2 = autotune(32, 16, 16, 2, jnp.float32, tilings=table, backend="gpu", candidates=[(16, 16, 16)], repeats=1)
+    assert len(table2.entries) == 2 and len(table.entries) == 1
+    assert table2.get("gpu", 64, 32, 32, 4, jnp.float32) == best
+    with pytest.raises(ValueError, match="no candidate tiling ran"):
+        autotune(64, 32, 32, 4, jnp.float32, backend="gpu", candidates=[(16, 16, 0)], repeats=1)
+
+
+def test_tiling_table_is_an_immutable_value_saved_as_json(tmp_path):
+    key = tuning_key("gpu", 100, 32, 48, 4, jnp.bfloat16)
+    assert key == "gpu:bfloat16:m128:k32:n48:g4"  # m rounds up to a power of two
+    table = TilingTable({key: [32, 16, 16]})
+    assert table.get("gpu", 120, 32, 48, 4, jnp.bfloat16) == (32, 16, 16)
+    assert table.get("gpu", 120, 32, 48, 8, jnp.bfloat16) == DEFAULT_TILINGS.get("gpu", 120, 32, 48, 8, jnp.bfloat16)
+    assert table == TilingTable([(key, (32, 16, 16))]) and hash(table) == hash(TilingTable({key: (32, 16, 16)}))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        table.entries = ()
+    other = (table.with_tiling("gpu", 100, 32, 48, 4, jnp.bfloat16, (64, 32, 16))
+             .with_tiling("tpu", 8, 8, 8, 1, jnp.float32, (16, 128, 128)))
+    assert table.get("gpu", 100, 32, 48, 4, jnp.bfloat16) == (32, 16, 16)
+    assert other.get("gpu", 100, 32, 48, 4, jnp.bfloat16) == (64, 32, 16) and len(other.entries) == 2
+    assert table.merge(other) == other and other.merge(table).get("gpu", 100, 32, 48, 4, jnp.bfloat16) == (32, 16, 16)
+    path = tmp_path / "tilings.json"
+    other.save(path)
+    assert json.loads(path.read_text()) == {key: [64, 32, 16], "tpu:float32:m8:k8:n8:g1": [16, 128, 128]}
+    assert TilingTable.load(path) == other
+    with pytest.raises(ValueError, match="three positive ints"):
+        TilingTable({key: [64, 32]})
+
+
+def test_gmm_takes_its_tilings_forward_and_backward_from_the_table(monkeypatch):
+    M, K, N, E = 40, 24, 20, 3
+    sizes = jnp.array([15, 0, 25], jnp.int32)
+    lhs = jax.random.normal(jax.random.key(0), (M, K))
+    rhs = jax.random.normal(jax.random.key(1), (E, K, N))
+    table = (TilingTable()
+             .with_tiling("gpu", M, K, N, E, jnp.float32, (16, 16, 32))  # forward gmm and the tgmm
+             .with_tiling("gpu", M, N, K, E, jnp.float32, (32, 32, 16)))  # the backward's lhs gmm
+    seen = []
+
+    def spy(name):
+        real = getattr(ops.gmm_gpu, name)
+        return lambda *a, **kw: seen.append((name, kw["tiling"])) or real(*a, **kw)
+
+    for name in ("gmm_gpu", "tgmm_gpu"):
+        monkeypatch.setattr(ops.gmm_gpu, name, spy(name))
+    f = lambda a, b, t: jnp.sum(gmm(a, b, sizes, tilings=t, backend="gpu", interpret=INTERPRET) ** 2)
+    g_table = jax.grad(f, argnums=(0, 1))(lhs, rhs, table)
+    assert seen == [("gmm_gpu", (16, 16, 32)), ("gmm_gpu", (32, 32, 16)), ("tgmm_gpu", (16, 16, 32))]
+    g_default = jax.grad(f, argnums=(0, 1))(lhs, rhs, DEFAULT_TILINGS)
+    assert seen[3:] == [("gmm_gpu", (64, 32, 32)), ("gmm_gpu", (64, 32, 32)), ("tgmm_gpu", (64, 32, 32))]
+    for a, b in zip(g_table, g_default):
+        np.testing.assert_allclose(a, b, **tol(jnp.float32))
+    with pytest.raises(TypeError, match="TilingTable"):
+        gmm(lhs, rhs, sizes, tilings=(16, 16, 16))
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_grouped_ffn_equals_ffn_per_expert(activation):
+    E, d, f = 3, 8, 12
+    sizes = np.array([5, 0, 9])
+    xs = jax.random.normal(jax.random.key(0), (int(sizes.sum()) + 3, d))  # 3 trailing rows in no group
+    ks = jax.random.split(jax.random.key(1), 3)
+    params = {"w_up": jax.random.normal(ks[0], (E, d, f)), "w_down": jax.random.normal(ks[1], (E, f, d)) / f**0.5}
+    if activation == "swiglu":
+        params["w_gate"] = jax.random.normal(ks[2], (E, d, f))
+    y = grouped_ffn(params, xs, jnp.asarray(sizes, jnp.int32), activation, interpret=INTERPRET)
+    ends = np.cumsum(sizes)
+    expected = [ffn(jax.tree.map(lambda a: a[e], params), xs[ends[e] - sizes[e]:ends[e]], activation) for e in range(E)]
+    np.testing.assert_allclose(y[: ends[-1]], jnp.concatenate(expected), **tol(jnp.float32))
+    assert np.all(np.asarray(y[ends[-1]:]) == 0)
 
 
 def test_bad_inputs():

@@ -17,8 +17,8 @@ from jmoe.train.trainer import Placement, abstract_train_state
 def test_plan_matches_the_shardings_of_a_real_mesh(mesh):
     p = preset("tiny")
     tc = TrainConfig(**p["train"]).replace(mesh=mesh)
-    plan = plan_run(p["model"], tc, mesh, hosts=2, devices_per_host=4)
     abstract = abstract_train_state(p["model"], tc)
+    plan = plan_run(p["model"], tc, mesh, hosts=2, devices_per_host=4, state=abstract)
     real = Placement(mesh, tc).shardings(abstract)
     local = {path_str(kp): s.shard_shape(a.shape)
              for (kp, a), s in zip(jax.tree_util.tree_flatten_with_path(abstract)[0], jax.tree.leaves(real)) if a.shape}

@@ -1,0 +1,56 @@
+"""The train state of a run: the optimizer (AdamW, warmup + cosine) and the state pytree.
+
+A train state is a dict: "step" and "data_position" (int32 scalars), "params", "opt_state",
+"rng" (PRNG key data) and, when the routers keep state, "router_state". Checkpoints hold
+exactly this tree; `abstract_train_state` gives its shapes without allocating it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jmoe.nn.transformer import LMConfig, init_lm, init_lm_state
+from jmoe.train.config import TrainConfig
+
+
+def make_optimizer(tc: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (decay on matrices only) with global-norm clipping; warmup + cosine learning rate."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=tc.lr,
+        warmup_steps=max(tc.warmup_steps, 1),
+        decay_steps=max(tc.steps, tc.warmup_steps + 1),
+        end_value=tc.lr * tc.min_lr_ratio,
+    )
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    return optax.chain(
+        optax.clip_by_global_norm(tc.grad_clip),
+        optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=decay_mask),
+    ), schedule
+
+
+def init_train_state(model_cfg: LMConfig, tc: TrainConfig, tx) -> dict:
+    """A fresh train state from `tc.seed`: "step" and "data_position" (int32 zeros), "params",
+    "opt_state" (`tx.init`), "rng" (key data), and "router_state" when the routers keep state."""
+    key = jax.random.key(tc.seed)
+    k_init, k_run = jax.random.split(key)
+    params = init_lm(k_init, model_cfg)
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "data_position": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": tx.init(params),
+        "rng": jax.random.key_data(k_run),
+    }
+    router_state = init_lm_state(model_cfg)
+    if router_state:
+        state["router_state"] = router_state
+    return state
+
+
+def abstract_train_state(model_cfg: LMConfig, tc: TrainConfig):
+    """The train state's shapes and dtypes (`jax.eval_shape`), without allocating it."""
+    tx, _ = make_optimizer(tc)
+    return jax.eval_shape(lambda: init_train_state(model_cfg, tc, tx))

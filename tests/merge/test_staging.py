@@ -1,0 +1,101 @@
+"""Outputs built in a temporary sibling and moved into place at the end: a failure, Ctrl-C
+included, leaves nothing on disk; `jmoe merge` interrupted half way leaves no OUT_DIR."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jmoe.cli import main
+from jmoe.io import load_safetensors, save_safetensors
+from jmoe.merge import checkpoints
+from jmoe.merge.staging import check_output_dir, staged_dir, staging_path
+
+
+def tree(root):
+    return sorted((str(p.relative_to(root)), p.read_bytes() if p.is_file() else None) for p in root.rglob("*"))
+
+
+def test_success_renames_the_sibling_into_place(tmp_path):
+    out = tmp_path / "a" / "b" / "out"
+    with staged_dir(out) as tmp:
+        assert tmp == staging_path(out) and tmp.parent == out.parent and tmp.name.startswith("out.tmp-")
+        (tmp / "x.txt").write_text("x")
+    assert tree(tmp_path / "a") == [("b", None), ("b/out", None), ("b/out/x.txt", b"x")]
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_failure_leaves_nothing(tmp_path, error):
+    (tmp_path / "keep.txt").write_text("k")
+    before = tree(tmp_path)
+    with pytest.raises(type(error)):
+        with staged_dir(tmp_path / "new" / "deeper" / "out") as tmp:
+            (tmp / "half.bin").write_bytes(b"...")
+            raise error
+    assert tree(tmp_path) == before
+
+
+def test_an_empty_out_is_replaced_and_a_non_empty_one_is_written_into(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with staged_dir(tmp_path / "empty") as tmp:
+        (tmp / "a").write_text("new")
+    assert tree(tmp_path / "empty") == [("a", b"new")]
+    with staged_dir(tmp_path / "empty") as tmp:
+        (tmp / "b").write_text("b")
+        (tmp / "a").write_text("newer")
+    assert tree(tmp_path / "empty") == [("a", b"newer"), ("b", b"b")]
+    assert [p.name for p in tmp_path.iterdir()] == ["empty"]
+
+
+def test_check_output_dir(tmp_path):
+    assert check_output_dir(tmp_path / "absent") == tmp_path / "absent"
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "f").write_text("")
+    with pytest.raises(ValueError, match="full is not empty; choose another OUT_DIR or pass --force$"):
+        check_output_dir(tmp_path / "full", flag="OUT_DIR", force_flag="--force")
+    assert check_output_dir(tmp_path / "full", force=True)
+    with pytest.raises(ValueError, match="is not a directory"):
+        check_output_dir(tmp_path / "full" / "f", force=True)
+
+
+def _model(path, seed, layers=3):
+    rng = np.random.default_rng(seed)
+    names = [f"model.layers.{i}.mlp.weight" for i in range(layers)] + ["lm_head.weight"]
+    save_safetensors({n: rng.standard_normal((4, 3)).astype(np.float32) for n in names}, path)
+    (path / "config.json").write_text(json.dumps({"num_hidden_layers": layers}))
+
+
+def test_merge_interrupted_half_way_leaves_nothing(tmp_path, monkeypatch, capsys):
+    _model(tmp_path / "a", 0)
+    _model(tmp_path / "b", 1)
+    (tmp_path / "m.yml").write_text("merge_method: linear\nmodels: [{model: a}, {model: b}]\n")
+    before = tree(tmp_path)
+    calls = []
+    real = checkpoints.merge_tensor
+
+    def interrupt_on_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "merge_tensor", interrupt_on_the_third)
+    assert main(["merge", str(tmp_path / "m.yml"), str(tmp_path / "new" / "out"), "--quiet"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert len(calls) == 3 and tree(tmp_path) == before
+
+
+def test_force_replaces_the_checkpoint_in_a_non_empty_out(tmp_path):
+    _model(tmp_path / "a", 0)
+    _model(tmp_path / "b", 1)
+    out = tmp_path / "out"
+    save_safetensors({"old": np.zeros((300,), np.float32), "old2": np.zeros((300,), np.float32)}, out,
+                     max_shard_size=1500)  # two shards and an index, to be replaced
+    (out / "README.md").write_text("mine")
+    (tmp_path / "m.yml").write_text("merge_method: linear\nmodels: [{model: a}, {model: b}]\n")
+    assert main(["merge", str(tmp_path / "m.yml"), str(out), "--quiet"]) == 2
+    assert main(["merge", str(tmp_path / "m.yml"), str(out), "--quiet", "--force"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["README.md", "config.json", "mergekit_config.yml", "model.safetensors"]
+    assert "old" not in load_safetensors(out, lazy=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "m.yml", "out"]
