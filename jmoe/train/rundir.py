@@ -240,6 +240,7 @@ def metrics_log(run_dir: str | Path) -> MetricsLog:
 
 
 def plot_path(run_dir: str | Path) -> Path:
+    """Where the run's training plot goes (training.png)."""
     return Path(run_dir) / PLOT
 
 
