@@ -171,9 +171,10 @@ def _build_train_configs(args):
         if model_cfg.moe is None:
             raise ValueError("this model has no MoE layers")
         flags = {"dropless": "--impl", "capacity": "--capacity-factor"}
-        for name in moe_options:
-            _apply_moe(model_cfg.moe.replace(**moe_changes), {}, {name: moe_options[name]}, source=flags[name])
-        model_cfg = model_cfg.replace(moe=_apply_moe(model_cfg.moe, moe_changes, moe_options))
+        moe = _apply_moe(model_cfg.moe, moe_changes, {})
+        for name, opts in moe_options.items():
+            moe = _apply_moe(moe, {}, {name: opts}, source=flags[name])
+        model_cfg = model_cfg.replace(moe=moe)
     train_changes = {
         k: v
         for k, v in {

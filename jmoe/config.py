@@ -189,11 +189,9 @@ class MoEConfig:
 
     def with_options(self, name: str, **options) -> "MoEConfig":
         """A copy with options of the selected method `name` changed."""
-        for kind, field, _ in METHOD_KINDS:
-            if getattr(self, kind) == name:
-                return self.replace(**{field: options})
-        self.options_of(name)  # raises
-        raise AssertionError
+        self.options_of(name)  # a ValueError for a method the layer does not select
+        field = next(field for kind, field, _ in METHOD_KINDS if getattr(self, kind) == name)
+        return self.replace(**{field: options})
 
     def to_dict(self) -> dict:
         d = {}

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from jmoe.layer import MoEAux, flatten_tokens, layer_body, sequence_length
 from jmoe.parallel.exchange import (  # noqa: F401  (re-exported)
     EXCHANGES,
+    MESH_DISPATCHES,
     Exchange,
     ep_assignment,
     exclusive_cumsum,
@@ -97,10 +98,10 @@ def _sharded_on(specs, axis: str) -> bool:
 def _check(cfg, mesh, n, T, shards, seq_len):
     if cfg.num_experts % n:
         raise ValueError(f"num_experts={cfg.num_experts} is not divisible by the mesh's expert axis ({n})")
-    if n > 1 and cfg.dispatch not in ("dropless", "capacity"):
+    if n > 1 and cfg.dispatch not in MESH_DISPATCHES:
         raise ValueError(
             f"MoEConfig.dispatch={cfg.dispatch!r} cannot run expert-parallel on mesh {dict(mesh.shape)}; "
-            "use 'dropless' or 'capacity'"
+            f"use one of {', '.join(MESH_DISPATCHES)}"
         )
     if T % shards:
         raise ValueError(f"{T} tokens do not split evenly over the {shards} token shards of mesh {dict(mesh.shape)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from jmoe.options import check_fields, option
+from jmoe.parallel.expert_parallel import EP_IMPLS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +46,7 @@ class TrainConfig:
     keep_ckpts: int = option(3, ge=1)
     log_every: int = option(1, ge=1)
     mesh: str | None = None
-    ep_impl: str = option("auto", choices=("auto", "padded", "ragged", "allgather"))
+    ep_impl: str = option("auto", choices=EP_IMPLS)
     init_from: str | None = None
     distill_from: str | None = None
     distill_weight: float = option(0.5, ge=0.0, le=1.0)
