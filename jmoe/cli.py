@@ -251,23 +251,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    import jax
+    from jmoe.infer.command import run_generate
 
-    from jmoe.nn.sampling import generate
-    from jmoe.train.trainer import load_run
-
-    model_cfg, _ = _run_to_read(args)
-    if args.top_k > model_cfg.vocab_size:
-        raise ValueError(f"--top-k {args.top_k} exceeds the model's vocabulary of {model_cfg.vocab_size} tokens "
-                         "(0 samples from all of them)")
-    model_cfg, _, params, router_state, _, _ = load_run(args.ckpt, args.step)
-    prompt = list(args.prompt.encode("utf-8"))
-    new = generate(
-        params, model_cfg, prompt, args.max_new_tokens, temperature=args.temperature,
-        top_k=args.top_k or None, key=jax.random.key(args.seed), router_state=router_state,
-    )
-    sys.stdout.write(bytes(prompt + new).decode("utf-8", errors="replace") + "\n")
-    return 0
+    return run_generate(args)
 
 
 def _add_distributed_args(p) -> None:
@@ -411,17 +397,40 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     e.set_defaults(func=cmd_eval)
 
-    g = sub.add_parser("generate", help="sample text from a run")
-    g.add_argument("--ckpt", required=True, help="run directory (one being trained is read at its newest complete checkpoint)")
-    g.add_argument("--step", type=_int_range(0), help="checkpoint step (default: latest)")
-    g.add_argument("--prompt", default="def ", help="text to continue (default 'def ')")
+    g = sub.add_parser("generate", help="generate text from a run or a Hugging Face model directory (KV-cached, batched)")
+    g.add_argument("--ckpt", required=True, metavar="RUN_OR_HF_DIR",
+                   help="a jmoe run directory (one being trained is read at its newest complete checkpoint) or a "
+                        "Hugging Face model directory (config.json, safetensors, tokenizer.json)")
+    g.add_argument("--step", type=_int_range(0), help="a run's checkpoint step (default: latest)")
+    prompt = g.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="def ", help="text to continue (default 'def ')")
+    prompt.add_argument("--prompts-file", metavar="FILE", help="prompts, one a line (blank lines skipped), generated in batches")
+    g.add_argument("--chat", action="store_true", help="put each prompt in the model's chat template as the user's message")
     g.add_argument("--max-new-tokens", type=_int_range(1, MAX_NEW_TOKENS), default=200,
-                   help=f"tokens (bytes) to sample (1 .. {MAX_NEW_TOKENS}; default 200)")
+                   help=f"most tokens to generate per prompt (1 .. {MAX_NEW_TOKENS}; default 200; fewer when the "
+                        "model's context fills up)")
     g.add_argument("--temperature", type=_float_range(0.0), default=0.8,
                    help="softmax temperature, >= 0; 0 is greedy (default 0.8)")
     g.add_argument("--top-k", type=_int_range(0), default=40,
                    help="sample among the k likeliest tokens; 0: among all (default 40)")
+    g.add_argument("--top-p", type=_float_range(0.0, 1.0, open_lo=True), default=1.0,
+                   help="sample among the likeliest tokens whose probabilities sum to p, in (0, 1] (default 1: off)")
+    g.add_argument("--min-p", type=_float_range(0.0, 1.0), default=0.0,
+                   help="drop tokens less likely than min-p times the likeliest one, in [0, 1) (default 0: off)")
+    g.add_argument("--repetition-penalty", type=_float_range(0.0, open_lo=True), default=1.0,
+                   help="divide the scores of tokens already seen by this, > 0 (default 1: off)")
     g.add_argument("--seed", type=_int_range(0, 2**32 - 1), default=0, help="seed of the sampling (default 0)")
+    g.add_argument("--stop-id", type=_int_range(0), action="append", metavar="ID",
+                   help="a token id that ends a generation (repeatable; the tokenizer's end-of-sequence ids always do)")
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's end-of-sequence ids")
+    g.add_argument("--truncate", action="store_true",
+                   help="keep the last tokens of prompts too long for the model's context instead of refusing them")
+    g.add_argument("--batch-size", type=_int_range(1, 1024), default=32, help="prompts generated together (default 32)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the model's)")
+    g.add_argument("--stream", action="store_true", help="print the tokens as they come (one prompt)")
+    g.add_argument("--json", action="store_true",
+                   help="one JSON line per prompt (prompt, text, token_ids, finish_reason), then one with the speeds")
+    g.add_argument("--quiet", action="store_true", help="nothing on stderr but errors")
     g.set_defaults(func=cmd_generate)
 
     from jmoe.merge.mergekit import supported_methods

@@ -57,7 +57,7 @@ def unchanged(before: dict, after: dict) -> bool:
 @pytest.fixture
 def no_expensive_work(monkeypatch):
     """Training, evaluation and sampling fail the test if bad input reaches them."""
-    import jmoe.nn.sampling
+    import jmoe.infer.engine
     import jmoe.train.trainer
 
     def forbidden(*args, **kwargs):
@@ -65,7 +65,7 @@ def no_expensive_work(monkeypatch):
 
     monkeypatch.setattr(jmoe.train.trainer, "make_train_step", forbidden)
     monkeypatch.setattr(jmoe.train.trainer, "evaluate", forbidden)
-    monkeypatch.setattr(jmoe.nn.sampling, "generate", forbidden)
+    monkeypatch.setattr(jmoe.infer.engine.Engine, "generate", forbidden)
 
 
 def run_cli(argv) -> int:
@@ -205,7 +205,8 @@ CASES = [
     ("generate top-k beyond vocab", read_case("generate", "--top-k", "257"), "exceeds the model's vocabulary of 256"),
     ("generate seed -1", read_case("generate", "--seed", "-1"), "argument --seed: -1"),
     ("generate step missing", read_case("generate", "--step", "3"), "has no checkpoint at step 3"),
-    ("generate missing dir", lambda tmp, run: ["generate", "--ckpt", str(tmp / "nowhere")], "not a jmoe run directory"),
+    ("generate missing dir", lambda tmp, run: ["generate", "--ckpt", str(tmp / "nowhere")],
+     "does not exist (want a jmoe run or a Hugging Face model directory)"),
     ("generate truncated manifest", on_copy(truncated_manifest, "generate"), "manifest.ocdbt"),
     ("generate 16 experts vs 8", on_copy(more_experts, "generate"), "do not match the run's config"),
     # plan

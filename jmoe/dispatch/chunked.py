@@ -5,8 +5,8 @@ experts in order and, within each expert's group, takes chunks of at most `block
 rows. Each chunk gathers its tokens, runs the expert function, and adds the weighted
 result into the output; the chunk's row count is picked from a small static set
 (multiples of `block_size // 16`), so an expert of n slots wastes fewer than
-`block_size // 16` rows instead of padding to a whole block. Experts with no slots cost
-one loop step and no compute.
+`block_size // 16` rows instead of padding to a whole block. Experts with no slots are
+skipped.
 
 Nothing of size `[T*k, d]` or `[T*k, f]` is ever materialised: memory stays O(T d + block
 rows), and the backward pass recomputes each chunk's forward (a custom VJP) instead of
@@ -54,6 +54,10 @@ def _chunk_loop(group_sizes, order, block_size, branch, out_shapes, write, carry
     sizes_arr = jnp.asarray(sizes, jnp.int32)
     order_padded = jnp.concatenate([order, jnp.zeros((B,), order.dtype)])
     offsets = group_offsets(group_sizes)
+    # next_expert[e]: the first expert >= e with slots (E if none), so the loop never visits an
+    # empty expert (with few tokens, e.g. a decoding step, most experts are empty)
+    with_slots = jnp.where(group_sizes > 0, jnp.arange(E, dtype=jnp.int32), E)
+    next_expert = jnp.concatenate([lax.cummin(with_slots, reverse=True), jnp.full((1,), E, jnp.int32)])
 
     def empty(e, slots, valid):
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shapes)
@@ -74,12 +78,12 @@ def _chunk_loop(group_sizes, order, block_size, branch, out_shapes, write, carry
         next_rows = done_rows + B
         finished = next_rows >= n
         return (
-            jnp.where(finished, e + 1, e),
+            jnp.where(finished, next_expert[e + 1], e),
             jnp.where(finished, 0, next_rows),
             carry,
         )
 
-    init = (jnp.int32(0), jnp.int32(0), carry)
+    init = (next_expert[0], jnp.int32(0), carry)
     return lax.while_loop(lambda s: s[0] < E, body, init)[2]
 
 

@@ -261,33 +261,14 @@ def blockwise_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: 
     return jnp.concatenate(outs, axis=1).astype(v.dtype)
 
 
-def attention_heads(params: dict, x: jax.Array, positions: jax.Array, cfg) -> jax.Array:
-    """Per-head outputs of causal attention, before the output projection.
+def gqa_projections(params: dict, x: jax.Array, positions: jax.Array, cfg) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries, keys and values of grouped-query attention, rotated and normed.
 
-    cfg: an LMConfig (its attention, heads, rope and norm settings). x: [B, S, d] ->
-    [B, S, H, Dv].
+    cfg: an LMConfig. x: [B, S, d]; positions: [B, S] ->
+    q [B, S, H, Dh], k [B, S, Hkv, Dh], v [B, S, Hkv, Dh] in x's dtype.
     """
     acfg: AttentionConfig = cfg.attention
     dt = x.dtype
-    rope = dict(scaling=acfg.scaling, max_positions=cfg.max_seq_len, interleave=acfg.rope_interleave)
-    if acfg.kind == "mla":
-        Dn, Dr = acfg.qk_nope_head_dim, acfg.qk_rope_head_dim
-        if "wq" in params:
-            q = jnp.einsum("bsd,dhk->bshk", x, params["wq"].astype(dt))
-        else:
-            qa = rms_norm(params["q_a_norm"], x @ params["wq_a"].astype(dt), cfg.norm_eps)
-            q = jnp.einsum("bsr,rhk->bshk", qa, params["wq_b"].astype(dt))
-        ckv = x @ params["wkv_a"].astype(dt)
-        c, k_pe = ckv[..., : acfg.kv_lora_rank], ckv[..., acfg.kv_lora_rank:]
-        c = rms_norm(params["kv_a_norm"], c, cfg.norm_eps)
-        kv = jnp.einsum("bsr,rhk->bshk", c, params["wkv_b"].astype(dt))
-        k_nope, v = kv[..., :Dn], kv[..., Dn:]
-        q_pe = apply_rope(q[..., Dn:], positions, cfg.rope_theta, **rope)
-        k_pe = apply_rope(k_pe[:, :, None, :], positions, cfg.rope_theta, **rope)
-        q = jnp.concatenate([q[..., :Dn], q_pe], axis=-1)
-        k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe, k_nope.shape[:-1] + (Dr,))], axis=-1)
-        scale = acfg.softmax_scale or (Dn + Dr) ** -0.5
-        return blockwise_causal_attention(q, k, v, scale)
     q = jnp.einsum("bsd,dhk->bshk", x, params["wq"].astype(dt))
     k = jnp.einsum("bsd,dhk->bshk", x, params["wk"].astype(dt))
     v = jnp.einsum("bsd,dhk->bshk", x, params["wv"].astype(dt))
@@ -299,11 +280,75 @@ def attention_heads(params: dict, x: jax.Array, positions: jax.Array, cfg) -> ja
     if acfg.clip_qkv:
         c = acfg.clip_qkv
         q, k, v = jnp.clip(q, -c, c), jnp.clip(k, -c, c), jnp.clip(v, -c, c)
-    q = apply_rope(q, positions, cfg.rope_theta, **rope)
-    k = apply_rope(k, positions, cfg.rope_theta, **rope)
+    rope = _rope_args(cfg)
+    return apply_rope(q, positions, cfg.rope_theta, **rope), apply_rope(k, positions, cfg.rope_theta, **rope), v
+
+
+def mla_projections(params: dict, x: jax.Array, positions: jax.Array, cfg) -> tuple[jax.Array, ...]:
+    """What multi-head latent attention computes from its input before the keys and values.
+
+    cfg: an LMConfig. x: [B, S, d]; positions: [B, S] -> q_nope [B, S, H, Dn], q_rope
+    [B, S, H, Dr] (rotated), latent [B, S, rkv] (normed: the compressed key/value) and k_rope
+    [B, S, Dr] (rotated, shared by every head). A KV cache stores only latent and k_rope.
+    """
+    acfg: AttentionConfig = cfg.attention
+    dt = x.dtype
+    Dn = acfg.qk_nope_head_dim
+    if "wq" in params:
+        q = jnp.einsum("bsd,dhk->bshk", x, params["wq"].astype(dt))
+    else:
+        qa = rms_norm(params["q_a_norm"], x @ params["wq_a"].astype(dt), cfg.norm_eps)
+        q = jnp.einsum("bsr,rhk->bshk", qa, params["wq_b"].astype(dt))
+    ckv = x @ params["wkv_a"].astype(dt)
+    latent = rms_norm(params["kv_a_norm"], ckv[..., : acfg.kv_lora_rank], cfg.norm_eps)
+    rope = _rope_args(cfg)
+    q_rope = apply_rope(q[..., Dn:], positions, cfg.rope_theta, **rope)
+    k_rope = apply_rope(ckv[:, :, None, acfg.kv_lora_rank:], positions, cfg.rope_theta, **rope)[:, :, 0]
+    return q[..., :Dn], q_rope, latent, k_rope
+
+
+def mla_keys_values(params: dict, latent: jax.Array, k_rope: jax.Array, cfg) -> tuple[jax.Array, jax.Array]:
+    """Per-head keys and values from the latent: latent [B, S, rkv], k_rope [B, S, Dr] ->
+    k [B, S, H, Dn + Dr], v [B, S, H, Dv]."""
+    Dn = cfg.attention.qk_nope_head_dim
+    kv = jnp.einsum("bsr,rhk->bshk", latent, params["wkv_b"].astype(latent.dtype))
+    k_nope, v = kv[..., :Dn], kv[..., Dn:]
+    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None, :], k_nope.shape[:-1] + k_rope.shape[-1:])], axis=-1)
+    return k, v
+
+
+def mla_scale(cfg) -> float:
+    """The logit scale of multi-head latent attention."""
+    acfg = cfg.attention
+    return acfg.softmax_scale or (acfg.qk_nope_head_dim + acfg.qk_rope_head_dim) ** -0.5
+
+
+def _rope_args(cfg) -> dict:
+    acfg = cfg.attention
+    return dict(scaling=acfg.scaling, max_positions=cfg.max_seq_len, interleave=acfg.rope_interleave)
+
+
+def causal_attend(q: jax.Array, k: jax.Array, v: jax.Array, scale: float | None) -> jax.Array:
+    """Causal attention of a whole sequence, by the fastest form of the backend: query blocks on
+    CPU (`blockwise_causal_attention`), `jax.nn.dot_product_attention` elsewhere.
+    q [B, S, H, Dk], k [B, S, Hkv, Dk], v [B, S, Hkv, Dv] -> [B, S, H, Dv]."""
     if jax.default_backend() == "cpu":
-        return blockwise_causal_attention(q, k, v, acfg.softmax_scale or q.shape[-1] ** -0.5)
-    return jax.nn.dot_product_attention(q, k, v, scale=acfg.softmax_scale, is_causal=True)
+        return blockwise_causal_attention(q, k, v, scale or q.shape[-1] ** -0.5)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True)
+
+
+def attention_heads(params: dict, x: jax.Array, positions: jax.Array, cfg) -> jax.Array:
+    """Per-head outputs of causal attention, before the output projection.
+
+    cfg: an LMConfig (its attention, heads, rope and norm settings). x: [B, S, d] ->
+    [B, S, H, Dv].
+    """
+    if cfg.attention.kind == "mla":
+        q_nope, q_rope, latent, k_rope = mla_projections(params, x, positions, cfg)
+        k, v = mla_keys_values(params, latent, k_rope, cfg)
+        return blockwise_causal_attention(jnp.concatenate([q_nope, q_rope], axis=-1), k, v, mla_scale(cfg))
+    q, k, v = gqa_projections(params, x, positions, cfg)
+    return causal_attend(q, k, v, cfg.attention.softmax_scale)
 
 
 def causal_attention(params: dict, x: jax.Array, positions: jax.Array, cfg) -> jax.Array:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -238,6 +238,18 @@ def init_lm_state(cfg: LMConfig) -> dict:
     return {k: v for k, v in states.items() if v is not None}
 
 
+def lm_state_from_params(cfg: LMConfig, params: dict) -> dict:
+    """The router state of a model whose parameters carry it: a converted checkpoint's
+    selection bias (DeepSeek-V3's `e_score_correction_bias`, kept as `router/bias`) starts the
+    aux-loss-free bias; other state starts fresh (`init_lm_state`)."""
+    state = init_lm_state(cfg)
+    for layer, s in state.items():
+        bias = params["layers"][layer]["moe"]["router"].get("bias")
+        if bias is not None and isinstance(s, dict) and "bias" in s:
+            state[layer] = {**s, "bias": jnp.asarray(bias, s["bias"].dtype)}
+    return state
+
+
 def stack_padded(rows: list[jax.Array]) -> jax.Array:
     """[len(rows), max C] from 1-D arrays of possibly different lengths, zero-padded."""
     width = max(r.shape[0] for r in rows)
@@ -307,38 +319,89 @@ def lm_apply(
     B, S = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-    dt = jnp.dtype(cfg.dtype or "float32")
-    x = jnp.take(params["embed"]["w"], tokens, axis=0).astype(dt)
+    x = embed(params, tokens, cfg)
+    x, auxes, inputs = decoder_layers(
+        params, x, cfg, attend=lambda i, p, h: causal_attention(p, h, positions, cfg), state=state, key=key, ep=ep,
+        balance_counts=balance_counts, keep_moe_inputs=keep_moe_inputs,
+    )
+    moe_loss = sum((a.loss for a in auxes), jnp.zeros((), jnp.float32))
+    return unembed(params, x, cfg), LMAux(moe_loss=moe_loss, moe=tuple(auxes), moe_inputs=tuple(inputs))
+
+
+def embed(params: dict, tokens: jax.Array, cfg: LMConfig) -> jax.Array:
+    """tokens [B, S] int -> [B, S, d] embeddings in the compute dtype."""
+    return jnp.take(params["embed"]["w"], tokens, axis=0).astype(jnp.dtype(cfg.dtype or "float32"))
+
+
+def unembed(params: dict, x: jax.Array, cfg: LMConfig) -> jax.Array:
+    """The final norm and the output projection: x [..., d] -> logits [..., V] float32."""
+    x = rms_norm(params["final_norm"], x, cfg.norm_eps)
+    w_out = params["embed"]["w"].T if cfg.tie_embeddings else params["unembed"]["w"]
+    return jnp.einsum("...d,dv->...v", x.astype(jnp.float32), w_out.astype(jnp.float32))
+
+
+Attend = Callable[[int, dict, jax.Array], jax.Array]
+"""`(layer index, the layer's attention params, normed input [B, S, d]) -> [B, S, d]`."""
+
+
+def decoder_layers(
+    params: dict,
+    x: jax.Array,
+    cfg: LMConfig,
+    *,
+    attend: Attend,
+    moe_config: Callable[[int], MoEConfig] | None = None,
+    state: dict | None = None,
+    key: jax.Array | None = None,
+    ep: Any = None,
+    balance_counts: dict | None = None,
+    keep_moe_inputs: bool = False,
+) -> tuple[jax.Array, list[MoEAux], list[jax.Array]]:
+    """The pre-norm blocks: x += attend(rms_norm(x)); x += ffn_or_moe(rms_norm(x)).
+
+    The one layer loop of the model: `lm_apply` attends over the whole sequence, the inference
+    engine (`jmoe.infer`) over its KV cache.
+
+    Args:
+      x: [B, S, d] embeddings in the compute dtype.
+      attend: the attention of layer i (see `Attend`).
+      moe_config: the MoE config layer i runs with (default `cfg.moe_for(i)`; the inference
+        engine changes the dispatch per step shape).
+      state: router state per MoE layer, as in `lm_apply`.
+      key: PRNG key for stochastic routing, as in `lm_apply`.
+      ep: a `jmoe.parallel.ExpertParallel`, as in `lm_apply`.
+      balance_counts: whole-step counts per MoE layer, as in `lm_apply`.
+      keep_moe_inputs: also return the MoE layers' inputs.
+    Returns:
+      x [B, S, d] before the final norm, the MoE layers' `MoEAux` in order, and (with
+      keep_moe_inputs) their inputs.
+    """
+    dt = x.dtype
     state = state or {}
     balance_counts = balance_counts or {}
+    moe_config = moe_config or cfg.moe_for
     carry = None
-    auxes = []
-    inputs = []
-    moe_loss = jnp.zeros((), jnp.float32)
+    auxes, inputs = [], []
     layer_keys = jax.random.split(key, cfg.n_layers) if key is not None else [None] * cfg.n_layers
     for i in range(cfg.n_layers):
         p = params["layers"][str(i)]
         with jax.named_scope(f"layer_{i}"):
             h = rms_norm(p["attn_norm"], x, cfg.norm_eps)
-            x = x + causal_attention(p["attn"], h, positions, cfg)
+            x = x + attend(i, p["attn"], h).astype(dt)
             h = rms_norm(p["ffn_norm"], x, cfg.norm_eps)
             if cfg.is_moe_layer(i):
                 y, aux = moe_layer(
-                    p["moe"], h, cfg.moe_for(i), state=state.get(str(i)), key=layer_keys[i], ep=ep, carry=carry,
+                    p["moe"], h, moe_config(i), state=state.get(str(i)), key=layer_keys[i], ep=ep, carry=carry,
                     balance_counts=balance_counts.get(str(i)),
                 )
                 carry = aux.routing.carry
                 auxes.append(aux)
                 if keep_moe_inputs:
                     inputs.append(h)
-                moe_loss = moe_loss + aux.loss
             else:
                 y = ffn(p["ffn"], h, cfg.activation)
             x = x + y.astype(dt)
-    x = rms_norm(params["final_norm"], x, cfg.norm_eps)
-    w_out = params["embed"]["w"].T if cfg.tie_embeddings else params["unembed"]["w"]
-    logits = jnp.einsum("bsd,dv->bsv", x.astype(jnp.float32), w_out.astype(jnp.float32))
-    return logits, LMAux(moe_loss=moe_loss, moe=tuple(auxes), moe_inputs=tuple(inputs))
+    return x, auxes, inputs
 
 
 class TransformerLM(ParamModule):
@@ -352,13 +415,7 @@ class TransformerLM(ParamModule):
             raise ValueError("TransformerLM needs exactly one of rngs (new parameters) or params (existing ones)")
         self.cfg = cfg
         self.set_params(params if params is not None else init_lm(rngs.params(), cfg))
-        state = init_lm_state(cfg)
-        if params is not None and state:  # a converted checkpoint's selection bias starts the state
-            for layer, s in state.items():
-                bias = params["layers"][layer]["moe"]["router"].get("bias")
-                if bias is not None and "bias" in s:
-                    state[layer] = {**s, "bias": jnp.asarray(bias, s["bias"].dtype)}
-        self.set_state(state)
+        self.set_state(init_lm_state(cfg) if params is None else lm_state_from_params(cfg, params))
 
     @classmethod
     def from_params(cls, cfg: LMConfig, params: dict) -> "TransformerLM":

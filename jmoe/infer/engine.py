@@ -1,0 +1,294 @@
+"""Batched generation over a KV cache: buckets, compiled steps, stop ids, streaming, speed.
+
+A batch of prompts is right-padded to a bucket of (rows, prompt length, cache length), so
+one compiled prefill and one compiled decode step serve every batch of that bucket:
+  rows           the next power of two of the batch (extra rows are empty and discarded)
+  prompt length  the next power of two, at least 16
+  cache length   prompt bucket or the longest prompt plus max_new_tokens, rounded up (to a
+                 power of two up to 256, then to a multiple of 256), at most the context.
+Sampling runs inside the compiled steps; each row samples with its own key, derived from
+the seed and the prompt's index, so a prompt's text does not depend on its batch. The keys
+are threefry keys whatever the default PRNG implementation: threefry gives the same bits for
+a key whether or not it is drawn in a batch, which "rbg" does not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from functools import partial
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jmoe.infer.cache import KVCache
+from jmoe.infer.forward import check_servable, extend, prefill
+from jmoe.infer.sampling import SamplingParams, sample
+from jmoe.nn.transformer import LMConfig
+from jmoe.progress import Progress
+
+MIN_PROMPT_BUCKET = 16
+PRNG_IMPL = "threefry2x32"
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """One prompt's result.
+
+    index: the prompt's position in the input list.
+    prompt_ids: the prompt as the model saw it (after truncation).
+    token_ids: the generated ids, the stop id that ended it excluded.
+    finish_reason: "stop" (a stop id), "length" (max_new_tokens) or "context" (the model's
+      context is full).
+    """
+
+    index: int
+    prompt_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    finish_reason: str
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    """Token counts and seconds of one `generate` call (compilation timed apart)."""
+
+    prompt_tokens: int = 0
+    decode_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    compile_s: float = 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "prefill_tokens_per_s": self.prefill_tokens_per_s,
+                "decode_tokens_per_s": self.decode_tokens_per_s}
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def length_bucket(n: int) -> int:
+    """A power of two up to 256, then a multiple of 256."""
+    return _pow2(n) if n <= 256 else -(-n // 256) * 256
+
+
+def _row_keys(key: jax.Array, indices: np.ndarray) -> jax.Array:
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(indices, jnp.uint32))
+
+
+def _prefill_step(params, state, tokens, lengths, row_keys, *, cfg, max_len, sampling):
+    logits, cache = prefill(params, state, tokens, lengths, cfg, max_len)
+    B, P = tokens.shape
+    seen = None
+    if sampling.repetition_penalty != 1.0:
+        valid = jnp.arange(P)[None, :] < lengths[:, None]
+        seen = jnp.zeros((B, cfg.vocab_size), bool).at[jnp.arange(B)[:, None], jnp.where(valid, tokens, cfg.vocab_size)].set(
+            True, mode="drop")
+    tok = sample(logits, seen, jax.vmap(lambda k: jax.random.fold_in(k, 0))(row_keys), sampling)
+    if seen is not None:
+        seen = seen.at[jnp.arange(B), tok].set(True)
+    return tok, cache, seen, logits
+
+
+def _decode_step(params, state, cache, tok, seen, row_keys, step, *, cfg, sampling):
+    logits, cache = extend(params, state, tok[:, None], cache, cfg)
+    logits = logits[:, 0]
+    nxt = sample(logits, seen, jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys), sampling)
+    if seen is not None:
+        seen = seen.at[jnp.arange(tok.shape[0]), nxt].set(True)
+    return nxt, cache, seen, logits
+
+
+def prepare_prompts(prompts: Sequence[Sequence[int]], cfg: LMConfig, max_new_tokens: int, *,
+                    truncate: bool = False) -> list[list[int]]:
+    """The prompts as token lists, checked against the model (ValueError naming the prompt)
+    and, with `truncate`, cut to their last tokens so that max_new_tokens fit in its context."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    V, C = cfg.vocab_size, cfg.max_seq_len
+    out = []
+    for i, p in enumerate(prompts):
+        ids = [int(t) for t in np.asarray(p, dtype=np.int64).reshape(-1)]
+        if not ids:
+            raise ValueError(f"prompt {i} is empty")
+        bad = [t for t in ids if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary of {V}")
+        if len(ids) >= C:
+            if not truncate:
+                raise ValueError(f"prompt {i} has {len(ids)} tokens; the model's context of {C} leaves no room to "
+                                 "generate (shorten it, or truncate it to its last tokens)")
+            ids = ids[-max(1, C - max_new_tokens):]
+        out.append(ids)
+    return out
+
+
+class Engine:
+    """Generation from one model: `Engine(cfg, params, state).generate(prompt_ids, ...)`.
+
+    Holds the compiled prefill and decode steps of every bucket it has served, so later calls
+    with the same bucket start at once.
+
+    Args:
+      cfg: the model's `LMConfig` (routers that choose tokens per expert are refused).
+      params: its parameters (from `init_lm`, a run, or a Hugging Face checkpoint).
+      state: its router state (e.g. the aux-loss-free selection bias), if any.
+      batch_size: most prompts decoded together (default 32).
+    """
+
+    def __init__(self, cfg: LMConfig, params: dict, state: dict | None = None, *, batch_size: int = 32):
+        check_servable(cfg)
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        self.cfg, self.params, self.state, self.batch_size = cfg, params, state or {}, batch_size
+        self._compiled: dict = {}
+
+    @property
+    def context(self) -> int:
+        """Positions the model can attend over (its max_seq_len)."""
+        return self.cfg.max_seq_len
+
+    def prepare(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, truncate: bool = False) -> list[list[int]]:
+        """`prepare_prompts` for this model."""
+        return prepare_prompts(prompts, self.cfg, max_new_tokens, truncate=truncate)
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int = 128,
+        sampling: SamplingParams = SamplingParams(),
+        stop_ids: Sequence[int] = (),
+        seed: int = 0,
+        truncate: bool = False,
+        on_token: Callable[[int, int], None] | None = None,
+        progress: bool = False,
+    ) -> tuple[list[Generation], GenerationStats]:
+        """Continue every prompt.
+
+        Args:
+          prompts: token-id lists (at least one token each; shorter than the context unless
+            `truncate`).
+          max_new_tokens: most tokens generated per prompt (fewer when the context fills up).
+          sampling: how the next token is chosen (default greedy).
+          stop_ids: ids that end a prompt's generation (not included in its output).
+          seed: the sampling seed; a fixed seed gives the same text for a prompt whatever its
+            batch.
+          on_token: called as on_token(prompt index, token id) as each token is chosen
+            (streaming); stop ids are not passed.
+          progress: print progress on stderr.
+        Returns:
+          one `Generation` per prompt, in input order, and the `GenerationStats`.
+        """
+        if not isinstance(sampling, SamplingParams):
+            raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        prompts = self.prepare(prompts, max_new_tokens, truncate=truncate)
+        stops = {int(s) for s in stop_ids}
+        key = jax.random.key(seed, impl=PRNG_IMPL)
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        stats = GenerationStats()
+        results: list[Generation | None] = [None] * len(prompts)
+        total = sum(min(max_new_tokens, self.context - len(p)) for p in prompts)
+        bar = Progress(total, enabled=progress, every=max(1, total // 20), warmup=1)
+        done_tokens = 0
+        for lo in range(0, len(order), self.batch_size):
+            batch = order[lo: lo + self.batch_size]
+            for g in self._generate_batch([prompts[i] for i in batch], batch, max_new_tokens, sampling, stops, key,
+                                          on_token, stats):
+                results[g.index] = g
+                done_tokens += min(max_new_tokens, self.context - len(g.prompt_ids))
+            bar.update(done_tokens, {"prompts": f"{min(lo + self.batch_size, len(order))}/{len(order)}",
+                                     "tok/s": f"{stats.decode_tokens_per_s:.0f}"})
+        bar.close()
+        return list(results), stats
+
+    # ------------------------------------------------------------------ one batch
+
+    def _steps(self, B: int, P: int, S: int, sampling: SamplingParams):
+        """The compiled (prefill, decode) of a bucket, compiled on first use."""
+        key = (B, P, S, sampling)
+        if key not in self._compiled:
+            t0 = time.perf_counter()
+            cfg = self.cfg
+            pre = jax.jit(partial(_prefill_step, cfg=cfg, max_len=S, sampling=sampling))
+            dec = jax.jit(partial(_decode_step, cfg=cfg, sampling=sampling), donate_argnums=(2, 4))
+            tokens = jax.ShapeDtypeStruct((B, P), jnp.int32)
+            lengths = jax.ShapeDtypeStruct((B,), jnp.int32)
+            row_keys = jax.eval_shape(lambda: _row_keys(jax.random.key(0, impl=PRNG_IMPL), np.zeros(B, np.uint32)))
+            pre_c = pre.lower(self.params, self.state, tokens, lengths, row_keys).compile()
+            tok, cache, seen, _ = jax.eval_shape(pre, self.params, self.state, tokens, lengths, row_keys)
+            dec_c = dec.lower(self.params, self.state, cache, tok, seen, row_keys, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+            self._compiled[key] = (pre_c, dec_c, time.perf_counter() - t0)
+            return pre_c, dec_c, self._compiled[key][2]
+        pre_c, dec_c, _ = self._compiled[key]
+        return pre_c, dec_c, 0.0
+
+    def _generate_batch(self, prompts, indices, max_new_tokens, sampling, stops, key, on_token, stats):
+        n = len(prompts)
+        lens = [len(p) for p in prompts]
+        C = self.context
+        B = _pow2(n)
+        P = min(max(MIN_PROMPT_BUCKET, _pow2(max(lens))), C)
+        S = min(max(P, length_bucket(max(lens) + max_new_tokens)), C)
+        pre, dec, compile_s = self._steps(B, P, S, sampling)
+        stats.compile_s += compile_s
+
+        tokens = np.zeros((B, P), np.int32)
+        lengths = np.ones((B,), np.int32)
+        for r, p in enumerate(prompts):
+            tokens[r, : len(p)] = p
+            lengths[r] = len(p)
+        idx = np.zeros((B,), np.uint32)
+        idx[:n] = indices
+        row_keys = _row_keys(key, idx)
+        budget = [min(max_new_tokens, S - L) for L in lens]
+        out: list[list[int]] = [[] for _ in range(n)]
+        reason: list[str | None] = [None] * n
+
+        t0 = time.perf_counter()
+        tok, cache, seen, _ = pre(self.params, self.state, jnp.asarray(tokens), jnp.asarray(lengths), row_keys)
+        tok_h = np.asarray(tok)
+        t1 = time.perf_counter()
+        stats.prefill_s += t1 - t0
+        stats.prompt_tokens += sum(lens)
+        step = 0
+        while True:
+            for r in range(n):
+                if reason[r] is not None:
+                    continue
+                t = int(tok_h[r])
+                if t in stops:
+                    reason[r] = "stop"
+                    continue
+                out[r].append(t)
+                if on_token is not None:
+                    on_token(indices[r], t)
+                if len(out[r]) >= budget[r]:
+                    reason[r] = "length" if budget[r] == max_new_tokens else "context"
+            live = sum(reason[r] is None for r in range(n))
+            if not live:
+                break
+            step += 1
+            tok, cache, seen, _ = dec(self.params, self.state, cache, tok, seen, row_keys, jnp.int32(step))
+            tok_h = np.asarray(tok)
+            stats.decode_tokens += live
+        stats.decode_s += time.perf_counter() - t1
+        return [Generation(indices[r], tuple(prompts[r]), tuple(out[r]), reason[r]) for r in range(n)]
+
+
+def generate(cfg: LMConfig, params: dict, prompts: Sequence[Sequence[int]], *, state: dict | None = None,
+             batch_size: int = 32, **kwargs) -> tuple[list[Generation], GenerationStats]:
+    """`Engine(cfg, params, state, batch_size=...).generate(prompts, **kwargs)` (see there)."""
+    return Engine(cfg, params, state, batch_size=batch_size).generate(prompts, **kwargs)

@@ -1,0 +1,92 @@
+"""The language model over a KV cache: prefill a batch of prompts, then one token per row.
+
+Both run the model's own layer loop (`jmoe.nn.transformer.decoder_layers`) with cached
+attention. Inference never drops tokens: each step's MoE layers run dropless, and a step
+with few tokens gathers only the selected experts' weights (`jmoe.dispatch.gather`), picked
+per step shape by `decode_dispatch`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jmoe.config import MoEConfig
+from jmoe.dispatch.gather import decode_dispatch
+from jmoe.infer.attention import cached_attention, prefill_attention
+from jmoe.infer.cache import KVCache, init_cache, write
+from jmoe.nn.transformer import LMConfig, decoder_layers, embed, unembed
+from jmoe.registry import ROUTERS
+
+SERVED_DISPATCHES = ("dropless", "gather")
+
+
+def check_servable(cfg: LMConfig) -> None:
+    """ValueError when a model cannot be decoded token by token (a router whose choice for a
+    token depends on the other tokens of the sequence)."""
+    for i in cfg.moe_layers:
+        moe = cfg.moe_for(i)
+        if not ROUTERS.get(moe.router).causal:
+            raise ValueError(
+                f"router {moe.router!r} (layer {i}) picks tokens per expert over the whole sequence, so it cannot "
+                "decode one token at a time; generate from a model with a token-choice router"
+            )
+
+
+def serving_moe(moe: MoEConfig, num_tokens: int) -> MoEConfig:
+    """The MoE config a step of `num_tokens` tokens runs with: its dispatch picked by
+    `decode_dispatch` (the model's own options kept when it already uses that dispatch)."""
+    name = decode_dispatch(num_tokens, moe.top_k, moe.num_experts)
+    return moe if moe.dispatch == name else moe.replace(dispatch=name)
+
+
+def _moe_config(cfg: LMConfig, num_tokens: int):
+    return lambda i: serving_moe(cfg.moe_for(i), num_tokens)
+
+
+def prefill(params: dict, state: dict | None, tokens: jax.Array, lengths: jax.Array, cfg: LMConfig,
+            max_len: int) -> tuple[jax.Array, KVCache]:
+    """Run right-padded prompts and fill a fresh cache.
+
+    Args:
+      tokens: [B, P] prompt ids, row b valid up to lengths[b] (the rest is padding).
+      lengths: [B] int32 prompt lengths, 1 .. P.
+      max_len: cache positions (>= P).
+    Returns:
+      logits [B, V] float32 of each row's last prompt token, and the cache (lengths set).
+    """
+    B, P = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+    cache = init_cache(cfg, B, max_len)
+    entries = []
+
+    def attend(i, p, h):
+        out, entry = prefill_attention(p, h, positions, cfg)
+        entries.append({name: write(cache.layers[i][name], value, positions) for name, value in entry.items()})
+        return out
+
+    x, _, _ = decoder_layers(params, embed(params, tokens, cfg), cfg, attend=attend, state=state,
+                             moe_config=_moe_config(cfg, B * P))
+    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    return unembed(params, last, cfg), KVCache(layers=tuple(entries), lengths=lengths.astype(jnp.int32))
+
+
+def extend(params: dict, state: dict | None, tokens: jax.Array, cache: KVCache, cfg: LMConfig
+           ) -> tuple[jax.Array, KVCache]:
+    """Append tokens [B, n] at each row's next positions -> (logits [B, n, V] float32, cache).
+
+    Positions past the cache's end are clamped to its last slot (rows that have finished keep
+    stepping with the others; what they write is never read).
+    """
+    B, n = tokens.shape
+    positions = jnp.minimum(cache.lengths[:, None] + jnp.arange(n, dtype=jnp.int32), cache.max_len - 1)
+    entries = []
+
+    def attend(i, p, h):
+        out, entry = cached_attention(p, h, positions, cache.layers[i], cfg)
+        entries.append(entry)
+        return out
+
+    x, _, _ = decoder_layers(params, embed(params, tokens, cfg), cfg, attend=attend, state=state,
+                             moe_config=_moe_config(cfg, B * n))
+    return unembed(params, x, cfg), KVCache(layers=tuple(entries), lengths=cache.lengths + n)

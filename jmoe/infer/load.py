@@ -1,0 +1,164 @@
+"""Open a model for generation: a jmoe run directory or a Hugging Face model directory.
+
+`open_model` reads only what describes the model (its config and tokenizer), so that
+callers can check their input before the weights are read; `ModelSource.load` then reads
+the weights. `load(path)` does both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, Sequence
+
+from jmoe.infer.engine import Engine, Generation, GenerationStats
+from jmoe.infer.forward import check_servable
+from jmoe.infer.sampling import SamplingParams
+from jmoe.infer.tokenizer import Tokenizer, load_tokenizer
+from jmoe.nn.transformer import LMConfig
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str, *, chat: bool = False) -> list[int]:
+    """A prompt's ids; with `chat`, `text` is the user's message, put in the model's chat
+    template with the generation prompt after it (ValueError when it has no template)."""
+    if chat:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        return tokenizer.encode_chat(rendered)
+    return tokenizer.encode(text)
+
+
+@dataclasses.dataclass
+class Model:
+    """A model ready to generate: config, parameters, router state and tokenizer.
+
+    source: the directory it came from; kind: "run" or "hf"; step: the run's checkpoint.
+    """
+
+    cfg: LMConfig
+    params: dict
+    state: dict
+    tokenizer: Tokenizer | None
+    source: str = ""
+    kind: str = "run"
+    step: int | None = None
+    _engine: Engine | None = dataclasses.field(default=None, repr=False)
+
+    def engine(self, batch_size: int = 32) -> Engine:
+        """The model's generation engine (kept, with its compiled steps, between calls)."""
+        if self._engine is None or self._engine.batch_size != batch_size:
+            self._engine = Engine(self.cfg, self.params, self.state, batch_size=batch_size)
+        return self._engine
+
+    def encode(self, text: str, *, chat: bool = False) -> list[int]:
+        """A prompt's ids (see `encode_prompt`)."""
+        return encode_prompt(self._tokenizer(), text, chat=chat)
+
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        *,
+        chat: bool = False,
+        max_new_tokens: int = 128,
+        sampling: SamplingParams = SamplingParams(),
+        stop_ids: Sequence[int] | None = None,
+        seed: int = 0,
+        truncate: bool = False,
+        batch_size: int = 32,
+        on_token: Callable[[int, int], None] | None = None,
+        progress: bool = False,
+    ) -> list[str] | str:
+        """Continue text prompts; returns the generated text (one string per prompt, or one
+        string for a single prompt given as a string).
+
+        stop_ids: ids that end a generation (default: the tokenizer's end-of-sequence ids).
+        Other arguments as `Engine.generate`.
+        """
+        single = isinstance(prompts, str)
+        texts = [prompts] if single else list(prompts)
+        ids = [self.encode(t, chat=chat) for t in texts]
+        gens, _ = self.generate_ids(ids, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids,
+                                    seed=seed, truncate=truncate, batch_size=batch_size, on_token=on_token,
+                                    progress=progress)
+        out = [self.tokenizer.decode(g.token_ids) for g in gens]
+        return out[0] if single else out
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], *, stop_ids: Sequence[int] | None = None,
+                     batch_size: int = 32, **kwargs) -> tuple[list[Generation], GenerationStats]:
+        """`Engine.generate` on token ids, with the tokenizer's end-of-sequence ids as the
+        default stop ids."""
+        if stop_ids is None:
+            stop_ids = self.tokenizer.eos_ids if self.tokenizer is not None else ()
+        return self.engine(batch_size).generate(prompts, stop_ids=stop_ids, **kwargs)
+
+    def _tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.source} was opened without a tokenizer; pass token ids (generate_ids)")
+        return self.tokenizer
+
+
+@dataclasses.dataclass
+class ModelSource:
+    """A model directory opened without its weights: `cfg`, `tokenizer`, and `load()`."""
+
+    path: Path
+    kind: str
+    cfg: LMConfig
+    tokenizer: Tokenizer | None
+    step: int | None
+    _load: Callable[[], tuple[LMConfig, dict, dict, int | None]] = dataclasses.field(repr=False, default=None)
+
+    def load(self) -> Model:
+        """Read the weights (and router state)."""
+        cfg, params, state, step = self._load()
+        return Model(cfg=cfg, params=params, state=state, tokenizer=self.tokenizer, source=str(self.path),
+                     kind=self.kind, step=step)
+
+
+def open_model(path: str | Path, *, step: int | None = None, tokenizer: bool = True) -> ModelSource:
+    """Describe the model at `path` without reading its weights.
+
+    path: a jmoe run directory (byte-level tokenizer; `step` picks a checkpoint, default the
+      newest complete one) or a Hugging Face model directory (config.json, safetensors, and
+      tokenizer.json when `tokenizer`).
+    Raises ValueError (one line) when the directory is neither, its config or tokenizer is
+    missing or broken, or its router cannot decode token by token.
+    """
+    from jmoe.train import rundir
+
+    path = Path(path)
+    if not path.is_dir():
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise ValueError(f"{path} {what} (want a jmoe run or a Hugging Face model directory)")
+    if rundir.is_run_dir(path):
+        saved, chosen = rundir.find_checkpoint(path, step)
+        cfg = LMConfig.from_dict(saved["model"])
+        check_servable(cfg)
+
+        def load_run():
+            model_cfg, _, params, router_state, _, at = rundir.load_run(path, chosen)
+            return model_cfg, params, router_state or {}, at
+
+        tok = load_tokenizer(None, vocab_size=cfg.vocab_size) if tokenizer else None
+        return ModelSource(path, "run", cfg, tok, chosen, load_run)
+    if (path / "config.json").is_file():
+        from jmoe.io import hf
+        from jmoe.nn.transformer import lm_state_from_params
+
+        if step is not None:
+            raise ValueError(f"{path} is a Hugging Face model directory; it has no checkpoint steps")
+        _, cfg, _ = hf.read_config(path)
+        check_servable(cfg)
+        tok = load_tokenizer(path) if tokenizer else None
+
+        def load_hf():
+            model_cfg, params = hf.load(path)
+            return model_cfg, params, lm_state_from_params(model_cfg, params), None
+
+        return ModelSource(path, "hf", cfg, tok, None, load_hf)
+    raise ValueError(f"{path} is neither a jmoe run (config.json and checkpoints/) nor a Hugging Face model "
+                     "directory (config.json)")
+
+
+def load(path: str | Path, *, step: int | None = None, tokenizer: bool = True) -> Model:
+    """`open_model(path, ...).load()`: a `Model` ready to generate."""
+    return open_model(path, step=step, tokenizer=tokenizer).load()
