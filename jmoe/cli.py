@@ -256,6 +256,18 @@ def cmd_generate(args) -> int:
     return run_generate(args)
 
 
+def cmd_trace_report(args) -> int:
+    from jmoe.infer.offload_commands import run_trace_report
+
+    return run_trace_report(args)
+
+
+def cmd_cache_sim(args) -> int:
+    from jmoe.infer.offload_commands import run_cache_sim
+
+    return run_cache_sim(args)
+
+
 def _add_distributed_args(p) -> None:
     p.add_argument("--cpu-devices", type=_int_range(1), metavar="N", help="simulate N CPU devices in this process")
     p.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process run: the coordinator's address")
@@ -432,6 +444,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one JSON line per prompt (prompt, text, token_ids, finish_reason), then one with the speeds")
     g.add_argument("--quiet", action="store_true", help="nothing on stderr but errors")
     g.set_defaults(func=cmd_generate)
+
+    tr = sub.add_parser("trace-report", help="routing locality of a routing trace: SRP, SCH, popularity, reuse distances (JSON + plot)")
+    tr.add_argument("trace", help="routing trace (.npz, format jmoe-routing-trace)")
+    tr.add_argument("--out", required=True,
+                    help="directory for report.json and report.png, or a path ending in .json (the figure goes next to it)")
+    tr.add_argument("--segment-lengths", type=_int_range(1), nargs="+", default=[4, 16, 64, 256], metavar="M",
+                    help="segment lengths (tokens) of SRP and SCH (default 4 16 64 256)")
+    tr.add_argument("--cache-size", type=_int_range(1), help="cached experts per layer for SCH (default 2 x top-k)")
+    tr.add_argument("--reuse-bins", type=_int_range(1, 4096), default=32, help="bins of the reuse-distance histograms (default 32)")
+    tr.add_argument("--no-plot", action="store_true", help="write report.json only")
+    tr.set_defaults(func=cmd_trace_report)
+
+    from jmoe.infer.cachesim import CACHE_POLICIES
+
+    cs = sub.add_parser("cache-sim", help="expert-cache hit rates of a routing trace under a replacement policy")
+    cs.add_argument("trace", help="routing trace (.npz, format jmoe-routing-trace)")
+    cs.add_argument("--cache-size", type=_int_range(1), required=True, help="expert slots per layer (at least the trace's top-k)")
+    cs.add_argument("--policy", default="lru", choices=CACHE_POLICIES.names(),
+                    help="replacement policy (default lru; belady is the offline optimum)")
+    cs.add_argument("--prefetch", choices=("none", "oracle"), default="none",
+                    help="oracle: load each token's true experts before it (the upper bound of a predictor)")
+    cs.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    cs.set_defaults(func=cmd_cache_sim)
 
     from jmoe.merge.mergekit import supported_methods
 

@@ -25,7 +25,7 @@ from jax import lax
 from jmoe.dispatch.base import expert_fn_for
 from jmoe.registry import DISPATCHERS
 
-GATHER_MAX_SLOTS_PER_EXPERT = 2
+GATHER_MAX_SLOTS_PER_EXPERT = 0.5
 """`decode_dispatch` gathers while T*k <= this * E (measured, see `decode_dispatch`)."""
 
 
@@ -92,29 +92,26 @@ def decode_dispatch(num_tokens: int, top_k: int, num_experts: int) -> str:
     """The dispatch for one MoE layer call of T tokens: "gather" or "dropless".
 
     "gather" while the step's token-slots are few against the experts,
-    T*k <= GATHER_MAX_SLOTS_PER_EXPERT * E (= 2 E), else "dropless".
+    T*k <= GATHER_MAX_SLOTS_PER_EXPERT * E (= E / 2), else "dropless" (which the inference
+    engine runs with small chunks, `jmoe.infer.forward.serving_block_size`).
 
     Measured by experiments/bench_decode_dispatch.py (XLA:CPU, 2 cores, jax 0.10.2, jitted
-    forward dispatch, d_model 512, uniform random routing, median of 15 interleaved rounds,
-    ms; dropless with its default options: impl "xla", block_size 512):
+    forward dispatch, d_model 512, uniform random routing, median of 15 interleaved rounds;
+    ms, gather vs dropless at the engine's block size):
 
-        E=8,  k=2, d_ff=1024:  T=1:             gather 3.4  vs dropless 5.9
-                               T=4 (T*k=E):     gather 7.7  vs dropless 11.3
-                               T=8 (T*k=2E):    gather 11.2 vs dropless 12.0
-                               T=16 (T*k=4E):   gather 23.0 vs dropless 16.5
-        E=64, k=2, d_ff=256:   T=1:             gather 1.7  vs dropless 10.8
-                               T=64 (T*k=2E):   gather 29.1 vs dropless 34.8
-                               T=128 (T*k=4E):  gather 63.1 vs dropless 42.7
-        E=64, k=6, d_ff=256:   T=1:             gather 2.7  vs dropless 13.4
-                               T=16 (T*k=1.5E): gather 26.5 vs dropless 36.5
-                               T=32 (T*k=3E):   gather 51.1 vs dropless 43.4
+        E=8,  k=2, d_ff=1024:  T=1 (T*k=E/4):    2.76 vs 2.34    T=4 (T*k=E):    6.99 vs 6.57
+                               T=8 (T*k=2E):    11.79 vs 6.33
+        E=64, k=2, d_ff=256:   T=8 (T*k=E/4):    3.82 vs 4.42    T=16 (E/2):     7.32 vs 7.06
+                               T=32 (T*k=E):    14.11 vs 11.67
+        E=64, k=6, d_ff=256:   T=2 (T*k=0.19E):  3.53 vs 4.70    T=4 (0.38E):    6.50 vs 8.29
+                               T=8 (T*k=0.75E): 12.20 vs 13.92   T=16 (1.5E):   22.03 vs 18.36
 
-    Gather's time grows with T*k (one expert's weights read per slot); the default dropless
-    loop pays a fixed cost per call that grows with E and block_size. Their ratio crosses 1 at
-    T*k = 2.3 E, 2.5 E and 2.4 E (interpolated) for the three shapes, hence the rule.
-    Dropless with a small block_size (`dispatch_options=dict(block_size=32)`) loses most of
-    that fixed cost: it runs within 0.9-1.3x of gather at T=1 and overtakes it near
-    T*k = E. Not measured on GPU/TPU, where dropless runs the Pallas grouped matmul.
+    Gather's time grows with T*k (one expert's weights read per slot), dropless's with the
+    number of experts that have slots. Neither wins everywhere: gather is up to 1.3x faster
+    for fine-grained experts at a few tokens, dropless up to 1.2x faster for 8 experts. The
+    threshold E / 2 keeps the choice within 1.21x of the faster one at every measured shape
+    (E, 2E or never gathering give 1.21x, 1.21x and 1.33x). Not measured on GPU/TPU, where
+    dropless runs the Pallas grouped matmul.
 
     Args:
       num_tokens: T, tokens in the step (batch size for one decoded token per sequence).

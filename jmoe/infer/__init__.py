@@ -12,6 +12,9 @@
   engine.py     buckets, compiled steps, stop ids, streaming, speed
   tokenizer.py  byte-level and Hugging Face tokenizers, chat templates
   load.py       open a run or a Hugging Face directory
+  trace.py      routing traces (which experts every token used, layer by layer)
+  locality.py   locality metrics of a trace: SRP, SCH, popularity, reuse distances, co-activation
+  cachesim.py   expert-cache simulation: LRU, LFU, score-based, ARC, Belady; prefetch hooks
 """
 
 from jmoe.infer.cache import KVCache, init_cache, values_per_token
@@ -20,9 +23,17 @@ from jmoe.infer.forward import check_servable, extend, prefill, serving_moe
 from jmoe.infer.load import Model, ModelSource, load, open_model
 from jmoe.infer.sampling import SamplingParams, process_logits, sample
 from jmoe.infer.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from jmoe.infer.trace import RoutingTrace, trace_from_routings
+from jmoe.infer.cachesim import CACHE_POLICIES, SimResult, hit_rate_curve, simulate
 
 __all__ = [
     "ByteTokenizer",
+    "CACHE_POLICIES",
+    "RoutingTrace",
+    "SimResult",
+    "hit_rate_curve",
+    "simulate",
+    "trace_from_routings",
     "Engine",
     "Generation",
     "GenerationStats",

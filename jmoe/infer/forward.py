@@ -33,11 +33,34 @@ def check_servable(cfg: LMConfig) -> None:
             )
 
 
+MIN_BLOCK = 32
+
+
+def serving_block_size(num_tokens: int, top_k: int, num_experts: int, block_size: int) -> int:
+    """Rows per chunk of a dropless step: twice the mean slots per expert rounded up to a power
+    of two, at least `MIN_BLOCK`, at most the configured `block_size`."""
+    per_expert = -(-num_tokens * top_k // num_experts)
+    return min(block_size, max(MIN_BLOCK, 1 << (2 * per_expert - 1).bit_length()))
+
+
 def serving_moe(moe: MoEConfig, num_tokens: int) -> MoEConfig:
-    """The MoE config a step of `num_tokens` tokens runs with: its dispatch picked by
-    `decode_dispatch` (the model's own options kept when it already uses that dispatch)."""
+    """The MoE config a step of `num_tokens` tokens runs with.
+
+    The dispatch is picked by `decode_dispatch` (the model's own options kept when it already
+    uses it). A dropless step with few slots per expert runs in chunks of at most twice its
+    mean slots per expert (at least `MIN_BLOCK` rows): a decoding step of 8 tokens with k=2
+    over 8 experts has 2 slots per expert, which the training block of 512 rows would pad
+    to 32-row chunks (measured in experiments/bench_decode_dispatch.py).
+    """
     name = decode_dispatch(num_tokens, moe.top_k, moe.num_experts)
-    return moe if moe.dispatch == name else moe.replace(dispatch=name)
+    if name != "dropless":
+        return moe if moe.dispatch == name else moe.replace(dispatch=name)
+    if moe.dispatch != "dropless":
+        moe = moe.replace(dispatch="dropless")
+    block = serving_block_size(num_tokens, moe.top_k, moe.num_experts, moe.dispatch_options.block_size)
+    if block != moe.dispatch_options.block_size:
+        moe = moe.with_options("dropless", block_size=block)
+    return moe
 
 
 def _moe_config(cfg: LMConfig, num_tokens: int):

@@ -209,8 +209,8 @@ def test_decode_dispatch_rule():
     assert decode_dispatch(1, 8, 256) == "gather"
     assert decode_dispatch(32, 6, 64) == "dropless"
     assert decode_dispatch(4096, 2, 8) == "dropless"
-    assert decode_dispatch(c * 64 // 2, 2, 64) == "gather"  # T*k = c*E: the last gather shape
-    assert decode_dispatch(c * 64 // 2 + 1, 2, 64) == "dropless"
+    assert decode_dispatch(int(c * 64) // 2, 2, 64) == "gather"  # T*k = c*E: the last gather shape
+    assert decode_dispatch(int(c * 64) // 2 + 1, 2, 64) == "dropless"
     assert decode_dispatch(np.int64(1), 2, 8) == "gather"
     for args in [(0, 2, 8), (1, 0, 8), (1, 2, -1), (1.0, 2, 8), (True, 2, 8), (1, 2, "8")]:
         with pytest.raises(ValueError, match="positive int"):

@@ -80,6 +80,18 @@ def test_cached_logits_equal_the_full_forward(name):
         np.testing.assert_allclose(logits[r], want, rtol=2e-4, atol=2e-4, err_msg=f"{name}, prompt {r}")
 
 
+@pytest.mark.parametrize("name", ["topk", "sigmoid_bias", "moepp"])
+def test_one_row_decodes_through_the_gather_dispatch(name):
+    cfg, params, state = _model(name)
+    from jmoe.infer.forward import serving_moe
+
+    assert serving_moe(cfg.moe, 1).dispatch == "gather" and serving_moe(cfg.moe, 3 * 7).dispatch == "dropless"
+    prompt = PROMPTS[0]
+    toks, logits = cached_greedy(cfg, params, state, [prompt], 5)
+    full, _ = lm_apply(params, jnp.asarray([prompt + list(toks[0, :5])], jnp.int32), cfg, state=state)
+    np.testing.assert_allclose(logits[0], np.asarray(full[0, len(prompt) - 1:]), rtol=2e-4, atol=2e-4)
+
+
 def test_mla_caches_only_the_latent_and_rope_key():
     cfg = MODELS["sigmoid_bias"]
     assert values_per_token(cfg) == 6 + 4
