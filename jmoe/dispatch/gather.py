@@ -17,6 +17,7 @@ Choosing between this and "dropless" for a static step shape: `decode_dispatch`.
 from __future__ import annotations
 
 import numbers
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,10 @@ from jax import lax
 
 from jmoe.dispatch.base import expert_fn_for
 from jmoe.registry import DISPATCHERS
+
+if TYPE_CHECKING:
+    from jmoe.config import MoEConfig
+    from jmoe.routing.base import Routing
 
 GATHER_MAX_SLOTS_PER_EXPERT = 0.5
 """`decode_dispatch` gathers while T*k <= this * E (measured, see `decode_dispatch`)."""
@@ -64,7 +69,7 @@ def _slot_outputs(expert_params, x, expert_ids, mask, cfg):
     return lax.map(slot, (expert_ids.reshape(-1).astype(jnp.int32), tokens, mask.reshape(-1)))
 
 
-def gather_dispatch(expert_params, x, routing, cfg):
+def gather_dispatch(expert_params: dict, x: jax.Array, routing: Routing, cfg: MoEConfig) -> tuple[jax.Array, jax.Array]:
     """y[t] = sum_j w[t, j] * expert_{e_tj}(x[t]), one token-slot at a time.
 
     Slots whose routing mask is False are skipped (no weights read) and contribute 0.

@@ -125,7 +125,7 @@ def _best_f1(matches: np.ndarray, preds: np.ndarray, acts) -> np.ndarray:
 
 
 def segment_routing_best_performance(trace: RoutingTrace,
-                                     segment_lengths=DEFAULT_SEGMENT_LENGTHS) -> dict[int, np.ndarray]:
+                                     segment_lengths: Sequence[int] = DEFAULT_SEGMENT_LENGTHS) -> dict[int, np.ndarray]:
     """Segment routing best performance (SRP) of each MoE layer, per segment length m.
 
     Definition (Liang et al. 2025, arXiv:2505.16056; code: moe-lrc src/30_srp_calc.py
@@ -160,7 +160,7 @@ def model_segment_routing_best_performance(trace: RoutingTrace,
 
 
 # ----------------------------------------------------------------------------- SCH
-def segment_cache_best_hit_rate(trace: RoutingTrace, segment_lengths=DEFAULT_SEGMENT_LENGTHS,
+def segment_cache_best_hit_rate(trace: RoutingTrace, segment_lengths: Sequence[int] = DEFAULT_SEGMENT_LENGTHS,
                                 cache_size: int | None = None) -> dict[int, np.ndarray]:
     """Segment cache best hit rate (SCH) of each MoE layer, per segment length m.
 
@@ -387,9 +387,9 @@ def report(trace: RoutingTrace, segment_lengths=DEFAULT_SEGMENT_LENGTHS, cache_s
            reuse_bins: int = 32, lookahead: int = 1) -> dict:
     """Every locality metric of `trace` as one JSON-serialisable dict (NaN written as null).
 
-    Keys: format, version, trace (sizes), popularity [L][E], srp (per_layer {m: [L]}, model
-    {m: x}), sch (cache_size C, default 2k as moe-lrc finds a good trade-off; per_layer
-    {m: [L]}, mean {m: x} over layers), reuse_distance (histogram [L][bins] of kind
+    Keys: format, version, trace (sizes), popularity `[L][E]`, srp (per_layer `{m: [L]}`, model
+    `{m: x}`), sch (cache_size C, default 2k as moe-lrc finds a good trade-off; per_layer
+    `{m: [L]}`, mean `{m: x}` over layers), reuse_distance (histogram `[L][bins]` of kind
     "distinct", first_requests [L]), coactivation (lookahead, top1 [L - lookahead]: for each
     layer, the share of tokens whose next-layer experts include the most likely successor of
     their own expert, averaged over their slots; absent with a single MoE layer).

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 FORMAT = "jmoe-routing-trace"
 VERSION = 1
@@ -262,8 +263,9 @@ def concat(traces: Sequence[RoutingTrace], *, keep_seq_ids: bool = False) -> Rou
                         seq_ids=np.concatenate(seqs), layers=first.layers)
 
 
-def trace_from_routings(expert_ids_per_layer, weights_per_layer, masks_per_layer, num_experts: int, seq_ids,
-                        layers=None) -> RoutingTrace:
+def trace_from_routings(expert_ids_per_layer: Sequence[ArrayLike], weights_per_layer: Sequence[ArrayLike],
+                        masks_per_layer: Sequence[ArrayLike | None] | None, num_experts: int, seq_ids: ArrayLike,
+                        layers: ArrayLike | None = None) -> RoutingTrace:
     """A trace from per-layer routing arrays (e.g. the `Routing` of each MoE layer).
 
     Args:
