@@ -34,6 +34,7 @@ an upper bound for every policy above). A new policy is one `CachePolicy` subcla
 from __future__ import annotations
 
 import dataclasses
+import abc
 import heapq
 import math
 from bisect import bisect_left, bisect_right
@@ -51,7 +52,7 @@ CACHE_POLICIES: Registry = Registry("cache policy")
 Prefetch = Callable[[int, int], Sequence[int]]
 
 
-class CachePolicy:
+class CachePolicy(abc.ABC):
     """A replacement policy for one layer's cache. The simulator keeps the set of cached
     experts and tells the policy what happens; the policy only picks victims.
 
@@ -77,10 +78,10 @@ class CachePolicy:
     def load(self, expert: int, t: int, prefetch: bool) -> None:
         """`expert` enters the cache at step t (requested, or prefetched before the step)."""
 
+    @abc.abstractmethod
     def evict(self, incoming: int, protected, t: int, prefetch: bool) -> int:
         """The cache is full and `incoming` must enter: forget and return a cached expert that
         is not in `protected` (the step's experts, or those prefetched with it)."""
-        raise NotImplementedError
 
 
 # ----------------------------------------------------------------------------- shared pieces
