@@ -256,6 +256,34 @@ def cmd_generate(args) -> int:
     return run_generate(args)
 
 
+def cmd_trace(args) -> int:
+    from jmoe.infer.offload_commands import run_trace
+
+    return run_trace(args)
+
+
+def _add_offload_args(g) -> None:
+    from jmoe.infer.cachesim import CACHE_POLICIES
+
+    o = g.add_argument_group("expert offloading")
+    o.add_argument("--offload-experts", action="store_true",
+                   help="keep the routed experts in host memory (or on disk) and a few per MoE layer on the device")
+    size = o.add_mutually_exclusive_group()
+    size.add_argument("--expert-cache", type=_int_range(1), metavar="N", help="device slots per MoE layer (>= top-k)")
+    size.add_argument("--expert-memory", metavar="SIZE",
+                      help="device memory for expert slots over all MoE layers, e.g. 2GiB (picks --expert-cache)")
+    o.add_argument("--cache-policy", default="lru",
+                   choices=[n for n in CACHE_POLICIES.names() if n != "belady"] + ["none"],
+                   help="replacement policy of the expert cache; none loads on demand (default lru)")
+    o.add_argument("--prefetch", choices=("none", "gate", "learned"), default="gate",
+                   help="load the next MoE layer's predicted experts while a layer computes (default gate)")
+    o.add_argument("--predictor-trace", metavar="FILE",
+                   help="routing trace to train the learned predictor on (--prefetch learned)")
+    o.add_argument("--expert-store", choices=("host", "disk"), default="host",
+                   help="slow tier of the experts: host memory, or a memory-mapped safetensors file (default host)")
+    o.add_argument("--expert-store-path", metavar="FILE", help="the safetensors file of --expert-store disk")
+
+
 def cmd_trace_report(args) -> int:
     from jmoe.infer.offload_commands import run_trace_report
 
@@ -443,7 +471,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true",
                    help="one JSON line per prompt (prompt, text, token_ids, finish_reason), then one with the speeds")
     g.add_argument("--quiet", action="store_true", help="nothing on stderr but errors")
+    g.add_argument("--trace", metavar="FILE",
+                   help="record every MoE layer's experts for each prompt and generated token (.npz routing trace)")
+    _add_offload_args(g)
     g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("trace", help="record a routing trace: every MoE layer's experts for each token of a text")
+    t.add_argument("--ckpt", required=True, metavar="RUN_OR_HF_DIR", help="a jmoe run or a Hugging Face model directory")
+    t.add_argument("--step", type=_int_range(0), help="a run's checkpoint step (default: latest)")
+    t.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text, tokenized with the model's tokenizer")
+    t.add_argument("--out", required=True, metavar="FILE", help="the routing trace to write (.npz)")
+    t.add_argument("--seq-len", type=_int_range(2), help="tokens per sequence (default: the model's context)")
+    t.add_argument("--max-tokens", type=_int_range(1), help="trace at most this many tokens of the text")
+    t.add_argument("--batch-size", type=_int_range(1, 1024), default=8, help="sequences run together (default 8)")
+    t.add_argument("--quiet", action="store_true", help="nothing on stderr but errors")
+    t.set_defaults(func=cmd_trace)
 
     tr = sub.add_parser("trace-report", help="routing locality of a routing trace: SRP, SCH, popularity, reuse distances (JSON + plot)")
     tr.add_argument("trace", help="routing trace (.npz, format jmoe-routing-trace)")

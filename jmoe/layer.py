@@ -219,6 +219,7 @@ def layer_body(
     reduce: Callable[[jax.Array], jax.Array] = lambda v: v,
     shards: int = 1,
     partial_sum: Callable[[jax.Array], jax.Array] = lambda v: v,
+    routing: Routing | None = None,
 ) -> tuple[jax.Array, MoEAux]:
     """The MoE layer on flat tokens: route, dispatch, FLOP-free experts, shared experts, aux.
 
@@ -232,12 +233,15 @@ def layer_body(
       xt: [T, d] tokens in the compute dtype.
       dispatch: `(expert_params, x [T, d], routing, cfg) -> (y [T, d], dropped)`.
       seq_len: tokens per sequence (for sequence-scoped balance losses).
+      routing: this layer's routing of xt when it is already known (the offloaded inference
+        path routes first, loads the chosen experts, then runs the rest); None routes here.
     Returns:
       y: [T, d] in the compute dtype, and the `MoEAux`.
     """
     router = ROUTERS.get(cfg.router)
-    with jax.named_scope("router"):
-        routing = router.apply(params["router"], xt, cfg, state=state, key=key, carry=carry)
+    if routing is None:
+        with jax.named_scope("router"):
+            routing = router.apply(params["router"], xt, cfg, state=state, key=key, carry=carry)
     with jax.named_scope("dispatch"):
         y, dropped = dispatch(params["experts"], xt, ffn_routing(routing, cfg), cfg)
     if router.extra_output is not None:

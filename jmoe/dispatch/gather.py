@@ -11,6 +11,12 @@ gathering the T*k experts' weights into one `[T*k, d, f]` array for a batched pr
 slower (it copies them first); both are measured beside this one in
 experiments/bench_decode_dispatch.py.
 
+Each slot still pays for a copy: XLA:CPU copies `w[e]` out of the stacked `[E, d, f]`
+array before the matmul, whether e is dynamic or a static index in a `lax.switch` branch.
+Picking among E separate arrays with `lax.switch` instead took 0.53x the time per MoE
+layer for E=8, d_ff=1152 (1 and 8 tokens) and 0.67-0.73x for E=64, d_ff=160
+(experiments/bench_decode_moe.py, "layout"); jmoe keeps experts stacked.
+
 Choosing between this and "dropless" for a static step shape: `decode_dispatch`.
 """
 
@@ -117,6 +123,13 @@ def decode_dispatch(num_tokens: int, top_k: int, num_experts: int) -> str:
     threshold E / 2 keeps the choice within 1.21x of the faster one at every measured shape
     (E, 2E or never gathering give 1.21x, 1.21x and 1.33x). Not measured on GPU/TPU, where
     dropless runs the Pallas grouped matmul.
+
+    The table above predates the 1-, 2- and 4-row chunks of small blocks
+    (`jmoe.dispatch.chunked.chunk_sizes`). With them, experiments/bench_decode_moe.py
+    measured gather at 1.01-1.25x dropless's time where it is picked (T*k <= E/2; E=8, k=2,
+    d_ff=1152 and E=64, k=6, d_ff=160) and 1.12-1.45x above; an earlier run of the same
+    comparison had gather at 0.93-0.97x at one token. The threshold is kept until a quieter
+    machine settles whether gather still pays at all.
 
     Args:
       num_tokens: T, tokens in the step (batch size for one decoded token per sequence).

@@ -15,6 +15,8 @@
   trace.py      routing traces (which experts every token used, layer by layer)
   locality.py   locality metrics of a trace: SRP, SCH, popularity, reuse distances, co-activation
   cachesim.py   expert-cache simulation: LRU, LFU, score-based, ARC, Belady; prefetch hooks
+  predict.py    next-layer expert prediction: the cross-layer gate, a learned predictor
+  offload.py    offloaded experts: a slow-tier store, device slots, caches, prefetch
 """
 
 from jmoe.infer.cache import KVCache, init_cache, values_per_token
@@ -23,13 +25,15 @@ from jmoe.infer.forward import check_servable, extend, prefill, serving_moe
 from jmoe.infer.load import Model, ModelSource, load, open_model
 from jmoe.infer.sampling import SamplingParams, process_logits, sample
 from jmoe.infer.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
-from jmoe.infer.trace import RoutingTrace, trace_from_routings
+from jmoe.infer.trace import RoutingTrace, TraceRecorder, recorder_for, trace_from_routings
 from jmoe.infer.cachesim import CACHE_POLICIES, SimResult, hit_rate_curve, simulate
 
 __all__ = [
     "ByteTokenizer",
     "CACHE_POLICIES",
     "RoutingTrace",
+    "TraceRecorder",
+    "recorder_for",
     "SimResult",
     "hit_rate_curve",
     "simulate",

@@ -13,7 +13,79 @@ from pathlib import Path
 
 from jmoe.infer.engine import prepare_prompts
 from jmoe.infer.load import encode_prompt, open_model
+from jmoe.infer.offload import format_bytes
+from jmoe.infer.offload_commands import check_new_file
 from jmoe.infer.sampling import SamplingParams
+from jmoe.infer.trace import recorder_for
+
+OFFLOAD_FLAGS = ("expert_cache", "expert_memory", "predictor_trace", "expert_store_path")
+
+
+def offload_options(args, cfg) -> dict | None:
+    """The offloading flags of `jmoe generate`, checked against the model's config (before its
+    weights are read) -> OffloadedEngine keyword arguments, or None without --offload-experts."""
+    import jax
+
+    from jmoe.infer.offload import cache_size_for_memory, parse_bytes
+    from jmoe.nn.transformer import init_lm
+
+    if not getattr(args, "offload_experts", False):
+        given = [f for f in OFFLOAD_FLAGS if getattr(args, f, None) is not None]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} needs --offload-experts")
+        return None
+    layers = list(cfg.moe_layers)
+    if not layers:
+        raise ValueError(f"--offload-experts: {args.ckpt} has no MoE layers")
+    k = max(cfg.moe_for(i).top_k for i in layers)
+    E = min(cfg.moe_for(i).num_experts for i in layers)
+    if args.expert_memory is not None:
+        shapes = jax.eval_shape(lambda: init_lm(jax.random.key(0), cfg))
+        size = cache_size_for_memory(cfg, shapes, parse_bytes(args.expert_memory))
+    else:
+        size = args.expert_cache if args.expert_cache is not None else min(2 * k, E)
+        if size < k:
+            raise ValueError(f"--expert-cache {size} is smaller than top-k {k}: a token's experts must fit at once")
+        if size > E:
+            raise ValueError(f"--expert-cache {size} exceeds the {E} experts of a MoE layer")
+    policy, prefetch = args.cache_policy, args.prefetch
+    if policy == "none":
+        prefetch = "none"
+    predictor = None
+    if prefetch == "learned":
+        from jmoe.infer.predict import LearnedPredictor
+        from jmoe.infer.trace import load
+
+        if args.predictor_trace is None:
+            raise ValueError("--prefetch learned needs --predictor-trace (a routing trace of this model: jmoe trace)")
+        trace = load(args.predictor_trace)
+        if trace.num_layers != len(layers) or trace.num_experts != max(cfg.moe_for(i).num_experts for i in layers):
+            raise ValueError(f"--predictor-trace {args.predictor_trace} has {trace.num_layers} MoE layers of "
+                             f"{trace.num_experts} experts; the model has {len(layers)} of {E}")
+        if len(layers) < 2:
+            raise ValueError("--prefetch learned needs a model of at least 2 MoE layers")
+        predictor = LearnedPredictor.fit(trace)
+    elif args.predictor_trace is not None:
+        raise ValueError("--predictor-trace is for --prefetch learned")
+    path = None
+    if args.expert_store == "disk":
+        if args.expert_store_path is None:
+            raise ValueError("--expert-store disk needs --expert-store-path FILE (a safetensors file to write)")
+        path = check_new_file(args.expert_store_path, "--expert-store-path")
+        try:
+            import safetensors  # noqa: F401
+        except ImportError:
+            raise ValueError("--expert-store disk reads safetensors files: install jmoe's interop extra") from None
+    elif args.expert_store_path is not None:
+        raise ValueError("--expert-store-path is for --expert-store disk")
+    return {"cache_size": size, "policy": policy, "prefetch": prefetch, "predictor": predictor,
+            "tier": args.expert_store, "path": path}
+
+
+def offloaded_engine(model, offload: dict, batch_size: int):
+    from jmoe.infer.offload import OffloadedEngine
+
+    return OffloadedEngine(model.cfg, model.params, model.state, batch_size=batch_size, **offload)
 
 
 def read_prompts(args) -> list[str]:
@@ -60,11 +132,19 @@ def run_generate(args, out=None, err=None) -> int:
     ids = prepare_prompts([encode_prompt(tok, p, chat=args.chat) for p in prompts], cfg, args.max_new_tokens,
                           truncate=args.truncate)
     stop_ids = [*(() if args.ignore_eos else tok.eos_ids), *(args.stop_id or ())]
+    trace_path = check_new_file(args.trace, "--trace") if getattr(args, "trace", None) else None
+    if trace_path is not None and not cfg.moe_layers:
+        raise ValueError(f"--trace: {args.ckpt} has no MoE layers to trace")
+    offload = offload_options(args, cfg)
 
     model = source.load()
     if args.dtype:
         model.cfg = model.cfg.replace(dtype=args.dtype)
-    engine = model.engine(args.batch_size)
+    if offload is None:
+        engine = model.engine(args.batch_size)
+    else:
+        engine = offloaded_engine(model, offload, args.batch_size)
+    recorder = recorder_for(model.cfg) if trace_path is not None else None
     on_token = None
     if args.stream:
         decoder = tok.stream_decoder()
@@ -80,7 +160,9 @@ def run_generate(args, out=None, err=None) -> int:
 
     gens, stats = engine.generate(ids, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=stop_ids,
                                   seed=args.seed, truncate=args.truncate, on_token=on_token,
-                                  progress=not (args.quiet or args.stream) and len(prompts) > 1)
+                                  progress=not (args.quiet or args.stream) and len(prompts) > 1, recorder=recorder)
+    if recorder is not None:
+        recorder.trace().save(trace_path)
     if args.stream:
         out.write(decoder.flush() + "\n")
     for g in gens:
@@ -94,13 +176,25 @@ def run_generate(args, out=None, err=None) -> int:
         if g.finish_reason == "context" and not args.quiet:
             err.write(f"note: prompt {g.index} filled the model's context of {cfg.max_seq_len} tokens after "
                       f"{len(g.token_ids)} new tokens\n")
+    off = engine.offload_stats.to_dict() if offload is not None else None
     if args.json:
-        out.write(json.dumps({"prefill_tokens_per_s": stats.prefill_tokens_per_s,
-                              "decode_tokens_per_s": stats.decode_tokens_per_s,
-                              "prompt_tokens": stats.prompt_tokens, "decode_tokens": stats.decode_tokens,
-                              "compile_s": stats.compile_s}) + "\n")
+        speeds = {"prefill_tokens_per_s": stats.prefill_tokens_per_s, "decode_tokens_per_s": stats.decode_tokens_per_s,
+                  "prompt_tokens": stats.prompt_tokens, "decode_tokens": stats.decode_tokens,
+                  "compile_s": stats.compile_s}
+        if off is not None:
+            speeds["offload"] = {**off, "cache_size": offload["cache_size"], "policy": offload["policy"],
+                                 "prefetch": offload["prefetch"], "device_bytes": engine.lm.resident_bytes}
+        out.write(json.dumps(speeds) + "\n")
     elif not args.quiet:
         err.write(f"{len(gens)} prompt(s): prefill {stats.prefill_tokens_per_s:,.0f} tokens/s, decode "
                   f"{stats.decode_tokens_per_s:,.0f} tokens/s (compiling took {stats.compile_s:.1f} s)\n")
+        if off is not None:
+            rate = "n/a" if off["hit_rate"] is None else f"{off['hit_rate']:.3f}"
+            per_tok = "n/a" if off["bytes_per_token"] is None else format_bytes(off["bytes_per_token"])
+            err.write(f"offloaded experts: {offload['cache_size']} slots per MoE layer ({offload['policy']}, prefetch "
+                      f"{offload['prefetch']}), hit rate {rate}, {per_tok} loaded per token, "
+                      f"{format_bytes(engine.lm.resident_bytes)} of weights on the device\n")
+    if trace_path is not None and not args.quiet:
+        err.write(f"wrote the routing trace {trace_path}\n")
     out.flush()
     return 0

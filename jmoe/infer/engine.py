@@ -26,6 +26,7 @@ import numpy as np
 from jmoe.infer.cache import KVCache
 from jmoe.infer.forward import check_servable, extend, prefill
 from jmoe.infer.sampling import SamplingParams, sample
+from jmoe.infer.trace import TraceRecorder
 from jmoe.nn.transformer import LMConfig
 from jmoe.progress import Progress
 
@@ -86,8 +87,9 @@ def _row_keys(key: jax.Array, indices: np.ndarray) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(indices, jnp.uint32))
 
 
-def _prefill_step(params, state, tokens, lengths, row_keys, *, cfg, max_len, sampling):
-    logits, cache = prefill(params, state, tokens, lengths, cfg, max_len)
+def sample_after_prefill(logits, tokens, lengths, row_keys, *, cfg, sampling):
+    """The first new token of each row [B] and, with a repetition penalty, the [B, V] tokens
+    seen so far (else None)."""
     B, P = tokens.shape
     seen = None
     if sampling.repetition_penalty != 1.0:
@@ -97,16 +99,28 @@ def _prefill_step(params, state, tokens, lengths, row_keys, *, cfg, max_len, sam
     tok = sample(logits, seen, jax.vmap(lambda k: jax.random.fold_in(k, 0))(row_keys), sampling)
     if seen is not None:
         seen = seen.at[jnp.arange(B), tok].set(True)
-    return tok, cache, seen, logits
+    return tok, seen
 
 
-def _decode_step(params, state, cache, tok, seen, row_keys, step, *, cfg, sampling):
-    logits, cache = extend(params, state, tok[:, None], cache, cfg)
-    logits = logits[:, 0]
+def sample_after_decode(logits, tok, seen, row_keys, step, *, sampling):
+    """The next token of each row from decode logits [B, V] (and the updated seen tokens)."""
     nxt = sample(logits, seen, jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys), sampling)
     if seen is not None:
         seen = seen.at[jnp.arange(tok.shape[0]), nxt].set(True)
-    return nxt, cache, seen, logits
+    return nxt, seen
+
+
+def _prefill_step(params, state, tokens, lengths, row_keys, live, *, cfg, max_len, sampling, with_routing=False):
+    logits, cache, *routing = prefill(params, state, tokens, lengths, cfg, max_len, with_routing=with_routing)
+    tok, seen = sample_after_prefill(logits, tokens, lengths, row_keys, cfg=cfg, sampling=sampling)
+    return tok, cache, seen, logits, *routing
+
+
+def _decode_step(params, state, cache, tok, seen, row_keys, step, live, *, cfg, sampling, with_routing=False):
+    logits, cache, *routing = extend(params, state, tok[:, None], cache, cfg, with_routing=with_routing)
+    logits = logits[:, 0]
+    nxt, seen = sample_after_decode(logits, tok, seen, row_keys, step, sampling=sampling)
+    return nxt, cache, seen, logits, *routing
 
 
 def prepare_prompts(prompts: Sequence[Sequence[int]], cfg: LMConfig, max_new_tokens: int, *,
@@ -175,6 +189,7 @@ class Engine:
         truncate: bool = False,
         on_token: Callable[[int, int], None] | None = None,
         progress: bool = False,
+        recorder: TraceRecorder | None = None,
     ) -> tuple[list[Generation], GenerationStats]:
         """Continue every prompt.
 
@@ -189,11 +204,17 @@ class Engine:
           on_token: called as on_token(prompt index, token id) as each token is chosen
             (streaming); stop ids are not passed.
           progress: print progress on stderr.
+          recorder: a `TraceRecorder` that receives every layer's routing of each prompt token
+            and each generated token fed back (a prompt's index is its sequence id).
         Returns:
           one `Generation` per prompt, in input order, and the `GenerationStats`.
         """
         if not isinstance(sampling, SamplingParams):
             raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        if recorder is not None and not isinstance(recorder, TraceRecorder):
+            raise ValueError(f"recorder must be a TraceRecorder, got {type(recorder).__name__}")
+        if recorder is not None and not self.cfg.moe_layers:
+            raise ValueError("recorder: the model has no MoE layers to trace")
         prompts = self.prepare(prompts, max_new_tokens, truncate=truncate)
         stops = {int(s) for s in stop_ids}
         key = jax.random.key(seed, impl=PRNG_IMPL)
@@ -206,7 +227,7 @@ class Engine:
         for lo in range(0, len(order), self.batch_size):
             batch = order[lo: lo + self.batch_size]
             for g in self._generate_batch([prompts[i] for i in batch], batch, max_new_tokens, sampling, stops, key,
-                                          on_token, stats):
+                                          on_token, stats, recorder):
                 results[g.index] = g
                 done_tokens += min(max_new_tokens, self.context - len(g.prompt_ids))
             bar.update(done_tokens, {"prompts": f"{min(lo + self.batch_size, len(order))}/{len(order)}",
@@ -216,33 +237,39 @@ class Engine:
 
     # ------------------------------------------------------------------ one batch
 
-    def _steps(self, B: int, P: int, S: int, sampling: SamplingParams):
-        """The compiled (prefill, decode) of a bucket, compiled on first use."""
-        key = (B, P, S, sampling)
+    def _steps(self, B: int, P: int, S: int, sampling: SamplingParams, with_routing: bool = False):
+        """The compiled (prefill, decode) of a bucket, compiled on first use. Both return
+        (token [B], cache, seen, logits) and, with_routing, the step's routing. Their last
+        argument, live [B] bool, marks the rows whose tokens count (the others are padding
+        rows or finished; the compiled steps compute them anyway)."""
+        key = (B, P, S, sampling, with_routing)
         if key not in self._compiled:
             t0 = time.perf_counter()
             cfg = self.cfg
-            pre = jax.jit(partial(_prefill_step, cfg=cfg, max_len=S, sampling=sampling))
-            dec = jax.jit(partial(_decode_step, cfg=cfg, sampling=sampling), donate_argnums=(2, 4))
+            pre = jax.jit(partial(_prefill_step, cfg=cfg, max_len=S, sampling=sampling, with_routing=with_routing))
+            dec = jax.jit(partial(_decode_step, cfg=cfg, sampling=sampling, with_routing=with_routing),
+                          donate_argnums=(2, 4))
             tokens = jax.ShapeDtypeStruct((B, P), jnp.int32)
             lengths = jax.ShapeDtypeStruct((B,), jnp.int32)
             row_keys = jax.eval_shape(lambda: _row_keys(jax.random.key(0, impl=PRNG_IMPL), np.zeros(B, np.uint32)))
-            pre_c = pre.lower(self.params, self.state, tokens, lengths, row_keys).compile()
-            tok, cache, seen, _ = jax.eval_shape(pre, self.params, self.state, tokens, lengths, row_keys)
-            dec_c = dec.lower(self.params, self.state, cache, tok, seen, row_keys, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+            live = jax.ShapeDtypeStruct((B,), jnp.bool_)
+            pre_c = pre.lower(self.params, self.state, tokens, lengths, row_keys, live).compile()
+            tok, cache, seen, *_ = jax.eval_shape(pre, self.params, self.state, tokens, lengths, row_keys, live)
+            dec_c = dec.lower(self.params, self.state, cache, tok, seen, row_keys, jax.ShapeDtypeStruct((), jnp.int32),
+                              live).compile()
             self._compiled[key] = (pre_c, dec_c, time.perf_counter() - t0)
             return pre_c, dec_c, self._compiled[key][2]
         pre_c, dec_c, _ = self._compiled[key]
         return pre_c, dec_c, 0.0
 
-    def _generate_batch(self, prompts, indices, max_new_tokens, sampling, stops, key, on_token, stats):
+    def _generate_batch(self, prompts, indices, max_new_tokens, sampling, stops, key, on_token, stats, recorder):
         n = len(prompts)
         lens = [len(p) for p in prompts]
         C = self.context
         B = _pow2(n)
         P = min(max(MIN_PROMPT_BUCKET, _pow2(max(lens))), C)
         S = min(max(P, length_bucket(max(lens) + max_new_tokens)), C)
-        pre, dec, compile_s = self._steps(B, P, S, sampling)
+        pre, dec, compile_s = self._steps(B, P, S, sampling, recorder is not None)
         stats.compile_s += compile_s
 
         tokens = np.zeros((B, P), np.int32)
@@ -257,12 +284,17 @@ class Engine:
         out: list[list[int]] = [[] for _ in range(n)]
         reason: list[str | None] = [None] * n
 
+        seq_ids = idx.astype(np.int64)
         t0 = time.perf_counter()
-        tok, cache, seen, _ = pre(self.params, self.state, jnp.asarray(tokens), jnp.asarray(lengths), row_keys)
+        rows_live = np.arange(B) < n
+        tok, cache, seen, _, *routing = pre(self.params, self.state, jnp.asarray(tokens), jnp.asarray(lengths),
+                                            row_keys, jnp.asarray(rows_live))
         tok_h = np.asarray(tok)
         t1 = time.perf_counter()
         stats.prefill_s += t1 - t0
         stats.prompt_tokens += sum(lens)
+        if recorder is not None:
+            recorder.add(jax.device_get(routing[0]), (np.arange(P)[None, :] < lengths[:, None]) & rows_live[:, None], seq_ids)
         step = 0
         while True:
             for r in range(n):
@@ -281,7 +313,11 @@ class Engine:
             if not live:
                 break
             step += 1
-            tok, cache, seen, _ = dec(self.params, self.state, cache, tok, seen, row_keys, jnp.int32(step))
+            rows_live = np.array([r < n and reason[r] is None for r in range(B)])
+            tok, cache, seen, _, *routing = dec(self.params, self.state, cache, tok, seen, row_keys, jnp.int32(step),
+                                                jnp.asarray(rows_live))
+            if recorder is not None:
+                recorder.add(jax.device_get(routing[0]), rows_live[:, None], seq_ids)
             tok_h = np.asarray(tok)
             stats.decode_tokens += live
         stats.decode_s += time.perf_counter() - t1

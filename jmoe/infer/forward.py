@@ -15,6 +15,7 @@ from jmoe.config import MoEConfig
 from jmoe.dispatch.gather import decode_dispatch
 from jmoe.infer.attention import cached_attention, prefill_attention
 from jmoe.infer.cache import KVCache, init_cache, write
+from jmoe.layer import ffn_routing
 from jmoe.nn.transformer import LMConfig, decoder_layers, embed, unembed
 from jmoe.registry import ROUTERS
 
@@ -68,15 +69,17 @@ def _moe_config(cfg: LMConfig, num_tokens: int):
 
 
 def prefill(params: dict, state: dict | None, tokens: jax.Array, lengths: jax.Array, cfg: LMConfig,
-            max_len: int) -> tuple[jax.Array, KVCache]:
+            max_len: int, *, with_routing: bool = False) -> tuple:
     """Run right-padded prompts and fill a fresh cache.
 
     Args:
       tokens: [B, P] prompt ids, row b valid up to lengths[b] (the rest is padding).
       lengths: [B] int32 prompt lengths, 1 .. P.
       max_len: cache positions (>= P).
+      with_routing: also return the step's `step_routing` ([B, P, k] per MoE layer).
     Returns:
-      logits [B, V] float32 of each row's last prompt token, and the cache (lengths set).
+      logits [B, V] float32 of each row's last prompt token, and the cache (lengths set);
+      with_routing, the routing as a third element.
     """
     B, P = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
@@ -88,15 +91,17 @@ def prefill(params: dict, state: dict | None, tokens: jax.Array, lengths: jax.Ar
         entries.append({name: write(cache.layers[i][name], value, positions) for name, value in entry.items()})
         return out
 
-    x, _, _ = decoder_layers(params, embed(params, tokens, cfg), cfg, attend=attend, state=state,
-                             moe_config=_moe_config(cfg, B * P))
+    x, auxes, inputs = decoder_layers(params, embed(params, tokens, cfg), cfg, attend=attend, state=state,
+                                      moe_config=_moe_config(cfg, B * P), keep_moe_inputs=with_routing)
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    return unembed(params, last, cfg), KVCache(layers=tuple(entries), lengths=lengths.astype(jnp.int32))
+    out = unembed(params, last, cfg), KVCache(layers=tuple(entries), lengths=lengths.astype(jnp.int32))
+    return (*out, step_routing(params, state, cfg, auxes, inputs, (B, P))) if with_routing else out
 
 
-def extend(params: dict, state: dict | None, tokens: jax.Array, cache: KVCache, cfg: LMConfig
-           ) -> tuple[jax.Array, KVCache]:
-    """Append tokens [B, n] at each row's next positions -> (logits [B, n, V] float32, cache).
+def extend(params: dict, state: dict | None, tokens: jax.Array, cache: KVCache, cfg: LMConfig, *,
+           with_routing: bool = False) -> tuple:
+    """Append tokens [B, n] at each row's next positions -> (logits [B, n, V] float32, cache),
+    and with `with_routing` the step's `step_routing` ([B, n, k] per MoE layer).
 
     Positions past the cache's end are clamped to its last slot (rows that have finished keep
     stepping with the others; what they write is never read).
@@ -110,6 +115,46 @@ def extend(params: dict, state: dict | None, tokens: jax.Array, cache: KVCache, 
         entries.append(entry)
         return out
 
-    x, _, _ = decoder_layers(params, embed(params, tokens, cfg), cfg, attend=attend, state=state,
-                             moe_config=_moe_config(cfg, B * n))
-    return unembed(params, x, cfg), KVCache(layers=tuple(entries), lengths=cache.lengths + n)
+    x, auxes, inputs = decoder_layers(params, embed(params, tokens, cfg), cfg, attend=attend, state=state,
+                                      moe_config=_moe_config(cfg, B * n), keep_moe_inputs=with_routing)
+    out = unembed(params, x, cfg), KVCache(layers=tuple(entries), lengths=cache.lengths + n)
+    return (*out, step_routing(params, state, cfg, auxes, inputs, (B, n))) if with_routing else out
+
+
+def step_routing(params: dict, state: dict | None, cfg: LMConfig, auxes, inputs, shape: tuple[int, int]) -> dict:
+    """What a step's MoE layers chose, per MoE layer (tuples in layer order), tokens [B, n]:
+
+      expert_ids  [B, n, k] int32 physical expert of each slot, -1 where unused (masked
+                  slots, FLOP-free experts)
+      weights     [B, n, k] float32 combine weights, 0 where unused
+      gate_ids    [B, n, k] int32 the cross-layer gate's guess of this layer's experts: its
+                  router applied to the previous MoE layer's input (what a prefetcher knows
+                  one layer ahead); -1 at the first MoE layer
+
+    `auxes` and `inputs` are `decoder_layers`' MoE outputs (with keep_moe_inputs).
+    """
+    state = state or {}
+    ids, weights, gates = [], [], []
+    layers = cfg.moe_layers
+    for j, (i, aux) in enumerate(zip(layers, auxes)):
+        moe = cfg.moe_for(i)
+        r = ffn_routing(aux.routing, moe)
+        keep = r.mask & (r.expert_ids >= 0) & (r.expert_ids < moe.num_experts)
+        ids.append(jnp.where(keep, r.expert_ids, -1).astype(jnp.int32).reshape(*shape, -1))
+        weights.append(jnp.where(keep, r.weights, 0.0).astype(jnp.float32).reshape(*shape, -1))
+        if j == 0:
+            gates.append(jnp.full(ids[-1].shape, -1, jnp.int32))
+            continue
+        guess = gate_routing(params["layers"][str(i)]["moe"]["router"], inputs[j - 1], moe, state.get(str(i)))
+        gates.append(guess.reshape(*shape, -1))
+    return {"expert_ids": tuple(ids), "weights": tuple(weights), "gate_ids": tuple(gates)}
+
+
+def gate_routing(router_params, h: jax.Array, moe: MoEConfig, state=None) -> jax.Array:
+    """Layer l's router applied to another layer's MoE input h [..., d] (the cross-layer gate):
+    the physical experts it would pick, [T, k] int32 with -1 for unused slots."""
+    xt = h.reshape(-1, moe.d_model)
+    xt = xt if moe.dtype is None else xt.astype(moe.dtype)
+    r = ffn_routing(ROUTERS.get(moe.router).apply(router_params, xt, moe, state=state), moe)
+    keep = r.mask & (r.expert_ids >= 0) & (r.expert_ids < moe.num_experts)
+    return jnp.where(keep, r.expert_ids, -1).astype(jnp.int32)

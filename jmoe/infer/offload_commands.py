@@ -1,6 +1,7 @@
-"""`jmoe trace-report` and `jmoe cache-sim`: routing locality and expert-cache hit rates of a
-routing trace file (`jmoe.infer.trace`). Everything is checked before any work; bad input is
-one ValueError line and nothing is written.
+"""`jmoe trace`, `jmoe trace-report` and `jmoe cache-sim`: record a routing trace of a model on
+a text, and the routing locality and expert-cache hit rates of a routing trace file
+(`jmoe.infer.trace`). Everything is checked before any work; bad input is one ValueError
+line and nothing is written.
 
 The command-line arguments these functions read:
 
@@ -117,5 +118,95 @@ def run_cache_sim(args, out=None) -> int:
         out.write("\n")
         per = ", ".join("n/a" if x is None else f"{x:.3f}" for x in res["per_layer"])
         out.write(f"per layer: {per}\n")
+    out.flush()
+    return 0
+
+
+def check_new_file(path, flag: str) -> Path:
+    """A file to be written: its directory exists and it is not a directory."""
+    if not path:
+        raise ValueError(f"{flag} is empty")
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{flag} {p} is a directory")
+    if not p.parent.is_dir():
+        raise ValueError(f"{flag} {p}: directory {p.parent} does not exist")
+    return p
+
+
+def read_text_file(path, flag: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{flag} {p} does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{flag} {p} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise ValueError(f"{flag} {p} is empty")
+    return text
+
+
+def trace_text(model, ids: list[int], seq_len: int, batch_size: int, progress: bool = False):
+    """Record the routing of token ids `ids`, cut into sequences of `seq_len` tokens run
+    `batch_size` at a time (prefill, teacher forced) -> RoutingTrace (sequence ids 0, 1, ...)."""
+    from functools import partial
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jmoe.infer.forward import prefill
+    from jmoe.infer.trace import recorder_for
+    from jmoe.progress import Progress
+
+    cfg = model.cfg
+    rec = recorder_for(cfg)
+    seqs = [ids[a: a + seq_len] for a in range(0, len(ids), seq_len)]
+    run = jax.jit(partial(prefill, cfg=cfg, max_len=seq_len, with_routing=True))
+    bar = Progress(len(seqs), enabled=progress, every=1, warmup=1)
+    for lo in range(0, len(seqs), batch_size):
+        batch = seqs[lo: lo + batch_size]
+        tokens = np.zeros((batch_size, seq_len), np.int32)
+        lengths = np.ones((batch_size,), np.int32)
+        for r, sq in enumerate(batch):
+            tokens[r, : len(sq)] = sq
+            lengths[r] = len(sq)
+        _, _, routing = run(model.params, model.state, jnp.asarray(tokens), jnp.asarray(lengths))
+        keep = (np.arange(seq_len)[None, :] < lengths[:, None]) & (np.arange(batch_size) < len(batch))[:, None]
+        rec.add(jax.device_get(routing), keep, np.arange(lo, lo + batch_size))
+        bar.update(min(lo + batch_size, len(seqs)), {"tokens": f"{rec.num_tokens:,}"})
+    bar.close()
+    return rec.trace()
+
+
+def run_trace(args, out=None, err=None) -> int:
+    """`jmoe trace`: the routing of --data's tokens under --ckpt's model, written to --out."""
+    from jmoe.infer.load import open_model
+    from jmoe.infer.predict import trace_gate_accuracy
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    dest = check_new_file(args.out, "--out")
+    text = read_text_file(args.data, "--data")
+    source = open_model(args.ckpt, step=args.step)
+    cfg = source.cfg
+    if not cfg.moe_layers:
+        raise ValueError(f"{args.ckpt} has no MoE layers to trace")
+    seq_len = args.seq_len or cfg.max_seq_len
+    if seq_len > cfg.max_seq_len:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's context of {cfg.max_seq_len} tokens")
+    ids = source.tokenizer.encode(text)
+    if args.max_tokens:
+        ids = ids[: args.max_tokens]
+    if not ids:
+        raise ValueError(f"--data {args.data} has no tokens")
+    model = source.load()
+    trace = trace_text(model, ids, seq_len, args.batch_size, progress=not args.quiet)
+    trace.save(dest)
+    acc = [a for a in trace_gate_accuracy(trace) if a is not None]
+    gate = f"; cross-layer gate top-k recall {sum(acc) / len(acc):.3f}" if acc else ""
+    out.write(f"wrote {dest}: {trace.num_tokens} tokens in {trace.num_sequences} sequences, {trace.num_layers} MoE "
+              f"layers, top-{trace.top_k} of {trace.num_experts} experts{gate}\n")
     out.flush()
     return 0

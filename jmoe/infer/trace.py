@@ -16,6 +16,9 @@ File format `jmoe-routing-trace`, version 1: a NumPy `.npz` (zip) archive with t
                            as in batched decoding; each sequence's tokens are in order)
   layers       [L]         int32, optional: the model layer index of each MoE layer
                            (strictly increasing)
+  gate_ids     [N, L, k]   int32, optional: the cross-layer gate's guess of each token's
+                           experts at each MoE layer (that layer's router applied to the
+                           previous MoE layer's input), -1 where there is none (first layer)
 
 N tokens, L MoE layers, k slots per token. Readers ignore entries they do not know, so later
 versions can add entries; a change that old readers would misread gets a new version number.
@@ -42,6 +45,7 @@ from numpy.typing import ArrayLike
 FORMAT = "jmoe-routing-trace"
 VERSION = 1
 _REQUIRED = ("expert_ids", "weights", "num_experts", "seq_ids")
+_OPTIONAL = ("layers", "gate_ids")
 
 
 def _is_int(x) -> bool:
@@ -58,6 +62,7 @@ class RoutingTrace:
       num_experts: E, routed experts per layer.
       seq_ids: [N] int32 sequence of each token.
       layers: [L] int32 model layer index of each MoE layer, or None.
+      gate_ids: [N, L, k] int32 cross-layer gate guesses (-1: none), or None.
 
     Construction validates the fields (`validate`) and stores integer arrays as int32 and
     float arrays as float32.
@@ -68,6 +73,7 @@ class RoutingTrace:
     num_experts: int
     seq_ids: np.ndarray
     layers: np.ndarray | None = None
+    gate_ids: np.ndarray | None = None
 
     def __post_init__(self):
         self.validate()
@@ -77,6 +83,8 @@ class RoutingTrace:
         object.__setattr__(self, "seq_ids", np.ascontiguousarray(self.seq_ids, dtype=np.int32))
         if self.layers is not None:
             object.__setattr__(self, "layers", np.ascontiguousarray(self.layers, dtype=np.int32))
+        if self.gate_ids is not None:
+            object.__setattr__(self, "gate_ids", np.ascontiguousarray(self.gate_ids, dtype=np.int32))
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
@@ -120,6 +128,13 @@ class RoutingTrace:
                 raise ValueError(f"layers must be a [L] array with L = {ids.shape[1]} MoE layers, got {_shape(lay)}")
             if lay.dtype.kind not in "iu" or lay.min() < 0 or (np.diff(lay.astype(np.int64)) <= 0).any():
                 raise ValueError(f"layers must be non-negative, strictly increasing integers, got {lay.tolist()}")
+        g = self.gate_ids
+        if g is not None:
+            if not isinstance(g, np.ndarray) or g.shape != ids.shape or g.dtype.kind not in "iu":
+                raise ValueError(f"gate_ids must be an integer array of the shape of expert_ids {ids.shape}, "
+                                 f"got {_shape(g)}")
+            if g.min() < -1 or g.max() >= E:
+                raise ValueError(f"gate_ids must lie in [-1, {E}), got values in [{g.min()}, {g.max()}]")
 
     # -------------------------------------------------------------- properties
     @property
@@ -158,6 +173,8 @@ class RoutingTrace:
                   "num_experts": np.array(self.num_experts, dtype=np.int64), "seq_ids": self.seq_ids}
         if self.layers is not None:
             arrays["layers"] = self.layers
+        if self.gate_ids is not None:
+            arrays["gate_ids"] = self.gate_ids
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -209,9 +226,9 @@ def load(path) -> RoutingTrace:
         raise ValueError(f"{name} has no integer 'version' entry")
     if int(ver) != VERSION:
         raise ValueError(f"{name} has version {int(ver)}; this jmoe reads version {VERSION}")
-    for field in _REQUIRED + ("layers",):
+    for field in _REQUIRED + _OPTIONAL:
         if field not in entries:
-            if field == "layers":
+            if field in _OPTIONAL:
                 continue
             raise ValueError(f"{name} lacks the field {field!r}")
         if not isinstance(entries[field], np.ndarray):
@@ -221,7 +238,8 @@ def load(path) -> RoutingTrace:
         raise ValueError(f"{name}: num_experts must be an integer scalar, got {_shape(E)} {E.dtype}")
     try:
         return RoutingTrace(expert_ids=entries["expert_ids"], weights=entries["weights"], num_experts=int(E),
-                            seq_ids=entries["seq_ids"], layers=entries.get("layers"))
+                            seq_ids=entries["seq_ids"], layers=entries.get("layers"),
+                            gate_ids=entries.get("gate_ids"))
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
 
@@ -249,18 +267,22 @@ def concat(traces: Sequence[RoutingTrace], *, keep_seq_ids: bool = False) -> Rou
                 t.layers is not None and not np.array_equal(t.layers, first.layers)):
             raise ValueError(f"traces[{i}] records other model layers than traces[0]")
     k = max(t.top_k for t in traces)
-    ids, ws, seqs, offset = [], [], [], 0
+    with_gates = all(t.gate_ids is not None for t in traces)
+    ids, ws, gates, seqs, offset = [], [], [], [], 0
     for t in traces:
         pad = ((0, 0), (0, 0), (0, k - t.top_k))
         ids.append(np.pad(t.expert_ids, pad, constant_values=-1))
         ws.append(np.pad(t.weights, pad))
+        if with_gates:
+            gates.append(np.pad(t.gate_ids, pad, constant_values=-1))
         s = t.seq_ids.astype(np.int64)
         if not keep_seq_ids:
             s = s + offset
             offset = int(s.max()) + 1
         seqs.append(s)
     return RoutingTrace(expert_ids=np.concatenate(ids), weights=np.concatenate(ws), num_experts=first.num_experts,
-                        seq_ids=np.concatenate(seqs), layers=first.layers)
+                        seq_ids=np.concatenate(seqs), layers=first.layers,
+                        gate_ids=np.concatenate(gates) if with_gates else None)
 
 
 def trace_from_routings(expert_ids_per_layer: Sequence[ArrayLike], weights_per_layer: Sequence[ArrayLike],
@@ -318,3 +340,87 @@ def trace_from_routings(expert_ids_per_layer: Sequence[ArrayLike], weights_per_l
         raise ValueError(f"seq_ids must be a [T] array with T = {T} tokens, got {_shape(seq)}")
     return RoutingTrace(expert_ids=ids, weights=ws, num_experts=int(num_experts), seq_ids=seq,
                         layers=None if layers is None else np.asarray(layers))
+
+
+def recorder_for(cfg) -> "TraceRecorder":
+    """An empty `TraceRecorder` for a model's `LMConfig` (ValueError when it has no MoE layer)."""
+    layers = list(cfg.moe_layers)
+    if not layers:
+        raise ValueError("the model has no MoE layers to trace")
+    return TraceRecorder(max(cfg.moe_for(i).num_experts for i in layers), layers)
+
+
+class TraceRecorder:
+    """Collects what the MoE layers of a model chose, step by step, into a `RoutingTrace`.
+
+    The inference engine calls `add` after each prefill and decode step with the step's
+    routing (`jmoe.infer.forward.step_routing`, as host arrays); tokens enter the trace in
+    processing order (a step's tokens row by row). `trace()` returns what was recorded.
+
+    Args:
+      num_experts: E, the routed experts per MoE layer.
+      layers: the model layer index of each MoE layer.
+    """
+
+    def __init__(self, num_experts: int, layers: Sequence[int]):
+        if not _is_int(num_experts) or num_experts < 1:
+            raise ValueError(f"num_experts must be a positive integer, got {num_experts!r}")
+        self.num_experts = int(num_experts)
+        self.layers = np.asarray(list(layers), dtype=np.int32)
+        if self.layers.ndim != 1 or not self.layers.size:
+            raise ValueError("layers must list the model layer index of at least one MoE layer")
+        self._ids: list[np.ndarray] = []
+        self._weights: list[np.ndarray] = []
+        self._gates: list[np.ndarray] = []
+        self._seqs: list[np.ndarray] = []
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens recorded so far."""
+        return int(sum(s.size for s in self._seqs))
+
+    def add(self, routing: dict, keep: ArrayLike, seq_ids: ArrayLike) -> None:
+        """Record one step.
+
+        Args:
+          routing: {"expert_ids", "weights", "gate_ids"}: one [B, n, k_l] array per MoE layer.
+          keep: [B, n] bool, the tokens to record (real prompt tokens, live rows).
+          seq_ids: [B] the sequence of each row.
+        """
+        L = self.layers.size
+        per_layer = [routing[f] for f in ("expert_ids", "weights", "gate_ids")]
+        if any(len(a) != L for a in per_layer):
+            raise ValueError(f"routing must hold one array per MoE layer ({L}), got "
+                             f"{[len(a) for a in per_layer]}")
+        keep = np.asarray(keep, dtype=bool)
+        seq = np.asarray(seq_ids)
+        if keep.ndim != 2 or seq.shape != keep.shape[:1]:
+            raise ValueError(f"keep must be [B, n] and seq_ids [B], got {_shape(keep)} and {_shape(seq)}")
+        if not keep.any():
+            return
+        k = max(np.shape(a)[-1] for a in per_layer[0])
+        ids = np.full((int(keep.sum()), L, k), -1, np.int32)
+        ws = np.zeros(ids.shape, np.float32)
+        gates = np.full(ids.shape, -1, np.int32)
+        for l in range(L):
+            for out, arrays in ((ids, per_layer[0]), (ws, per_layer[1]), (gates, per_layer[2])):
+                a = np.asarray(arrays[l])
+                if a.shape[:2] != keep.shape:
+                    raise ValueError(f"routing arrays of MoE layer {l} must be [B, n, k] with [B, n] = {keep.shape}, "
+                                     f"got {_shape(a)}")
+                out[:, l, : a.shape[-1]] = a[keep]
+        self._ids.append(ids)
+        self._weights.append(ws)
+        self._gates.append(gates)
+        self._seqs.append(np.broadcast_to(seq[:, None], keep.shape)[keep].astype(np.int32))
+
+    def trace(self) -> RoutingTrace:
+        """The recorded tokens as a trace (ValueError when nothing was recorded)."""
+        if not self._seqs:
+            raise ValueError("no tokens were recorded")
+        k = max(a.shape[2] for a in self._ids)
+        pad = lambda a, v: np.pad(a, ((0, 0), (0, 0), (0, k - a.shape[2])), constant_values=v)  # noqa: E731
+        return RoutingTrace(expert_ids=np.concatenate([pad(a, -1) for a in self._ids]),
+                            weights=np.concatenate([pad(a, 0) for a in self._weights]),
+                            num_experts=self.num_experts, seq_ids=np.concatenate(self._seqs), layers=self.layers,
+                            gate_ids=np.concatenate([pad(a, -1) for a in self._gates]))

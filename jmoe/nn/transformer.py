@@ -344,6 +344,14 @@ Attend = Callable[[int, dict, jax.Array], jax.Array]
 """`(layer index, the layer's attention params, normed input [B, S, d]) -> [B, S, d]`."""
 
 
+def attention_block(p: dict, x: jax.Array, i: int, cfg: LMConfig, attend: Attend) -> tuple[jax.Array, jax.Array]:
+    """The first half of block i: x + attend(rms_norm(x)) -> (x [B, S, d], its FFN input
+    rms_norm(x)). `p` is the layer's parameters."""
+    h = rms_norm(p["attn_norm"], x, cfg.norm_eps)
+    x = x + attend(i, p["attn"], h).astype(x.dtype)
+    return x, rms_norm(p["ffn_norm"], x, cfg.norm_eps)
+
+
 def decoder_layers(
     params: dict,
     x: jax.Array,
@@ -386,9 +394,7 @@ def decoder_layers(
     for i in range(cfg.n_layers):
         p = params["layers"][str(i)]
         with jax.named_scope(f"layer_{i}"):
-            h = rms_norm(p["attn_norm"], x, cfg.norm_eps)
-            x = x + attend(i, p["attn"], h).astype(dt)
-            h = rms_norm(p["ffn_norm"], x, cfg.norm_eps)
+            x, h = attention_block(p, x, i, cfg, attend)
             if cfg.is_moe_layer(i):
                 y, aux = moe_layer(
                     p["moe"], h, moe_config(i), state=state.get(str(i)), key=layer_keys[i], ep=ep, carry=carry,

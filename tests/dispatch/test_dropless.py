@@ -118,8 +118,12 @@ def test_chunked_op_directly_with_identity_experts():
 
 def test_chunk_sizes():
     assert chunk_sizes(512) == tuple(range(32, 513, 32))
-    assert chunk_sizes(8) == (8,)
-    assert chunk_sizes(20) == (8, 16, 20)
+    assert chunk_sizes(128) == tuple(range(8, 129, 8))
+    assert chunk_sizes(64) == (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64)
+    assert chunk_sizes(8) == (1, 2, 4, 8)
+    assert chunk_sizes(20) == (1, 2, 4, 8, 16, 20)
+    assert chunk_sizes(3) == (1, 2, 3)
+    assert chunk_sizes(1) == (1,)
 
 
 def test_sort_slots():

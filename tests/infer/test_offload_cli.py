@@ -46,3 +46,61 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------- jmoe trace, generate --offload-experts
+from tests.infer.test_generate_cli import hf_dir, run  # noqa: E402,F401  (the tiny Mixtral directory)
+
+
+def test_trace_and_offloaded_generate(hf_dir, tmp_path, capsys):  # noqa: F811
+    from jmoe.infer.predict import trace_gate_accuracy
+
+    (tmp_path / "data.txt").write_text("def f(x): return x\nthe mixture of experts\n" * 3)
+    code, out, err = run(["trace", "--ckpt", str(hf_dir), "--data", str(tmp_path / "data.txt"), "--out",
+                          str(tmp_path / "t.npz"), "--seq-len", "16", "--quiet"], capsys)
+    assert code == 0, err
+    trace = RoutingTrace.load(tmp_path / "t.npz")
+    assert trace.num_layers == 2 and trace.num_experts == 4 and trace.top_k == 2 and "wrote" in out
+    assert trace.num_sequences == -(-trace.num_tokens // 16) and trace_gate_accuracy(trace)[0] is None
+
+    (tmp_path / "p.txt").write_text("def f(\nhello\nthe mixture of experts is\n")
+    base = ["generate", "--ckpt", str(hf_dir), "--prompts-file", str(tmp_path / "p.txt"), "--json",
+            "--max-new-tokens", "5", "--temperature", "0", "--ignore-eos"]
+    code, out, err = run(base, capsys)
+    assert code == 0, err
+    resident = [json.loads(x) for x in out.splitlines()][:3]
+    for extra in (["--expert-cache", "2", "--cache-policy", "arc"],
+                  ["--expert-memory", "1MiB", "--prefetch", "learned", "--predictor-trace", str(tmp_path / "t.npz")],
+                  ["--cache-policy", "none", "--expert-store", "disk", "--expert-store-path",
+                   str(tmp_path / "experts.safetensors")]):
+        code, out, err = run(base + ["--offload-experts", "--trace", str(tmp_path / "g.npz"), *extra], capsys)
+        assert code == 0, err
+        lines = [json.loads(x) for x in out.splitlines()]
+        assert [x["token_ids"] for x in lines[:3]] == [x["token_ids"] for x in resident], extra
+        off = lines[3]["offload"]
+        assert off["requests"] > 0 and off["bytes_loaded"] > 0 and off["device_bytes"] > 0
+        g = RoutingTrace.load(tmp_path / "g.npz")
+        assert g.num_sequences == 3
+
+
+def test_offload_and_trace_bad_input(hf_dir, tmp_path, capsys):  # noqa: F811
+    (tmp_path / "data.txt").write_text("hello")
+    gen = ["generate", "--ckpt", str(hf_dir), "--prompt", "hi", "--max-new-tokens", "2"]
+    for argv, message in [
+        (gen + ["--expert-cache", "2"], "--expert-cache needs --offload-experts"),
+        (gen + ["--offload-experts", "--expert-cache", "1"], "smaller than top-k 2"),
+        (gen + ["--offload-experts", "--expert-cache", "9"], "exceeds the 4 experts"),
+        (gen + ["--offload-experts", "--expert-memory", "10KB"], "at least top-k = 2"),
+        (gen + ["--offload-experts", "--expert-memory", "lots"], "is not a size"),
+        (gen + ["--offload-experts", "--prefetch", "learned"], "needs --predictor-trace"),
+        (gen + ["--offload-experts", "--cache-policy", "belady"], "invalid choice"),
+        (gen + ["--offload-experts", "--expert-store", "disk"], "needs --expert-store-path"),
+        (gen + ["--trace", str(tmp_path / "no" / "t.npz")], "does not exist"),
+        (["trace", "--ckpt", str(hf_dir), "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "t.npz")],
+         "missing.txt does not exist"),
+        (["trace", "--ckpt", str(hf_dir), "--data", str(tmp_path / "data.txt"), "--out", str(tmp_path / "t.npz"),
+          "--seq-len", "4096"], "exceeds the model's context"),
+    ]:
+        code, out, err = run(argv, capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert not (tmp_path / "t.npz").exists()
