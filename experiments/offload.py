@@ -2,9 +2,10 @@
 
 Recipe, per seed (default seeds 0 1 2), every stage cached in
 experiments/results/offload_runs/ by its configuration and the hash of jmoe's sources:
-  model    `jmoe train --preset small --steps STEPS --seed SEED` (E=16, k=2, 6 MoE layers;
-           --steps defaults to 600 of the preset's 3000 so that three seeds train on 2 CPU
-           cores in under an hour; resumable, it continues an interrupted run)
+  model    `jmoe train --preset small --steps STEPS --batch-size BATCH --seed SEED` (E=16,
+           k=2, 6 MoE layers; --steps 300 and --batch-size 16 by default, against the preset's
+           3000 steps of 32 sequences, so that three seeds train on 2 CPU cores in about an
+           hour; resumable, it continues an interrupted run)
   traces   decode trace: greedy generation of --new-tokens tokens from --prompts prompts
            (64-byte slices of the validation split), recorded by the engine; teacher-forced
            traces of the training split (to train the learned predictor) and of the
@@ -77,13 +78,14 @@ def cached(name: str, config: dict, fn):
     return value
 
 
-def train_model(seed: int, steps: int) -> Path:
-    """The checkpoint recipe: jmoe train --preset small --steps STEPS --seed SEED (resumable)."""
-    out = RUNS / f"small-steps{steps}-seed{seed}"
+def train_model(seed: int, steps: int, batch_size: int) -> Path:
+    """The checkpoint recipe: jmoe train --preset small --steps STEPS --batch-size BATCH --seed SEED
+    (resumable)."""
+    out = RUNS / f"small-steps{steps}-batch{batch_size}-seed{seed}"
     if (out / "summary.json").exists():
         return out
-    cmd = [sys.executable, "-m", "jmoe.cli", "train", "--preset", "small", "--steps", str(steps), "--seed", str(seed),
-           "--out", str(out), "--quiet"]
+    cmd = [sys.executable, "-m", "jmoe.cli", "train", "--preset", "small", "--steps", str(steps), "--batch-size",
+           str(batch_size), "--seed", str(seed), "--ckpt-every", "50", "--out", str(out), "--quiet"]
     if (out / "checkpoints").exists():
         cmd.append("--resume")
     print("   " + " ".join(cmd[2:]), flush=True)
@@ -124,7 +126,7 @@ def one_seed(seed: int, args) -> dict:
     from jmoe.infer.trace import RoutingTrace, recorder_for
 
     print(f"== seed {seed}", flush=True)
-    run = train_model(seed, args.steps)
+    run = train_model(seed, args.steps, args.batch_size)
     model = load(run)
     cfg = model.cfg
     corpus = load_corpus(None)
@@ -133,7 +135,8 @@ def one_seed(seed: int, args) -> dict:
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, corpus.val.size - 64, args.prompts)
     prompts = [corpus.val[s: s + 64].tolist() for s in starts]
-    conf = {"seed": seed, "steps": args.steps, "prompts": args.prompts, "new_tokens": args.new_tokens}
+    conf = {"seed": seed, "steps": args.steps, "batch_size": args.batch_size, "prompts": args.prompts,
+            "new_tokens": args.new_tokens}
     trace_dir = RUNS / f"traces-{hashlib.sha256(json.dumps([conf, SRC]).encode()).hexdigest()[:12]}"
     trace_dir.mkdir(parents=True, exist_ok=True)
 
@@ -285,7 +288,8 @@ def plot(per_seed: list[dict], path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=600, help="training steps of the small preset (default 600)")
+    ap.add_argument("--steps", type=int, default=300, help="training steps of the small preset (default 300)")
+    ap.add_argument("--batch-size", type=int, default=16, help="training sequences per step (default 16)")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--predictor-tokens", type=int, default=16384)

@@ -21,3 +21,12 @@ jax.config.update("jax_default_prng_impl", "rbg")
 @pytest.fixture
 def small_cfg():
     return jmoe.MoEConfig(num_experts=4, top_k=2, d_model=8, d_ff=16, dispatch_options=dict(block_size=16))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every compiled program after each test module. XLA:CPU maps memory for each
+    executable it keeps, and the whole suite in one process would otherwise pass the kernel's
+    limit on memory mappings (vm.max_map_count, 65530 by default), where compiling crashes."""
+    yield
+    jax.clear_caches()

@@ -22,7 +22,8 @@ order in which a token's k expert outputs are summed (exact for k <= 2; tests co
 greedy tokens and logits).
 
 Slow tiers (`ExpertStore`): "host", every expert's weights as arrays in host memory (JAX's
-`pinned_host` memory kind where the device has one, so device transfers are DMA), or
+`pinned_host` memory kind on accelerators, so device transfers are DMA; NumPy arrays on a
+CPU device), or
 "disk", a safetensors file read through a memory map one expert at a time.
 
 >>> from jmoe.infer import offload                                     # doctest: +SKIP
@@ -136,7 +137,8 @@ class ExpertStore:
             layer["moe"] = {k: v for k, v in moe_p.items() if k != "experts"}
             resident["layers"][str(i)] = layer
         if tier == "host":
-            pinned = _memory(device, "pinned_host")
+            # pinned host memory makes device transfers DMA; a CPU device's memory is host memory already
+            pinned = None if device.platform == "cpu" else _memory(device, "pinned_host")
             host = {k: [jax.device_put(a[e], pinned) if pinned is not None else np.ascontiguousarray(a[e])
                         for e in range(a.shape[0])] for k, a in arrays.items()}
             read = lambda j, n, e: host[f"moe{j}.{n}"][e]  # noqa: E731
