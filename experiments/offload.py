@@ -50,7 +50,6 @@ RESULTS = ROOT / "experiments" / "results"
 RUNS = RESULTS / "offload_runs"
 POLICIES = ("lru", "lfu", "score", "arc", "belady")
 ONLINE = ("lru", "lfu", "score", "arc")
-LINKS = {"pcie4_x16": 32e9, "h200_host_link": 64e9}
 
 
 def sources_hash() -> str:
@@ -120,7 +119,7 @@ def one_seed(seed: int, args) -> dict:
     from jmoe.data import load_corpus
     from jmoe.infer import Engine, load
     from jmoe.infer.cachesim import hit_rate_curve
-    from jmoe.infer.offload import OffloadedEngine
+    from jmoe.infer.offload import LINKS, OffloadedEngine, time_model
     from jmoe.infer.offload_commands import trace_text
     from jmoe.infer.predict import LearnedPredictor, gate_accuracy, gate_prefetch
     from jmoe.infer.trace import RoutingTrace, recorder_for
@@ -212,12 +211,13 @@ def one_seed(seed: int, args) -> dict:
         compute_s = 1.0 / med["resident"]
         model_t = {}
         for link, bw in LINKS.items():
-            od = stats["on_demand"]["decode_bytes_per_token"] / bw
-            off = stats["offloaded"]["decode_bytes_per_token"] / bw
-            model_t[link] = {"on_demand_s_per_token": compute_s + od, "offloaded_s_per_token": max(compute_s, off) + 0.0,
-                             "offloaded_serial_s_per_token": compute_s + off,
-                             "speedup_overlapped": (compute_s + od) / max(compute_s, off),
-                             "speedup_serial": (compute_s + od) / (compute_s + off)}
+            od = time_model(engines["on_demand"].offload_stats, compute_s, bw)
+            off = time_model(engines["offloaded"].offload_stats, compute_s, bw)
+            model_t[link] = {"on_demand_s_per_token": od["serial_s_per_token"],
+                             "offloaded_s_per_token": off["overlapped_s_per_token"],
+                             "offloaded_serial_s_per_token": off["serial_s_per_token"],
+                             "speedup_overlapped": od["serial_s_per_token"] / off["overlapped_s_per_token"],
+                             "speedup_serial": od["serial_s_per_token"] / off["serial_s_per_token"]}
         return {"cache_size": size, "tokens_per_s": rates, "median_tokens_per_s": med, "offload": stats,
                 "device_bytes": memory, "time_model": model_t,
                 "speedup_vs_on_demand": med["offloaded"] / med["on_demand"]}

@@ -228,6 +228,13 @@ class SlotCache:
         self.t += 1
         return loads
 
+    def clear(self) -> None:
+        """Forget every cached expert (the counts stay): load on demand clears after each step."""
+        self.slot_of.clear()
+        self.free = list(range(self.size - 1, -1, -1))
+        self.pending.clear()
+        self.policy.reset(self.num_experts, self.size, np.zeros((0, 1), np.int32), np.zeros((0, 1), np.float32))
+
     def slot_map(self) -> np.ndarray:
         """[E] int32 slot of each expert, -1 when not cached."""
         m = np.full((self.num_experts,), -1, np.int32)
@@ -339,6 +346,10 @@ _final = jax.jit(unembed, static_argnums=2)
 
 
 # ----------------------------------------------------------------------------- statistics
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
 @dataclasses.dataclass
 class OffloadStats:
     """What the expert cache did over the steps run so far."""
@@ -357,19 +368,19 @@ class OffloadStats:
 
     @property
     def hit_rate(self) -> float:
-        return self.hits / self.requests if self.requests else float("nan")
+        return _ratio(self.hits, self.requests)
 
     @property
     def decode_hit_rate(self) -> float:
-        return self.decode_hits / self.decode_requests if self.decode_requests else float("nan")
+        return _ratio(self.decode_hits, self.decode_requests)
 
     @property
     def bytes_per_token(self) -> float:
-        return self.bytes_loaded / self.tokens if self.tokens else float("nan")
+        return _ratio(self.bytes_loaded, self.tokens)
 
     @property
     def decode_bytes_per_token(self) -> float:
-        return self.decode_bytes_loaded / self.decode_tokens if self.decode_tokens else float("nan")
+        return _ratio(self.decode_bytes_loaded, self.decode_tokens)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -462,6 +473,7 @@ class OffloadedLM:
             CACHE_POLICIES.get(policy)
         self.cfg, self.state = cfg, state or {}
         self.policy, self.prefetch, self.predictor = policy, prefetch, predictor
+        self.policy_options = policy_options
         self.moe_layers = layers
         self.store, self.params = ExpertStore.build(cfg, params, tier=tier, path=path)
         self.sizes = [min(int(cache_size), E) for E in Es]
@@ -482,8 +494,8 @@ class OffloadedLM:
 
     def reset_cache(self) -> None:
         """Empty every layer's cache (the slots keep their bytes) and zero the statistics."""
-        self.caches = [SlotCache(c.num_experts, c.size, "lru" if self.policy == "none" else self.policy)
-                       for c in self.caches]
+        self.caches = [SlotCache(c.num_experts, c.size, "lru" if self.policy == "none" else self.policy,
+                                 self.policy_options) for c in self.caches]
         self.stats = OffloadStats()
 
     # ------------------------------------------------------------------ loads
@@ -525,9 +537,7 @@ class OffloadedLM:
                 x = _moe_block(p_moe, self.slots[j], slot_map, jnp.asarray(in_group), x, xt, routing, y_more,
                                moe=self.cfg.moe_for(i))
         if self.policy == "none":  # load on demand: nothing stays
-            cache.slot_of.clear()
-            cache.free = list(range(cache.size - 1, -1, -1))
-            cache.policy.reset(cache.num_experts, cache.size, np.zeros((0, 1), np.int32), np.zeros((0, 1), np.float32))
+            cache.clear()
         return x
 
     def _prefetch_next(self, j: int, guess: np.ndarray | None, ids_now: np.ndarray, rows: int) -> None:
