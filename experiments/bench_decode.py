@@ -214,9 +214,17 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def dispatch_of(moe, num_tokens: int) -> str:
+def expert_layout(engine) -> str:
+    """"split" when the engine holds its experts as an `ExpertList`, else "stacked"."""
+    from jmoe.experts import ExpertList
+
+    layer = engine.params["layers"][str(engine.cfg.moe_layers[0])]["moe"]
+    return "split" if isinstance(layer.get("experts"), ExpertList) else "stacked"
+
+
+def dispatch_of(moe, num_tokens: int, layout: str) -> str:
     """The MoE dispatch (and its options) the engine runs a step of `num_tokens` tokens with."""
-    served = serving_moe(moe, num_tokens)
+    served = serving_moe(moe, num_tokens, split=layout == "split")
     return f"{served.dispatch} {served.dispatch_options}"
 
 
@@ -230,8 +238,9 @@ def fmt(x, spec=".1f"):
 def bench_case(arch, model, engine, cfg, params, state, prompts, args) -> dict:
     B, P = prompts.shape
     N, W = args.new_tokens, args.window_tokens
-    case = {"model": arch, "batch": B, "prompt_tokens": P, "new_tokens": N,
-            "jmoe_dispatch": {"prefill": dispatch_of(cfg.moe, B * P), "decode": dispatch_of(cfg.moe, B)}}
+    layout = expert_layout(engine)
+    case = {"model": arch, "batch": B, "prompt_tokens": P, "new_tokens": N, "jmoe_expert_layout": layout,
+            "jmoe_dispatch": {"prefill": dispatch_of(cfg.moe, B * P, layout), "decode": dispatch_of(cfg.moe, B, layout)}}
     print(f"[{arch} B={B}] compile and check", flush=True)
 
     # -- jmoe: the first call compiles this bucket
@@ -482,7 +491,9 @@ def run_gpu(args) -> dict:
         by = step_bytes(cfg, lb, B, P + N / 2, cache_len)
         share = by["total"] / step_s / bandwidth if (bandwidth and plat != "cpu") else None
         case = {"batch": B, "prompt_tokens": P, "new_tokens": N, "compile_s": st0.compile_s,
-                "jmoe_dispatch": {"prefill": dispatch_of(cfg.moe, B * P), "decode": dispatch_of(cfg.moe, B)},
+                "jmoe_expert_layout": expert_layout(engine),
+                "jmoe_dispatch": {"prefill": dispatch_of(cfg.moe, B * P, expert_layout(engine)),
+                                  "decode": dispatch_of(cfg.moe, B, expert_layout(engine))},
                 "prefill_tokens_per_s": pre, "decode_tokens_per_s": dec, "decode_step_s": step_s,
                 "bytes_per_step": by, "achieved_bytes_per_s": by["total"] / step_s, "device_bytes_per_s": bandwidth,
                 "bandwidth_share": share, "runs": runs}

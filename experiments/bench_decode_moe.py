@@ -4,7 +4,8 @@ Three measurements, each side by side in one process (rounds interleaved, median
 
   chunks    the dropless chunk loop (`jmoe.dispatch.chunked`) at decoding sizes with the
             chunk row counts of `chunk_sizes` as they are (1, 2 and 4 rows for blocks under
-            128) against the previous rule (multiples of 8 only), and "gather" beside them;
+            128) against the previous rule (multiples of 8 only), "gather" beside them, and
+            the loop on experts in the `ExpertList` layout (what the engine runs on CPU);
             the engine's block size (`serving_block_size`), forward only.
   training  forward + backward of the dropless layer at training sizes (block 512, the
             default) with the current rule against the same rule plus the small chunks at
@@ -12,8 +13,8 @@ Three measurements, each side by side in one process (rounds interleaved, median
   layout    one token-slot's expert from the stacked `[E, d, f]` weights
             (`lax.dynamic_index_in_dim`, what every jmoe dispatch does), from a static slice
             `w[i]` in a `lax.switch` branch, and from E separate arrays picked by
-            `lax.switch` (a layout jmoe does not have): XLA:CPU copies a slice of the stack
-            before its matmul, static or not.
+            `lax.switch` (the `jmoe.experts.ExpertList` serving layout): XLA:CPU copies a
+            slice of the stack before its matmul, static or not.
 
 Shapes: d_model 512; Mixtral-like E=8, k=2, d_ff=1152 and DeepSeek-V3-like E=64, k=6,
 d_ff=160 (the two models of experiments/bench_decode.py), uniform random routing.
@@ -39,6 +40,7 @@ from jax import lax
 import jmoe
 import jmoe.dispatch.chunked as chunked
 from jmoe.dispatch import get_dispatch
+from jmoe.experts import ExpertList
 from jmoe.infer.forward import serving_block_size
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -97,22 +99,27 @@ def bench_chunks(rounds, log):
     for name, shape in SHAPES.items():
         for T in (1, 2, 4, 8):
             cfg, params, x, r = setup(shape, T)
+            split = ExpertList.split(params)
             block = serving_block_size(T, shape["top_k"], shape["num_experts"], 512)
             c = cfg.replace(dispatch="dropless", dispatch_options=dict(impl="xla", block_size=block))
-            drop = lambda p, x, r: get_dispatch("dropless")(p, x, r, c)[0]  # noqa: E731
+            drop = lambda p, s, x, r: get_dispatch("dropless")(p, x, r, c)[0]  # noqa: E731
             g = cfg.replace(dispatch="gather")
-            fns = {"chunks_now": compiled(drop, (params, x, r)),
-                   "chunks_multiples_of_8": compiled(drop, (params, x, r), multiples_of_8),
-                   "gather": compiled(lambda p, x, r: get_dispatch("gather")(p, x, r, g)[0], (params, x, r))}
-            ref = np.asarray(fns["chunks_multiples_of_8"](params, x, r))
-            diff = max(float(np.abs(np.asarray(f(params, x, r)) - ref).max()) for f in fns.values())
-            s = race(fns, (params, x, r), rounds)
+            args = (params, split, x, r)
+            fns = {"chunks_now": compiled(drop, args),
+                   "chunks_multiples_of_8": compiled(drop, args, multiples_of_8),
+                   "gather": compiled(lambda p, s, x, r: get_dispatch("gather")(p, x, r, g)[0], args),
+                   "chunks_split": compiled(lambda p, s, x, r: get_dispatch("dropless")(s, x, r, c)[0], args)}
+            ref = np.asarray(fns["chunks_multiples_of_8"](*args))
+            diff = max(float(np.abs(np.asarray(f(*args)) - ref).max()) for f in fns.values())
+            s = race(fns, args, rounds)
             row = {"model": name, **shape, "tokens": T, "block_size": block, "seconds": s, "max_abs_difference": diff,
                    "now_over_multiples_of_8": s["chunks_now"] / s["chunks_multiples_of_8"],
-                   "gather_over_now": s["gather"] / s["chunks_now"]}
+                   "gather_over_now": s["gather"] / s["chunks_now"],
+                   "split_over_best_stacked": s["chunks_split"] / min(s["chunks_now"], s["gather"])}
             rows.append(row)
             log(f"  chunks {name:<12} T={T}: " + "  ".join(f"{n} {v * 1e3:.2f} ms" for n, v in s.items())
-                + f"  now/multiples_of_8 {row['now_over_multiples_of_8']:.2f}  gather/now {row['gather_over_now']:.2f}")
+                + f"  now/multiples_of_8 {row['now_over_multiples_of_8']:.2f}  gather/now {row['gather_over_now']:.2f}"
+                + f"  split/best stacked {row['split_over_best_stacked']:.2f}")
     return rows
 
 

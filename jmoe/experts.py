@@ -110,3 +110,70 @@ def all_experts(params: dict, x: jax.Array, activation: str, dtype=None) -> jax.
       [T, E, d].
     """
     return jax.vmap(lambda p: ffn(p, x, activation, dtype), out_axes=1)(params)
+
+
+@jax.tree_util.register_pytree_node_class
+class ExpertList:
+    """Routed experts as E separate parameter dicts: a serving layout for the CPU.
+
+    The stacked layout (`[E, ...]` leaves) is what training and every grouped matmul use. To
+    run one expert, XLA:CPU first copies its slice `w[e]` out of the stack, whether e is
+    dynamic or static, which a decoding step of a few tokens pays on every expert it runs.
+    With E separate arrays the chunked dropless loop picks expert e's weights with a
+    `lax.switch` and multiplies them in place (0.4-0.75x the MoE layer's time at decoding
+    sizes, experiments/bench_decode_moe.py "layout"). The inference engine serves in this
+    layout on CPU (`jmoe.infer.Engine(expert_layout=...)`); a dispatch that needs stacked
+    weights gets them stacked (`stack`).
+
+    experts: one dict per expert, leaves without the expert axis (`w_up [d, f]`, ...).
+    """
+
+    def __init__(self, experts):
+        self.experts = tuple(experts)
+        if not self.experts:
+            raise ValueError("ExpertList needs at least one expert")
+
+    @classmethod
+    def split(cls, stacked) -> "ExpertList":
+        """Stacked `[E, ...]` expert params -> E per-expert dicts (copies once)."""
+        if isinstance(stacked, cls):
+            return stacked
+        E = jax.tree.leaves(stacked)[0].shape[0]
+        return cls(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(E))
+
+    def stack(self):
+        """The stacked layout, `[E, ...]` leaves."""
+        return jax.tree.map(lambda *ws: jnp.stack(ws), *self.experts)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    @property
+    def shapes(self) -> dict:
+        """Leaf shapes of the stacked layout: {name: (E, ...)}."""
+        return {name: (self.num_experts, *w.shape) for name, w in self.experts[0].items()}
+
+    def tree_flatten(self):
+        return self.experts, None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        obj = object.__new__(cls)
+        obj.experts = tuple(children)
+        return obj
+
+    def __repr__(self) -> str:
+        return f"ExpertList({self.num_experts} experts, {self.shapes})"
+
+
+def num_experts_of(expert_params) -> int:
+    """E of stacked expert params or an `ExpertList`."""
+    if isinstance(expert_params, ExpertList):
+        return expert_params.num_experts
+    return jax.tree.leaves(expert_params)[0].shape[0]
+
+
+def stacked_experts(expert_params):
+    """Expert params in the stacked layout (an `ExpertList` is stacked, a copy)."""
+    return expert_params.stack() if isinstance(expert_params, ExpertList) else expert_params

@@ -11,7 +11,7 @@ from flax import struct
 
 from jmoe import losses
 from jmoe.config import MoEConfig
-from jmoe.experts import expected_expert_shapes, ffn, init_experts, init_ffn
+from jmoe.experts import ExpertList, expected_expert_shapes, ffn, init_experts, init_ffn
 from jmoe.registry import DISPATCHERS, ROUTERS
 from jmoe.routing.base import Routing
 
@@ -126,12 +126,13 @@ def _check_params(params, cfg):
         raise ValueError("params must be a dict with 'router' and 'experts' (from jmoe.init_moe)")
     expected = expected_expert_shapes(cfg)
     experts = params["experts"]
+    shapes = experts.shapes if isinstance(experts, ExpertList) else {n: tuple(w.shape) for n, w in experts.items()}
     for name, shape in expected.items():
-        if name not in experts:
+        if name not in shapes:
             raise ValueError(f"params['experts'] is missing {name!r} (activation={cfg.activation!r})")
-        if tuple(experts[name].shape) != shape:
+        if shapes[name] != shape:
             raise ValueError(
-                f"params['experts'][{name!r}] has shape {tuple(experts[name].shape)}, "
+                f"params['experts'][{name!r}] has shape {shapes[name]}, "
                 f"expected {shape} for num_experts={cfg.num_experts}, d_model={cfg.d_model}, d_ff={cfg.d_ff}"
             )
     if cfg.num_shared_experts and "shared" not in params:
@@ -242,8 +243,11 @@ def layer_body(
     if routing is None:
         with jax.named_scope("router"):
             routing = router.apply(params["router"], xt, cfg, state=state, key=key, carry=carry)
+    experts = params["experts"]
+    if isinstance(experts, ExpertList) and not getattr(dispatch, "takes_expert_list", False):
+        experts = experts.stack()
     with jax.named_scope("dispatch"):
-        y, dropped = dispatch(params["experts"], xt, ffn_routing(routing, cfg), cfg)
+        y, dropped = dispatch(experts, xt, ffn_routing(routing, cfg), cfg)
     if router.extra_output is not None:
         with jax.named_scope("flop_free_experts"):
             y = y + router.extra_output(params["router"], xt, routing, cfg).astype(y.dtype)

@@ -3,6 +3,10 @@
 A dispatcher is `fn(expert_params, x [T, d], routing, cfg) -> (y [T, d], dropped)`: it runs
 the routed experts on their tokens and combines them with the routing weights. `dropped`
 is the float32 count of used slots (routing mask True) that were not computed.
+
+`expert_params` are stacked (`[E, ...]` leaves). A dispatcher that also runs the
+`jmoe.experts.ExpertList` serving layout in place says so with a `takes_expert_list = True`
+attribute; any other gets the list stacked by the layer.
 """
 
 from __future__ import annotations

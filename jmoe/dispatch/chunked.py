@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jmoe.dispatch.sorting import group_offsets
+from jmoe.experts import ExpertList
 
 ExpertFn = Callable[[Any, jax.Array], jax.Array]  # (params of one expert, x [n, d]) -> [n, d]
 
@@ -60,7 +61,20 @@ def chunk_sizes(block_size: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-def _chunk_loop(group_sizes, order, block_size, branch, out_shapes, write, carry):
+def split_chunk_sizes(block_size: int) -> tuple[int, ...]:
+    """Chunk row counts for experts in the `ExpertList` layout: the powers of two from
+    max(1, block_size // 16) up to block_size (block_size itself a power of two).
+
+    Every chunk size is compiled once per expert (a `lax.switch` over the experts inside the
+    switch over sizes), so this ladder is short: at most five sizes. Its chunks pad an
+    expert's last rows to at most twice their number.
+    """
+    if block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two for the ExpertList layout, got {block_size}")
+    return tuple(1 << i for i in range(max(1, block_size // 16).bit_length() - 1, block_size.bit_length()))
+
+
+def _chunk_loop(group_sizes, order, block_size, branch, out_shapes, write, carry, sizes=None):
     """Run `branch(size, e, slots, valid)` on every chunk and fold it into `carry`.
 
     branch returns fixed-shape outputs (`out_shapes`, padded to block_size rows) so that
@@ -69,7 +83,7 @@ def _chunk_loop(group_sizes, order, block_size, branch, out_shapes, write, carry
     """
     E = group_sizes.shape[0]
     B = block_size
-    sizes = chunk_sizes(B)
+    sizes = chunk_sizes(B) if sizes is None else sizes
     sizes_arr = jnp.asarray(sizes, jnp.int32)
     order_padded = jnp.concatenate([order, jnp.zeros((B,), order.dtype)])
     offsets = group_offsets(group_sizes)
@@ -110,6 +124,25 @@ def _expert_slice(params, e):
     return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, e, keepdims=False), params)
 
 
+def _run_expert(expert_fn, params, e, x):
+    """expert_fn on expert e's weights: a slice of stacked params, or for an `ExpertList` the
+    e-th of its arrays picked by `lax.switch` (no copy of the weights)."""
+    if isinstance(params, ExpertList):
+        return lax.switch(e, [partial(expert_fn, p) for p in params.experts], x)
+    return expert_fn(_expert_slice(params, e), x)
+
+
+def _layout(params, num_tokens: int, top_k: int, block_size: int):
+    """(block size, chunk sizes) of the loop: the block and `chunk_sizes` for stacked params;
+    for an `ExpertList`, the block cut to the most rows one expert can get (a power of two
+    >= min(T, T*k)) and `split_chunk_sizes`."""
+    if not isinstance(params, ExpertList):
+        return block_size, None
+    most = max(1, min(num_tokens * top_k, block_size))
+    B = min(1 << (most - 1).bit_length(), 1 << (block_size.bit_length() - 1))
+    return B, split_chunk_sizes(B)
+
+
 def _pad_rows(a, rows):
     pad = [(0, rows - a.shape[0])] + [(0, 0)] * (a.ndim - 1)
     return jnp.pad(a, pad)
@@ -133,7 +166,7 @@ def chunked_expert_combine(
       slot_weights: [T*k] combine weight of each slot (slot s is token s // k).
       order: [T*k] int32 slots sorted by expert (from `sort_slots`).
       group_sizes: [E] int32 slots per expert; slots past sum(group_sizes) are skipped.
-      expert_params: pytree of `[E, ...]` stacked expert parameters.
+      expert_params: pytree of `[E, ...]` stacked expert parameters, or an `ExpertList`.
       expert_fn: (params of one expert, [n, d]) -> [n, d].
       top_k: k.
       block_size: maximum rows per chunk.
@@ -145,12 +178,12 @@ def chunked_expert_combine(
 
 def _forward(x, slot_weights, order, group_sizes, params, expert_fn, top_k, block_size):
     T, d = x.shape
-    B = block_size
+    B, sizes = _layout(params, T, top_k, block_size)
 
     def branch(size, e, slots, valid):
         rows = slots[:size]
         xc = jnp.where(valid[:size, None], jnp.take(x, rows // top_k, axis=0), 0)
-        yc = expert_fn(_expert_slice(params, e), xc)
+        yc = _run_expert(expert_fn, params, e, xc)
         return _pad_rows(yc.astype(jnp.float32), B)
 
     def write(out, e, slots, valid, yc):
@@ -159,12 +192,15 @@ def _forward(x, slot_weights, order, group_sizes, params, expert_fn, top_k, bloc
         return out.at[slots // top_k].add(contrib, mode="promise_in_bounds")
 
     out_shapes = jax.ShapeDtypeStruct((B, d), jnp.float32)
-    out = _chunk_loop(group_sizes, order, B, branch, out_shapes, write, jnp.zeros((T, d), jnp.float32))
+    out = _chunk_loop(group_sizes, order, B, branch, out_shapes, write, jnp.zeros((T, d), jnp.float32), sizes)
     return out.astype(x.dtype), (x, slot_weights, order, group_sizes, params)
 
 
 def _backward(expert_fn, top_k, block_size, res, dout):
     x, slot_weights, order, group_sizes, params = res
+    if isinstance(params, ExpertList):  # gradients of the serving layout: through the stacked one
+        dx, dws, _, _, dstacked = _backward(expert_fn, top_k, block_size, (*res[:4], params.stack()), dout)
+        return dx, dws, None, None, ExpertList.split(dstacked)
     T, d = x.shape
     N = order.shape[0]
     B = block_size

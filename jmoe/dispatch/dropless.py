@@ -20,7 +20,7 @@ from jmoe.dispatch.base import expert_fn_for
 from jmoe.dispatch.chunked import chunked_expert_combine
 from jmoe.dispatch.permute import permute, unpermute_combine
 from jmoe.dispatch.sorting import sort_slots
-from jmoe.experts import ffn
+from jmoe.experts import ffn, num_experts_of, stacked_experts
 from jmoe.options import Options, option
 from jmoe.registry import DISPATCHERS, DROPLESS_IMPLS
 
@@ -55,14 +55,11 @@ class DroplessOptions(Options):
             load_tilings(self.tilings)
 
 
-def _num_experts(expert_params) -> int:
-    return jax.tree.leaves(expert_params)[0].shape[0]
-
-
 @DROPLESS_IMPLS.register("xla")
 def xla_dropless(expert_params, x, expert_ids, weights, mask, cfg):
-    """Fused chunked loop. x: [T, d]; expert_ids, weights, mask: [T, k] -> [T, d]."""
-    order, group_sizes = sort_slots(expert_ids, mask, _num_experts(expert_params))
+    """Fused chunked loop. x: [T, d]; expert_ids, weights, mask: [T, k] -> [T, d]. Takes
+    stacked expert params or an `ExpertList`."""
+    order, group_sizes = sort_slots(expert_ids, mask, num_experts_of(expert_params))
     w = jnp.where(mask, weights, 0.0).reshape(-1)
     return chunked_expert_combine(
         x, w, order, group_sizes, expert_params, expert_fn_for(cfg), expert_ids.shape[1], cfg.dispatch_options.block_size
@@ -77,7 +74,8 @@ def ragged_ffn(params, xs, group_sizes, activation, dtype=None):
 @DROPLESS_IMPLS.register("ragged_dot")
 def ragged_dot_dropless(expert_params, x, expert_ids, weights, mask, cfg):
     """permute -> ragged_dot FFN -> unpermute + combine. Shapes as `xla_dropless`."""
-    order, group_sizes = sort_slots(expert_ids, mask, _num_experts(expert_params))
+    expert_params = stacked_experts(expert_params)
+    order, group_sizes = sort_slots(expert_ids, mask, num_experts_of(expert_params))
     xs = permute(x, order, expert_ids.shape[1])
     ys = ragged_ffn(expert_params, xs, group_sizes, cfg.activation, cfg.dtype)
     return unpermute_combine(ys, order, jnp.where(mask, weights, 0.0)).astype(ys.dtype)
@@ -95,10 +93,12 @@ def grouped_expert_apply(expert_params, rows, expert_ids, valid, cfg):
 
 
 def dropless_dispatch(expert_params, x, routing, cfg):
-    """No token-slot is dropped. x: [T, d] -> ([T, d], dropped=0)."""
+    """No token-slot is dropped. x: [T, d] -> ([T, d], dropped=0). Expert params stacked or
+    an `ExpertList` (which the "xla" implementation runs in place)."""
     impl = DROPLESS_IMPLS.get(resolve_impl(cfg.dispatch_options.impl))
     y = impl(expert_params, x, routing.expert_ids, routing.weights, routing.mask, cfg)
     return y, jnp.zeros((), jnp.float32)
 
 
+dropless_dispatch.takes_expert_list = True
 DISPATCHERS.add("dropless", dropless_dispatch, options=DroplessOptions)

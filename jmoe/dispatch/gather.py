@@ -15,7 +15,9 @@ Each slot still pays for a copy: XLA:CPU copies `w[e]` out of the stacked `[E, d
 array before the matmul, whether e is dynamic or a static index in a `lax.switch` branch.
 Picking among E separate arrays with `lax.switch` instead took 0.53x the time per MoE
 layer for E=8, d_ff=1152 (1 and 8 tokens) and 0.67-0.73x for E=64, d_ff=160
-(experiments/bench_decode_moe.py, "layout"); jmoe keeps experts stacked.
+(experiments/bench_decode_moe.py, "layout"). That is the `jmoe.experts.ExpertList` layout,
+which the inference engine serves with on CPU through the dropless loop; this dispatch is
+for stacked experts (given a list, the layer stacks it).
 
 Choosing between this and "dropless" for a static step shape: `decode_dispatch`.
 """

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmoe.infer.cache import KVCache
-from jmoe.infer.forward import check_servable, extend, prefill
+from jmoe.infer.forward import check_servable, extend, prefill, serving_params
 from jmoe.infer.sampling import SamplingParams, sample
 from jmoe.infer.trace import TraceRecorder
 from jmoe.nn.transformer import LMConfig
@@ -160,12 +160,17 @@ class Engine:
       params: its parameters (from `init_lm`, a run, or a Hugging Face checkpoint).
       state: its router state (e.g. the aux-loss-free selection bias), if any.
       batch_size: most prompts decoded together (default 32).
+      expert_layout: how the engine holds routed experts (`serving_params`): "auto" (split
+        into separate arrays on the CPU, stacked elsewhere), "split" or "stacked". Splitting
+        copies the expert weights once; `Engine.params` holds the copy.
     """
 
-    def __init__(self, cfg: LMConfig, params: dict, state: dict | None = None, *, batch_size: int = 32):
+    def __init__(self, cfg: LMConfig, params: dict, state: dict | None = None, *, batch_size: int = 32,
+                 expert_layout: str = "auto"):
         check_servable(cfg)
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
+        params = serving_params(params, cfg, expert_layout)
         self.cfg, self.params, self.state, self.batch_size = cfg, params, state or {}, batch_size
         self._compiled: dict = {}
 

@@ -1,9 +1,11 @@
 """The language model over a KV cache: prefill a batch of prompts, then one token per row.
 
 Both run the model's own layer loop (`jmoe.nn.transformer.decoder_layers`) with cached
-attention. Inference never drops tokens: each step's MoE layers run dropless, and a step
-with few tokens gathers only the selected experts' weights (`jmoe.dispatch.gather`), picked
-per step shape by `decode_dispatch`.
+attention. Inference never drops tokens: each step's MoE layers run dropless. With stacked
+expert weights, a step with few tokens gathers only the selected experts' weights
+(`jmoe.dispatch.gather`), picked per step shape by `decode_dispatch`; with experts in the
+`ExpertList` serving layout (`serving_params`, what the engine uses on CPU) every step runs
+the dropless loop, which picks each expert's own arrays.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import jax.numpy as jnp
 
 from jmoe.config import MoEConfig
 from jmoe.dispatch.gather import decode_dispatch
+from jmoe.experts import ExpertList
 from jmoe.infer.attention import cached_attention, prefill_attention
 from jmoe.infer.cache import KVCache, init_cache, write
 from jmoe.layer import ffn_routing
@@ -44,16 +47,43 @@ def serving_block_size(num_tokens: int, top_k: int, num_experts: int, block_size
     return min(block_size, max(MIN_BLOCK, 1 << (2 * per_expert - 1).bit_length()))
 
 
-def serving_moe(moe: MoEConfig, num_tokens: int) -> MoEConfig:
+EXPERT_LAYOUTS = ("auto", "stacked", "split")
+
+
+def serving_params(params: dict, cfg: LMConfig, layout: str = "auto") -> dict:
+    """params with every MoE layer's routed experts in the serving layout.
+
+    layout: "split" puts them in an `ExpertList` (E separate arrays per layer, a copy made
+    once); "stacked" keeps them as they are (or stacks an `ExpertList`); "auto" splits on
+    the CPU, where XLA copies a stacked expert's slice before each of its matmuls, and keeps
+    them stacked elsewhere (the grouped matmuls of GPU and TPU take the stack).
+    """
+    if layout not in EXPERT_LAYOUTS:
+        raise ValueError(f"expert_layout={layout!r} is unknown; known: {', '.join(EXPERT_LAYOUTS)}")
+    if layout == "auto":
+        layout = "split" if jax.default_backend() == "cpu" else "stacked"
+    convert = ExpertList.split if layout == "split" else lambda e: e.stack() if isinstance(e, ExpertList) else e
+    layers = dict(params["layers"])
+    for i in cfg.moe_layers:
+        layer = dict(layers[str(i)])
+        if "experts" not in layer["moe"]:  # held elsewhere (offloaded)
+            continue
+        layer["moe"] = {**layer["moe"], "experts": convert(layer["moe"]["experts"])}
+        layers[str(i)] = layer
+    return {**params, "layers": layers}
+
+
+def serving_moe(moe: MoEConfig, num_tokens: int, split: bool = False) -> MoEConfig:
     """The MoE config a step of `num_tokens` tokens runs with.
 
-    The dispatch is picked by `decode_dispatch` (the model's own options kept when it already
-    uses it). A dropless step with few slots per expert runs in chunks of at most twice its
-    mean slots per expert (at least `MIN_BLOCK` rows): a decoding step of 8 tokens with k=2
-    over 8 experts has 2 slots per expert, which the training block of 512 rows would pad
-    to 32-row chunks (measured in experiments/bench_decode_dispatch.py).
+    With stacked experts the dispatch is picked by `decode_dispatch` (the model's own options
+    kept when it already uses it); with `split` experts (an `ExpertList`) it is dropless. A
+    dropless step with few slots per expert runs in chunks of at most twice its mean slots
+    per expert (at least `MIN_BLOCK` rows): a decoding step of 8 tokens with k=2 over 8
+    experts has 2 slots per expert, which the training block of 512 rows would pad to 32-row
+    chunks (measured in experiments/bench_decode_dispatch.py).
     """
-    name = decode_dispatch(num_tokens, moe.top_k, moe.num_experts)
+    name = "dropless" if split else decode_dispatch(num_tokens, moe.top_k, moe.num_experts)
     if name != "dropless":
         return moe if moe.dispatch == name else moe.replace(dispatch=name)
     if moe.dispatch != "dropless":
@@ -64,8 +94,12 @@ def serving_moe(moe: MoEConfig, num_tokens: int) -> MoEConfig:
     return moe
 
 
-def _moe_config(cfg: LMConfig, num_tokens: int):
-    return lambda i: serving_moe(cfg.moe_for(i), num_tokens)
+def _moe_config(cfg: LMConfig, num_tokens: int, params: dict):
+    def moe_for(i):
+        split = isinstance(params["layers"][str(i)]["moe"].get("experts"), ExpertList)
+        return serving_moe(cfg.moe_for(i), num_tokens, split)
+
+    return moe_for
 
 
 def prefill(params: dict, state: dict | None, tokens: jax.Array, lengths: jax.Array, cfg: LMConfig,
@@ -92,7 +126,7 @@ def prefill(params: dict, state: dict | None, tokens: jax.Array, lengths: jax.Ar
         return out
 
     x, auxes, inputs = decoder_layers(params, embed(params, tokens, cfg), cfg, attend=attend, state=state,
-                                      moe_config=_moe_config(cfg, B * P), keep_moe_inputs=with_routing)
+                                      moe_config=_moe_config(cfg, B * P, params), keep_moe_inputs=with_routing)
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
     out = unembed(params, last, cfg), KVCache(layers=tuple(entries), lengths=lengths.astype(jnp.int32))
     return (*out, step_routing(params, state, cfg, auxes, inputs, (B, P))) if with_routing else out
@@ -116,7 +150,7 @@ def extend(params: dict, state: dict | None, tokens: jax.Array, cache: KVCache, 
         return out
 
     x, auxes, inputs = decoder_layers(params, embed(params, tokens, cfg), cfg, attend=attend, state=state,
-                                      moe_config=_moe_config(cfg, B * n), keep_moe_inputs=with_routing)
+                                      moe_config=_moe_config(cfg, B * n, params), keep_moe_inputs=with_routing)
     out = unembed(params, x, cfg), KVCache(layers=tuple(entries), lengths=cache.lengths + n)
     return (*out, step_routing(params, state, cfg, auxes, inputs, (B, n))) if with_routing else out
 

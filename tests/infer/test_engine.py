@@ -92,6 +92,26 @@ def test_one_row_decodes_through_the_gather_dispatch(name):
     np.testing.assert_allclose(logits[0], np.asarray(full[0, len(prompt) - 1:]), rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("name", ["sigmoid_bias", "top_p", "moepp"])
+def test_split_expert_layout_equals_the_full_forward(name):
+    from jmoe.experts import ExpertList
+    from jmoe.infer.forward import serving_params
+
+    cfg, params, state = _model(name)
+    split = serving_params(params, cfg, "split")
+    assert all(isinstance(split["layers"][str(i)]["moe"]["experts"], ExpertList) for i in cfg.moe_layers)
+    toks, logits = cached_greedy(cfg, split, state, PROMPTS, 4)
+    seqs = [p + list(toks[r, :4]) for r, p in enumerate(PROMPTS)]
+    width = max(map(len, seqs))
+    full, _ = lm_apply(params, jnp.asarray([s + [0] * (width - len(s)) for s in seqs], jnp.int32), cfg, state=state)
+    for r, p in enumerate(PROMPTS):
+        np.testing.assert_allclose(logits[r], np.asarray(full[r, len(p) - 1: len(p) + 4]), rtol=2e-4, atol=2e-4)
+    restacked = serving_params(split, cfg, "stacked")["layers"][str(cfg.moe_layers[0])]["moe"]["experts"]
+    np.testing.assert_array_equal(restacked["w_up"], params["layers"][str(cfg.moe_layers[0])]["moe"]["experts"]["w_up"])
+    with pytest.raises(ValueError, match="expert_layout='rows' is unknown"):
+        Engine(cfg, params, state, expert_layout="rows")
+
+
 def test_mla_caches_only_the_latent_and_rope_key():
     cfg = MODELS["sigmoid_bias"]
     assert values_per_token(cfg) == 6 + 4

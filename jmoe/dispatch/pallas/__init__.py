@@ -26,7 +26,7 @@ from jmoe.dispatch.pallas.ops import (
 from jmoe.dispatch.pallas.tiling import DEFAULT_TILINGS, TilingTable, heuristic_tiling, load_tilings, tiling_for
 from jmoe.dispatch.pallas.tuning import autotune, time_tilings
 from jmoe.dispatch.sorting import sort_slots
-from jmoe.experts import ffn
+from jmoe.experts import ffn, stacked_experts
 from jmoe.registry import DROPLESS_IMPLS
 
 
@@ -45,6 +45,7 @@ def pallas_dropless(expert_params, x, expert_ids, weights, mask, cfg, *, tilings
     if tilings is None:
         path = getattr(cfg.dispatch_options, "tilings", None)
         tilings = DEFAULT_TILINGS if path is None else load_tilings(path)
+    expert_params = stacked_experts(expert_params)
     E = expert_params["w_up"].shape[0]
     order, group_sizes = sort_slots(expert_ids, mask, E)
     xs = permute_tokens(x, order, expert_ids.shape[1])
