@@ -242,7 +242,19 @@ def summarize(per_seed: list[dict]) -> dict:
     speedup = [r["speed"]["speedup_vs_on_demand"] for r in per_seed]
     g_gap, g_gate, g_learned, g_speed = t_interval(gap), t_interval(nxt), t_interval(learned), t_interval(speedup)
     best_pred = g_gate if g_gate["mean"] >= g_learned["mean"] else g_learned
+    lru = [r["caches"]["hit_rate"]["lru"][i2k] for r in per_seed]
+    lru_gate = [r["caches"]["hit_rate_gate_prefetch"]["lru"][i2k] for r in per_seed]
+    speeds = {n: t_interval([r["speed"]["median_tokens_per_s"][n] for r in per_seed])
+              for n in per_seed[0]["speed"]["median_tokens_per_s"]}
+    links = {link: t_interval([r["speed"]["time_model"][link]["speedup_overlapped"] for r in per_seed])
+             for link in per_seed[0]["speed"]["time_model"]}
     return {
+        "lru_hit_rate_at_2k": t_interval(lru),
+        "lru_gate_prefetch_hit_rate_at_2k": t_interval(lru_gate),
+        "gate_prefetch_gain_points_at_2k": t_interval(100 * (np.asarray(lru_gate) - np.asarray(lru))),
+        "decode_tokens_per_s": speeds,
+        "device_bytes": per_seed[0]["speed"]["device_bytes"],
+        "time_model_offloaded_over_on_demand": links,
         "belady_minus_best_online_points_at_2k": {**g_gap, "goal": "<= 5", "verdict": verdict(g_gap, 5.0, False)},
         "best_online_hit_rate_at_2k": t_interval(best_online),
         "next_layer_recall_gate": {**g_gate, "goal": ">= 0.90", "verdict": verdict(g_gate, 0.90)},
@@ -251,6 +263,14 @@ def summarize(per_seed: list[dict]) -> dict:
                                    "verdict": verdict(best_pred, 0.90)},
         "offloaded_over_on_demand": {**g_speed, "goal": ">= 2", "verdict": verdict(g_speed, 2.0)},
     }
+
+
+def _mean_over_seeds(a: np.ndarray) -> np.ndarray:
+    """Column means over the finite entries (NaN where a layer has none, e.g. the first MoE
+    layer, which no earlier layer predicts)."""
+    finite = np.isfinite(a)
+    n = finite.sum(0)
+    return np.where(n > 0, np.where(finite, a, 0.0).sum(0) / np.maximum(n, 1), np.nan)
 
 
 def plot(per_seed: list[dict], path: Path) -> None:
@@ -272,9 +292,9 @@ def plot(per_seed: list[dict], path: Path) -> None:
     L = per_seed[0]["moe_layers"]
     for n in ("1", "2", "3"):
         acc = np.array([[np.nan if a is None else a for a in r["predict"]["gate"][n]] for r in per_seed], float)
-        axes[1].plot(range(L), np.nanmean(acc, 0), marker="o", label=f"gate, lookahead {n}")
+        axes[1].plot(range(L), _mean_over_seeds(acc), marker="o", label=f"gate, lookahead {n}")
     acc = np.array([[np.nan if a is None else a for a in r["predict"]["learned"]] for r in per_seed], float)
-    axes[1].plot(range(L), np.nanmean(acc, 0), marker="s", ls="--", label="learned, lookahead 1")
+    axes[1].plot(range(L), _mean_over_seeds(acc), marker="s", ls="--", label="learned, lookahead 1")
     axes[1].axhline(0.9, color="gray", lw=0.8, ls=":")
     axes[1].set(xlabel="MoE layer", ylabel="top-k recall", title="predicting a layer's experts", ylim=(0, 1.02))
     axes[1].legend(fontsize=8)

@@ -132,14 +132,14 @@ def _run_expert(expert_fn, params, e, x):
     return expert_fn(_expert_slice(params, e), x)
 
 
-def _layout(params, num_tokens: int, top_k: int, block_size: int):
+def _layout(params, num_tokens: int, block_size: int):
     """(block size, chunk sizes) of the loop: the block and `chunk_sizes` for stacked params;
-    for an `ExpertList`, the block cut to the most rows one expert can get (a power of two
-    >= min(T, T*k)) and `split_chunk_sizes`."""
+    for an `ExpertList`, the largest power of two within the block and within T rounded up
+    to a power of two (the rows an expert gets when each token picks it at most once; more,
+    e.g. through an expert map, take more chunks), and `split_chunk_sizes`."""
     if not isinstance(params, ExpertList):
         return block_size, None
-    most = max(1, min(num_tokens * top_k, block_size))
-    B = min(1 << (most - 1).bit_length(), 1 << (block_size.bit_length() - 1))
+    B = min(1 << (max(1, num_tokens) - 1).bit_length(), 1 << (block_size.bit_length() - 1))
     return B, split_chunk_sizes(B)
 
 
@@ -178,7 +178,7 @@ def chunked_expert_combine(
 
 def _forward(x, slot_weights, order, group_sizes, params, expert_fn, top_k, block_size):
     T, d = x.shape
-    B, sizes = _layout(params, T, top_k, block_size)
+    B, sizes = _layout(params, T, block_size)
 
     def branch(size, e, slots, valid):
         rows = slots[:size]
