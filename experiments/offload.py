@@ -27,9 +27,18 @@ Each is judged from the per-seed values: mean, standard deviation and a 95% t-in
 (of the difference where there is one); "reproduced" only when the interval clears the
 goal. Writes experiments/results/offload.json and offload.png.
 
+With --gpu (one NVIDIA H100/H200): a Mixtral-shaped model (d=4096, f=14336, E=8, k=2, bf16,
+random weights; --gpu-layers layers, 12 by default: 34 GB of experts) whose experts live in
+pinned host memory, with a device budget of --gpu-cache expert slots per layer (4 of 8: half
+the experts); decode tokens/s at batch 1 of offloaded experts (lru, gate prefetch) against
+load on demand (k slots, no cache), each timed --repeats times interleaved, with the hit rate
+and bytes moved per token; writes experiments/results/offload_gpu.json. `--gpu --quick` runs
+the same code at tiny size (on a CPU both tiers are host memory).
+
     python experiments/offload.py                    # everything (resumes cached stages)
     python experiments/offload.py --seeds 0          # one seed
     python experiments/offload.py --quick            # a few steps, checks the script
+    python experiments/offload.py --gpu              # one H100/H200
 """
 
 from __future__ import annotations
@@ -305,6 +314,78 @@ def plot(per_seed: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def gpu_model(n_layers: int, quick: bool, seed: int = 0):
+    """(cfg, params) of a Mixtral-shaped model with random bf16 weights: the resident parts on
+    the device and the routed experts as NumPy arrays in host memory, built one layer at a time
+    (the device never holds every expert)."""
+    import jax
+
+    from jmoe.config import MoEConfig
+    from jmoe.nn import init_lm
+    from jmoe.nn.transformer import LMConfig
+
+    d, f, V, H, Hkv = (64, 128, 256, 4, 2) if quick else (4096, 14336, 32000, 32, 8)
+    moe = MoEConfig(d_model=d, num_experts=8, top_k=2, d_ff=f, router="topk", router_options=dict(renormalize=True),
+                    dtype="bfloat16", param_dtype="bfloat16")
+    cfg = LMConfig(vocab_size=V, d_model=d, n_layers=n_layers, n_heads=H, n_kv_heads=Hkv, d_ff=f, moe=moe,
+                   max_seq_len=4096, rope_theta=1e6, norm_eps=1e-5).replace(param_dtype="bfloat16", dtype="bfloat16")
+    one = cfg.replace(n_layers=1)
+    params = None
+    for i in range(n_layers):
+        p = init_lm(jax.random.fold_in(jax.random.key(seed), i), one)
+        layer = p["layers"]["0"]
+        layer["moe"] = {**layer["moe"], "experts": jax.tree.map(np.asarray, layer["moe"]["experts"])}
+        if params is None:
+            params = {k: v for k, v in p.items() if k != "layers"}
+            params["layers"] = {}
+        params["layers"][str(i)] = layer
+        del p
+    return cfg, params
+
+
+def run_gpu(args) -> dict:
+    import jax
+
+    from jmoe.infer.offload import OffloadedEngine, format_bytes
+
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}", flush=True)
+    t0 = time.perf_counter()
+    cfg, params = gpu_model(args.gpu_layers, args.quick)
+    k, E = cfg.moe.top_k, cfg.moe.num_experts
+    expert_bytes = sum(int(np.prod(a.shape[1:])) * a.dtype.itemsize
+                       for a in jax.tree.leaves(params["layers"]["0"]["moe"]["experts"]))
+    print(f"{cfg.n_layers} layers, {format_bytes(expert_bytes)} per expert, "
+          f"{format_bytes(expert_bytes * E * cfg.n_layers)} of experts; built in {time.perf_counter() - t0:.0f} s",
+          flush=True)
+    engines = {
+        "offloaded": OffloadedEngine(cfg, params, None, batch_size=1, cache_size=args.gpu_cache, policy="lru",
+                                     prefetch="gate"),
+        "on_demand": OffloadedEngine(cfg, params, None, batch_size=1, cache_size=k, policy="none", prefetch="none"),
+    }
+    del params
+    rng = np.random.default_rng(0)
+    prompt = [rng.integers(0, cfg.vocab_size, args.gpu_prompt_tokens).tolist()]
+    for eng in engines.values():  # warm-up: compile every piece a decoding step uses
+        eng.generate(prompt, max_new_tokens=8)
+    rates = {n: [] for n in engines}
+    stats = {}
+    for _ in range(args.repeats):
+        for name, eng in engines.items():
+            eng.lm.reset_cache()
+            _, st = eng.generate(prompt, max_new_tokens=args.speed_tokens)
+            rates[name].append(st.decode_tokens_per_s)
+            stats[name] = eng.offload_stats.to_dict()
+            print(f"  {name}: {st.decode_tokens_per_s:.2f} tok/s, decode hit rate "
+                  f"{eng.offload_stats.decode_hit_rate:.3f}", flush=True)
+    med = {n: float(np.median(r)) for n, r in rates.items()}
+    return {"device": dev.device_kind, "platform": dev.platform, "layers": cfg.n_layers, "expert_bytes": expert_bytes,
+            "experts_total_bytes": expert_bytes * E * cfg.n_layers, "cache_size": args.gpu_cache,
+            "device_bytes": {n: e.lm.resident_bytes for n, e in engines.items()},
+            "tokens_per_s": rates, "median_tokens_per_s": med, "seconds_per_token": {n: 1 / v for n, v in med.items()},
+            "offload": stats, "speedup_vs_on_demand": med["offloaded"] / med["on_demand"]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -317,7 +398,21 @@ def main(argv=None) -> int:
     ap.add_argument("--speed-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script")
+    ap.add_argument("--gpu", action="store_true", help="a Mixtral-shaped model offloaded on one GPU")
+    ap.add_argument("--gpu-layers", type=int, default=12)
+    ap.add_argument("--gpu-cache", type=int, default=4, help="expert slots per layer on the device (of 8)")
+    ap.add_argument("--gpu-prompt-tokens", type=int, default=128)
     args = ap.parse_args(argv)
+    command = "python experiments/offload.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.gpu:
+        if args.quick:
+            args.gpu_layers, args.gpu_prompt_tokens, args.speed_tokens, args.repeats = 2, 16, 4, 1
+        result = {"command": command, **run_gpu(args)}
+        print(json.dumps({k: result[k] for k in ("median_tokens_per_s", "speedup_vs_on_demand", "device_bytes")}))
+        out = RESULTS / ("offload_gpu_quick.json" if args.quick else "offload_gpu.json")
+        out.write_text(json.dumps(result, indent=1))
+        print(f"wrote {out}")
+        return 0
     if args.quick:
         args.steps, args.prompts, args.new_tokens = 4, 2, 8
         args.predictor_tokens = args.eval_tokens = 512
@@ -325,8 +420,7 @@ def main(argv=None) -> int:
     global SRC
     SRC = sources_hash()
     per_seed = [one_seed(s, args) for s in args.seeds]
-    result = {"command": "python experiments/offload.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "sources_sha256": SRC, "config": vars(args), "per_seed": per_seed,
+    result = {"command": command, "sources_sha256": SRC, "config": vars(args), "per_seed": per_seed,
               "summary": summarize(per_seed) if len(per_seed) > 1 else None}
     out = RESULTS / ("offload_quick.json" if args.quick else "offload.json")
     out.write_text(json.dumps(result, indent=1))
