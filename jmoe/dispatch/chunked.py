@@ -126,7 +126,13 @@ def _expert_slice(params, e):
 
 def _run_expert(expert_fn, params, e, x):
     """expert_fn on expert e's weights: a slice of stacked params, or for an `ExpertList` the
-    e-th of its arrays picked by `lax.switch` (no copy of the weights)."""
+    e-th of its arrays picked by `lax.switch` (no copy of the weights).
+
+    Unrolling the experts of an `ExpertList` instead (each expert's chunk in its own switch
+    over sizes, no dynamic expert switch, no loop) was measured against this at decoding
+    sizes (d=512, T = 1, 2, 4, 8): 0.82x the time for E=8, k=2 at T=8, but 0.96-1.06x at
+    T <= 4 and 1.05-1.20x for E=16 and E=64, where the loop's skip of empty experts pays;
+    it was not kept."""
     if isinstance(params, ExpertList):
         return lax.switch(e, [partial(expert_fn, p) for p in params.experts], x)
     return expert_fn(_expert_slice(params, e), x)
