@@ -21,7 +21,7 @@
 
 from jmoe.infer.cache import KVCache, init_cache, values_per_token
 from jmoe.infer.engine import Engine, Generation, GenerationStats, generate
-from jmoe.infer.forward import check_servable, extend, prefill, serving_moe
+from jmoe.infer.forward import check_servable, extend, prefill, serving_moe, serving_params
 from jmoe.infer.load import Model, ModelSource, load, open_model
 from jmoe.infer.sampling import SamplingParams, process_logits, sample
 from jmoe.infer.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
@@ -58,5 +58,6 @@ __all__ = [
     "process_logits",
     "sample",
     "serving_moe",
+    "serving_params",
     "values_per_token",
 ]
