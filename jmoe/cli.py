@@ -183,7 +183,7 @@ def _build_train_configs(args):
             "seq_len": args.seq_len,
             "lr": args.lr,
             "seed": args.seed,
-            "data": args.data,
+            "data": _train_data(args),
             "eval_every": args.eval_every,
             "ckpt_every": args.ckpt_every,
             "keep_ckpts": args.keep_ckpts,
@@ -201,6 +201,48 @@ def _build_train_configs(args):
     if tc.seq_len > model_cfg.max_seq_len and not args.resume:
         model_cfg = model_cfg.replace(max_seq_len=tc.seq_len)
     return model_cfg, tc, out
+
+
+def _train_data(args) -> str | None:
+    """--data, or the task mixture of --tasks/--task-mix (a "tasks:..." data spec)."""
+    if args.task_mix is not None and args.tasks is None:
+        raise ValueError("--task-mix needs --tasks")
+    if args.tasks is None:
+        return args.data
+    if args.data is not None:
+        raise ValueError("--tasks and --data both name the training text; give one")
+    from jmoe.evals.mixture import mix_spec
+
+    return mix_spec(args.tasks, args.task_mix)
+
+
+def cmd_evaluate(args) -> int:
+    from jmoe import evals
+    from jmoe.infer.load import open_model
+
+    tasks = evals.resolve_tasks(args.tasks)
+    out = Path(args.out) if args.out else None
+    if out is not None and not out.parent.is_dir():
+        raise ValueError(f"--out {out}: directory {out.parent} does not exist")
+    source = open_model(args.ckpt, step=args.step)  # config and tokenizer checked before the weights load
+    model = source.load()
+    results = evals.evaluate(model, tasks, examples=args.examples, max_windows=args.max_windows, split=args.split,
+                             seed=args.seed, batch_size=args.batch_size)
+    record = {"ckpt": str(args.ckpt), "step": model.step, "split": args.split, "seed": args.seed,
+              "results": [r.to_dict() for r in results]}
+    if out is not None:
+        from jmoe.train.metrics import atomic_write_text
+
+        atomic_write_text(out, json.dumps(record, indent=1))
+    if args.json:
+        print(json.dumps(record))
+        return 0
+    print(f"{'task':<12} {'metric':<14} {'value':>8}  {'95% interval':<17} {'n':>5}")
+    for r in results:
+        print(f"{r.task:<12} {r.metric:<14} {r.value:>8.4f}  [{r.ci95[0]:.4f}, {r.ci95[1]:.4f}] {r.n:>5}")
+    if out is not None:
+        print(f"wrote {out}")
+    return 0
 
 
 def cmd_train(args) -> int:
@@ -412,6 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, help="peak learning rate of AdamW (sets train.lr)")
     t.add_argument("--seed", type=int, help="seed of the parameters, batches and routing noise (sets train.seed)")
     t.add_argument("--data", help="text file or directory (default: the embedded stdlib corpus)")
+    t.add_argument("--tasks", metavar="NAMES", help="train on a mixture of evaluation tasks instead (comma-separated "
+                   "names of jmoe.evals, e.g. addition,reversal,prose)")
+    t.add_argument("--task-mix", metavar="WEIGHTS", help="the tasks' weights in the mixture, comma-separated in --tasks "
+                   "order (default: equal)")
     t.add_argument("--eval-every", type=int, metavar="N", help="validate every N steps (sets train.eval_every)")
     t.add_argument("--ckpt-every", type=int, metavar="N", help="checkpoint every N steps (sets train.ckpt_every)")
     t.add_argument("--keep-ckpts", type=int, metavar="N", help="keep the newest N checkpoints (sets train.keep_ckpts)")
@@ -436,6 +482,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"validation batches of the run's batch size and sequence length (1 .. {MAX_EVAL_BATCHES}; default 8)")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     e.set_defaults(func=cmd_eval)
+
+    v = sub.add_parser("evaluate", help="score a run or a Hugging Face model on evaluation tasks (exact match, "
+                       "bits per byte)")
+    v.add_argument("--ckpt", required=True, metavar="RUN_OR_HF_DIR", help="a jmoe run or a Hugging Face model directory")
+    v.add_argument("--step", type=_int_range(0), help="a run's checkpoint step (default: latest)")
+    v.add_argument("--tasks", default="all", metavar="all|NAMES", help="tasks to score (default all)")
+    v.add_argument("--examples", type=_int_range(1, 100_000), default=200,
+                   help="examples per algorithmic task (default 200)")
+    v.add_argument("--max-windows", type=_int_range(1, 100_000), default=64,
+                   help="context windows per text domain (default 64)")
+    v.add_argument("--split", choices=["train", "val", "test"], default="test")
+    v.add_argument("--seed", type=int, default=0, help="which examples are drawn (default 0)")
+    v.add_argument("--batch-size", type=_int_range(1, 4096), default=32, help="prompts generated together")
+    v.add_argument("--out", metavar="FILE", help="also write the results as JSON")
+    v.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    v.set_defaults(func=cmd_evaluate)
 
     g = sub.add_parser("generate", help="generate text from a run or a Hugging Face model directory (KV-cached, batched)")
     g.add_argument("--ckpt", required=True, metavar="RUN_OR_HF_DIR",

@@ -109,7 +109,15 @@ def text_corpus(path: str | os.PathLike, val_fraction: float = 0.05) -> Corpus:
 
 
 def load_corpus(data: str | None = None, val_fraction: float = 0.05) -> Corpus:
-    """`data=None` or "stdlib": the embedded corpus; otherwise a file or directory path."""
+    """`data=None` or "stdlib": the embedded corpus; "tasks:NAME=WEIGHT,..." a mixture of
+    evaluation tasks (`jmoe.evals.mixture`); otherwise a file or directory path."""
     if data in (None, "stdlib"):
         return stdlib_corpus(val_fraction)
+    if data.startswith("tasks:"):
+        from jmoe.evals.mixture import task_corpus
+
+        try:
+            return task_corpus(data)
+        except ValueError as e:
+            raise CorpusError(str(e)) from None
     return text_corpus(data, val_fraction)
