@@ -1,18 +1,19 @@
 """Shared harness of the routing experiments: tiny-preset variants, same steps and seed.
 
 Each variant trains with `jmoe.train.train` into experiments/results/zoo_runs/<name>-<hash>,
-where the hash covers the whole model and training configuration; a finished run with the
-same configuration is reused, so experiments that share a baseline train it once.
+where the hash covers the whole model and training configuration and the code version
+(`_harness.code_version`); a finished run with the same configuration and code is reused, so
+experiments that share a baseline train it once, and a change to jmoe retrains.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
+from _harness import config_key
 from jmoe.data import eval_batches, load_corpus
 from jmoe.nn import LMConfig, preset
 from jmoe.train import TrainConfig, read_metrics, train
@@ -40,7 +41,7 @@ def tiny_train(steps: int, seed: int, **changes) -> TrainConfig:
 
 def run(name: str, model: LMConfig, tc: TrainConfig) -> dict:
     """Train (or reuse) one variant; returns its summary, records and late-training stats."""
-    key = hashlib.sha256(json.dumps([model.to_dict(), tc.to_dict()], sort_keys=True).encode()).hexdigest()[:10]
+    key = config_key([model.to_dict(), tc.to_dict()])[:10]
     done = sorted(p for p in RUNS.glob(f"*-{key}") if (p / "summary.json").exists()) if RUNS.exists() else []
     out = done[0] if done else RUNS / f"{name}-{key}"  # an identical configuration trained under any name
     if not (out / "summary.json").exists():

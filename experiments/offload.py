@@ -25,7 +25,8 @@ Goals (issue): the best online policy within 5 points of Belady at a cache of 2x
 experts; next-layer prediction top-k recall >= 90%; offloaded decode >= 2x load on demand.
 Each is judged from the per-seed values: mean, standard deviation and a 95% t-interval
 (of the difference where there is one); "reproduced" only when the interval clears the
-goal. Writes experiments/results/offload.json and offload.png.
+goal (`jmoe.evals.stats`). Stages are cached by configuration and code version
+(experiments/_harness.py). Writes experiments/results/offload.json and offload.png.
 
 With --gpu (one NVIDIA H100/H200): a Mixtral-shaped model (d=4096, f=14336, E=8, k=2, bf16,
 random weights; --gpu-layers layers, 12 by default: 34 GB of experts) whose experts live in
@@ -44,9 +45,7 @@ the same code at tiny size (on a CPU both tiers are host memory).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
 import subprocess
 import sys
 import time
@@ -54,36 +53,16 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import cached as _cached, code_version, config_key  # noqa: E402
+
+from jmoe.evals.stats import goal_verdict, summary as t_interval  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 RUNS = RESULTS / "offload_runs"
 POLICIES = ("lru", "lfu", "score", "arc", "belady")
 ONLINE = ("lru", "lfu", "score", "arc")
-
-
-def sources_hash() -> str:
-    h = hashlib.sha256()
-    for p in sorted((ROOT / "jmoe").rglob("*.py")):
-        h.update(p.relative_to(ROOT).as_posix().encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()[:12]
-
-
-def cached(name: str, config: dict, fn):
-    """fn() -> JSON-able, stored under RUNS by name, config and the sources' hash."""
-    key = hashlib.sha256(json.dumps({**config, "src": SRC}, sort_keys=True).encode()).hexdigest()[:12]
-    path = RUNS / f"{name}-{key}.json"
-    if path.exists():
-        print(f"   reusing {path.name}", flush=True)
-        return json.loads(path.read_text())
-    t0 = time.perf_counter()
-    value = fn()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value))
-    tmp.replace(path)
-    print(f"   {name}: {time.perf_counter() - t0:.0f} s", flush=True)
-    return value
 
 
 def train_model(seed: int, steps: int, batch_size: int) -> Path:
@@ -99,27 +78,6 @@ def train_model(seed: int, steps: int, batch_size: int) -> Path:
     print("   " + " ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
     return out
-
-
-def t_interval(values) -> dict:
-    """mean, sd and a 95% t-interval of the mean."""
-    from scipy import stats
-
-    v = np.asarray(values, float)
-    n = v.size
-    mean = float(v.mean())
-    sd = float(v.std(ddof=1)) if n > 1 else float("nan")
-    half = float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)) if n > 1 else float("nan")
-    return {"n": n, "mean": mean, "sd": sd, "ci95": [mean - half, mean + half], "values": v.tolist()}
-
-
-def verdict(interval: dict, goal: float, higher_is_better: bool = True) -> str:
-    lo, hi = interval["ci95"]
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return "not enough seeds"
-    if higher_is_better:
-        return "reproduced" if lo >= goal else "not reproduced" if hi < goal else "within noise"
-    return "reproduced" if hi <= goal else "not reproduced" if lo > goal else "within noise"
 
 
 def one_seed(seed: int, args) -> dict:
@@ -145,7 +103,7 @@ def one_seed(seed: int, args) -> dict:
     prompts = [corpus.val[s: s + 64].tolist() for s in starts]
     conf = {"seed": seed, "steps": args.steps, "batch_size": args.batch_size, "prompts": args.prompts,
             "new_tokens": args.new_tokens}
-    trace_dir = RUNS / f"traces-{hashlib.sha256(json.dumps([conf, SRC]).encode()).hexdigest()[:12]}"
+    trace_dir = RUNS / f"traces-{config_key(conf)}"
     trace_dir.mkdir(parents=True, exist_ok=True)
 
     def decode_trace() -> RoutingTrace:
@@ -174,7 +132,7 @@ def one_seed(seed: int, args) -> dict:
         gate = hit_rate_curve(decode_only, sizes, ONLINE, prefetch=gate_prefetch(decode_only))
         return {"sizes": sizes, "hit_rate": plain["hit_rate"], "hit_rate_gate_prefetch": gate["hit_rate"]}
 
-    cache_res = cached(f"caches-s{seed}", conf, caches)
+    cache_res = _cached(RUNS, f"caches-s{seed}", conf, caches)
 
     def predict():
         train_t = text_trace("train", args.predictor_tokens)
@@ -190,7 +148,7 @@ def one_seed(seed: int, args) -> dict:
         gate = {n: [None if v[0] is None else float(np.mean(v)) for v in zip(*rows)] for n, rows in gate.items()}
         return {"gate": gate, "learned": pred.accuracy(val_t), "learned_on_decode": pred.accuracy(dec)}
 
-    pred_res = cached(f"predict-s{seed}", {**conf, "ptok": args.predictor_tokens, "etok": args.eval_tokens}, predict)
+    pred_res = _cached(RUNS, f"predict-s{seed}", {**conf, "ptok": args.predictor_tokens, "etok": args.eval_tokens}, predict)
 
     def speed():
         size = min(2 * k, E)
@@ -231,7 +189,7 @@ def one_seed(seed: int, args) -> dict:
                 "device_bytes": memory, "time_model": model_t,
                 "speedup_vs_on_demand": med["offloaded"] / med["on_demand"]}
 
-    speed_res = cached(f"speed-s{seed}", {**conf, "repeats": args.repeats, "st": args.speed_tokens}, speed)
+    speed_res = _cached(RUNS, f"speed-s{seed}", {**conf, "repeats": args.repeats, "st": args.speed_tokens}, speed)
     return {"seed": seed, "run": str(run.relative_to(ROOT)), "top_k": k, "num_experts": E,
             "moe_layers": len(cfg.moe_layers), "decode_trace_tokens": dec.num_tokens, "caches": cache_res,
             "predict": pred_res, "speed": speed_res}
@@ -264,13 +222,13 @@ def summarize(per_seed: list[dict]) -> dict:
         "decode_tokens_per_s": speeds,
         "device_bytes": per_seed[0]["speed"]["device_bytes"],
         "time_model_offloaded_over_on_demand": links,
-        "belady_minus_best_online_points_at_2k": {**g_gap, "goal": "<= 5", "verdict": verdict(g_gap, 5.0, False)},
+        "belady_minus_best_online_points_at_2k": {**g_gap, "goal": "<= 5", "verdict": goal_verdict(g_gap, 5.0, higher_is_better=False)},
         "best_online_hit_rate_at_2k": t_interval(best_online),
-        "next_layer_recall_gate": {**g_gate, "goal": ">= 0.90", "verdict": verdict(g_gate, 0.90)},
-        "next_layer_recall_learned": {**g_learned, "goal": ">= 0.90", "verdict": verdict(g_learned, 0.90)},
+        "next_layer_recall_gate": {**g_gate, "goal": ">= 0.90", "verdict": goal_verdict(g_gate, 0.90)},
+        "next_layer_recall_learned": {**g_learned, "goal": ">= 0.90", "verdict": goal_verdict(g_learned, 0.90)},
         "next_layer_recall_best": {"predictor": "gate" if best_pred is g_gate else "learned",
-                                   "verdict": verdict(best_pred, 0.90)},
-        "offloaded_over_on_demand": {**g_speed, "goal": ">= 2", "verdict": verdict(g_speed, 2.0)},
+                                   "verdict": goal_verdict(best_pred, 0.90)},
+        "offloaded_over_on_demand": {**g_speed, "goal": ">= 2", "verdict": goal_verdict(g_speed, 2.0)},
     }
 
 
@@ -417,10 +375,8 @@ def main(argv=None) -> int:
         args.steps, args.prompts, args.new_tokens = 4, 2, 8
         args.predictor_tokens = args.eval_tokens = 512
         args.speed_tokens, args.repeats = 4, 1
-    global SRC
-    SRC = sources_hash()
     per_seed = [one_seed(s, args) for s in args.seeds]
-    result = {"command": command, "sources_sha256": SRC, "config": vars(args), "per_seed": per_seed,
+    result = {"command": command, "sources_sha256": code_version(), "config": vars(args), "per_seed": per_seed,
               "summary": summarize(per_seed) if len(per_seed) > 1 else None}
     out = RESULTS / ("offload_quick.json" if args.quick else "offload.json")
     out.write_text(json.dumps(result, indent=1))
@@ -435,7 +391,6 @@ def main(argv=None) -> int:
     return 0
 
 
-SRC = ""
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmoe.evals.base import ANSWER_END, Example, Task
+from jmoe.evals.stats import summary
 from jmoe.infer.tokenizer import ByteTokenizer, Tokenizer
 
 
@@ -45,15 +46,10 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
 
 
 def t_interval(values: Sequence[float]) -> tuple[float, float]:
-    """95% t-interval of the mean (the mean itself twice for fewer than 2 values)."""
-    from scipy import stats
-
-    v = np.asarray(values, float)
-    if v.size < 2:
-        m = float(v.mean()) if v.size else float("nan")
-        return (m, m)
-    half = float(stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
-    return (float(v.mean()) - half, float(v.mean()) + half)
+    """95% t-interval of the mean (`jmoe.evals.stats.summary`; the mean itself twice for a
+    single value)."""
+    s = summary(values)
+    return (s["mean"], s["mean"]) if s["n"] < 2 else (s["ci95"][0], s["ci95"][1])
 
 
 def exact_match(engine, tokenizer: Tokenizer, task: Task, examples: Sequence[Example]) -> TaskResult:
