@@ -205,15 +205,16 @@ def _build_train_configs(args):
 
 def _train_data(args) -> str | None:
     """--data, or the task mixture of --tasks/--task-mix (a "tasks:..." data spec)."""
-    if args.task_mix is not None and args.tasks is None:
+    tasks, mix = getattr(args, "tasks", None), getattr(args, "task_mix", None)
+    if mix is not None and tasks is None:
         raise ValueError("--task-mix needs --tasks")
-    if args.tasks is None:
+    if tasks is None:
         return args.data
     if args.data is not None:
         raise ValueError("--tasks and --data both name the training text; give one")
     from jmoe.evals.mixture import mix_spec
 
-    return mix_spec(args.tasks, args.task_mix)
+    return mix_spec(tasks, mix)
 
 
 def cmd_evaluate(args) -> int:
