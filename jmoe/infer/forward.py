@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from jmoe.config import MoEConfig
 from jmoe.dispatch.gather import decode_dispatch
-from jmoe.experts import ExpertList
+from jmoe.experts import ExpertList, stacked_experts
 from jmoe.infer.attention import cached_attention, prefill_attention
 from jmoe.infer.cache import KVCache, init_cache, write
 from jmoe.layer import ffn_routing
@@ -62,7 +62,7 @@ def serving_params(params: dict, cfg: LMConfig, layout: str = "auto") -> dict:
         raise ValueError(f"expert_layout={layout!r} is unknown; known: {', '.join(EXPERT_LAYOUTS)}")
     if layout == "auto":
         layout = "split" if jax.default_backend() == "cpu" else "stacked"
-    convert = ExpertList.split if layout == "split" else lambda e: e.stack() if isinstance(e, ExpertList) else e
+    convert = ExpertList.split if layout == "split" else stacked_experts
     layers = dict(params["layers"])
     for i in cfg.moe_layers:
         layer = dict(layers[str(i)])
