@@ -2,8 +2,8 @@
 and code version, and the seeds.
 
 A cached result is stored as `<runs>/<name>-<key>.json`, key = hash(configuration, code
-version), where the code version is the hash of jmoe's sources (`code_version`): a result
-computed by other code is never reused. Statistics and verdicts: `jmoe.evals.stats`.
+version), where the code version is the hash of the sources of the jmoe modules in use
+(`code_version`): a result computed by other code is never reused. Statistics and verdicts: `jmoe.evals.stats`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -19,11 +20,28 @@ ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)
 
 
-@functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """The first 12 hex digits of the sha256 of jmoe's sources (paths and contents)."""
+    """The first 12 hex digits of the sha256 of the sources (paths and contents) of the jmoe
+    modules this process has imported.
+
+    Call it after the experiment's imports: a result then depends on exactly the code that can
+    have computed it, so a change to an unrelated part of jmoe (the inference engine for a
+    training experiment) keeps its cached runs. jmoe imports lazily only what the experiment's
+    own configuration asks for (e.g. `jmoe.evals` for a task mixture), which the experiment
+    imports first.
+    """
+    files = set()
+    for name, module in list(sys.modules.items()):
+        f = getattr(module, "__file__", None)
+        if (name == "jmoe" or name.startswith("jmoe.")) and f:
+            files.add(Path(f).resolve())
+    return _hash_sources(frozenset(files))
+
+
+@functools.lru_cache(maxsize=8)
+def _hash_sources(files: frozenset) -> str:
     h = hashlib.sha256()
-    for p in sorted((ROOT / "jmoe").rglob("*.py")):
+    for p in sorted(files):
         h.update(p.relative_to(ROOT).as_posix().encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:12]

@@ -1,9 +1,15 @@
-"""Shared harness of the routing experiments: tiny-preset variants, same steps and seed.
+"""Shared harness of the routing experiments: tiny-preset variants, same steps and seeds.
 
 Each variant trains with `jmoe.train.train` into experiments/results/zoo_runs/<name>-<hash>,
 where the hash covers the whole model and training configuration and the code version
 (`_harness.code_version`); a finished run with the same configuration and code is reused, so
 experiments that share a baseline train it once, and a change to jmoe retrains.
+
+Every variant is named in `VARIANTS` and trained with the seeds of `_harness.SEEDS` (0, 1, 2);
+a claim compares per-seed values paired by seed (`claim`). To train variants ahead of their
+reports (e.g. in slices of a long session):
+
+    python experiments/_zoo.py top2 dense aux_free --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -13,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from _harness import config_key
+from _harness import SEEDS, code_version, config_key
+from jmoe import fine_grained
 from jmoe.data import eval_batches, load_corpus
+from jmoe.evals.stats import difference_verdict, goal_verdict, paired_difference, summary
 from jmoe.nn import LMConfig, preset
 from jmoe.train import TrainConfig, read_metrics, train
 
@@ -39,6 +47,37 @@ def tiny_train(steps: int, seed: int, **changes) -> TrainConfig:
     return TrainConfig(**{**preset("tiny")["train"], "steps": steps, "seed": seed, **changes})
 
 
+def _fine(m: int) -> LMConfig:
+    base = tiny()
+    return base.replace(moe=fine_grained(base.moe, m, num_shared=1))
+
+
+# Every model of the routing experiments, by name (the baseline "top2" is the tiny preset).
+VARIANTS = {
+    "top2": lambda: tiny(),
+    "dense": lambda: tiny().replace(moe=None),
+    "aux_free": lambda: tiny(router="sigmoid_bias", balance_loss="none", router_options=dict(bias_update_rate=1e-3)),
+    "sigmoid_lbl": lambda: tiny(router="sigmoid_bias", router_options=dict(bias_update_rate=0.0)),
+    "lbl_sequence": lambda: tiny(balance_scope="sequence"),
+    "top_p": lambda: tiny(router="top_p", top_k=8, router_options=dict(threshold=0.4), entropy_loss_coef=1e-4),
+    "null2": lambda: tiny(router="null_experts", router_options=dict(num_null_experts=2)),
+    "null4": lambda: tiny(router="null_experts", router_options=dict(num_null_experts=4)),
+    "null8": lambda: tiny(router="null_experts", router_options=dict(num_null_experts=8)),
+    "moepp": lambda: tiny(router="moepp", router_options=dict(num_zero_experts=1, num_copy_experts=1,
+                                                               num_constant_experts=2, gating_residual=True)),
+    "fine1": lambda: _fine(1),
+    "fine2": lambda: _fine(2),
+    "fine4": lambda: _fine(4),
+}
+
+
+def runs(name: str, steps: int, seeds=SEEDS) -> list[dict]:
+    """`run` of variant `name` once per seed (same batches per seed for every variant)."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+    return [run(name, VARIANTS[name](), tiny_train(steps, seed)) for seed in seeds]
+
+
 def run(name: str, model: LMConfig, tc: TrainConfig) -> dict:
     """Train (or reuse) one variant; returns its summary, records and late-training stats."""
     key = config_key([model.to_dict(), tc.to_dict()])[:10]
@@ -60,7 +99,67 @@ def run(name: str, model: LMConfig, tc: TrainConfig) -> dict:
     for field in ("max_vio", "experts_per_token", "zero_compute", "router_entropy", "dropped"):
         if late and field in late[0]:
             stats[field] = np.mean([r[field] for r in late], axis=0).tolist()  # per layer
-    return {"name": name, "dir": str(out), "model": model, "summary": summary, "records": records, "late": stats}
+    return {"name": name, "dir": str(out), "model": model, "seed": tc.seed, "summary": summary, "records": records,
+            "late": stats}
+
+
+def val_losses(results: list[dict]) -> list[float]:
+    return [r["summary"]["val_loss"] for r in results]
+
+
+def claim(text: str, a: str, a_values, b: str, b_values, *, higher_is_better: bool, margin: float | None = None) -> dict:
+    """A claim about variant a against variant b, judged by the 95% interval of the per-seed
+    difference a - b (`jmoe.evals.stats`).
+
+    margin None: "a beats b" (reproduced when the interval excludes 0 on a's side). A margin:
+    "a is no worse than b by more than margin" (reproduced when the whole interval is within
+    the margin, not reproduced when it is wholly beyond it).
+    """
+    diff = paired_difference(a_values, b_values)
+    if margin is None:
+        verdict = difference_verdict(diff, higher_is_better=higher_is_better)
+    else:
+        bound = -margin if higher_is_better else margin
+        verdict = goal_verdict(diff, bound, higher_is_better=higher_is_better)
+    return {"claim": text, "a": a, "b": b, "a_summary": summary(a_values), "b_summary": summary(b_values),
+            "difference": diff, "margin": margin, "higher_is_better": higher_is_better, "verdict": verdict}
+
+
+def fmt_ci(s: dict, digits: int = 4) -> str:
+    """"mean ± sd" of a `summary`."""
+    return f"{s['mean']:.{digits}f} ± {s['sd']:.{digits}f}"
+
+
+def fmt_diff(d: dict, digits: int = 4) -> str:
+    lo, hi = d["ci95"]
+    return f"{d['mean']:+.{digits}f} (95% CI {lo:+.{digits}f}..{hi:+.{digits}f})"
+
+
+def print_claims(claims: list[dict]) -> None:
+    for c in claims:
+        print(f"{c['claim']}: {c['a']} {fmt_ci(c['a_summary'])} vs {c['b']} {fmt_ci(c['b_summary'])}, "
+              f"difference {fmt_diff(c['difference'])} -> {c['verdict']}")
+
+
+def payload(script: str, steps: int, seeds, claims: list[dict], **extra) -> dict:
+    """The results JSON of a routing experiment: command, code version, seeds, claims."""
+    seed_args = " ".join(str(s) for s in seeds)
+    return {"command": f"python experiments/{script}.py --steps {steps} --seeds {seed_args}",
+            "code_version": code_version(), "steps": steps, "seeds": list(seeds), "claims": claims, **extra}
+
+
+def mean_curve(results: list[dict], field: str, width: int = 25):
+    """(steps, mean over seeds of the smoothed layer-mean curve, min, max)."""
+    curves = [smoothed(*curve(r, field), width=width) for r in results]
+    n = min(len(c[1]) for c in curves)
+    vals = np.stack([c[1][:n] for c in curves])
+    return curves[0][0][:n], vals.mean(0), vals.min(0), vals.max(0)
+
+
+def plot_mean(ax, results: list[dict], field: str, label: str) -> None:
+    steps, mean, lo, hi = mean_curve(results, field)
+    line, = ax.plot(steps, mean, label=label)
+    ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
 
 
 def curve(result: dict, field: str, layer_mean: bool = True):
@@ -150,8 +249,29 @@ def args(argv=None, default_steps=600):
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=default_steps)
-    ap.add_argument("--seed", type=int, default=0)
-    return ap.parse_args(argv)
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    a = ap.parse_args(argv)
+    if len(a.seeds) < 2:
+        ap.error("--seeds needs at least two seeds for an interval")
+    return a
 
 
-__all__ = ["RESULTS", "args", "curve", "plt", "run", "save", "smoothed", "specialisation", "table", "tiny", "tiny_train"]
+def main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(description="train routing-zoo variants ahead of their reports")
+    ap.add_argument("variants", nargs="+", choices=list(VARIANTS))
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    a = ap.parse_args(argv)
+    for name in a.variants:  # variant by variant: the first claims are complete first
+        runs(name, a.steps, a.seeds)
+
+
+__all__ = ["RESULTS", "VARIANTS", "args", "claim", "curve", "fmt_ci", "fmt_diff", "mean_curve", "payload", "plot_mean",
+           "plt", "print_claims", "run", "runs", "save", "smoothed", "specialisation", "table", "tiny", "tiny_train",
+           "val_losses"]
+
+
+if __name__ == "__main__":
+    main()
