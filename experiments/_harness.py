@@ -24,11 +24,11 @@ def code_version() -> str:
     """The first 12 hex digits of the sha256 of the sources (paths and contents) of the jmoe
     modules this process has imported.
 
-    Call it after the experiment's imports: a result then depends on exactly the code that can
-    have computed it, so a change to an unrelated part of jmoe (the inference engine for a
-    training experiment) keeps its cached runs. jmoe imports lazily only what the experiment's
-    own configuration asks for (e.g. `jmoe.evals` for a task mixture), which the experiment
-    imports first.
+    Take it once, after the experiment's imports, and key every result with that value: a result
+    then depends on the code that can have computed it, so a change to an unrelated part of jmoe
+    (the inference engine for a training experiment) keeps its cached runs, and a module that
+    jmoe imports lazily later cannot change the key halfway through. An experiment imports what
+    it runs (e.g. `jmoe.merge` for expert merging) before taking it.
     """
     files = set()
     for name, module in list(sys.modules.items()):
@@ -47,9 +47,11 @@ def _hash_sources(files: frozenset) -> str:
     return h.hexdigest()[:12]
 
 
-def config_key(config: Any) -> str:
-    """12 hex digits naming (config, code version)."""
-    return hashlib.sha256(json.dumps({"config": config, "code": code_version()}, sort_keys=True).encode()).hexdigest()[:12]
+def config_key(config: Any, version: str | None = None) -> str:
+    """12 hex digits naming (config, code version); version: a `code_version()` taken
+    earlier (default: now)."""
+    code = code_version() if version is None else version
+    return hashlib.sha256(json.dumps({"config": config, "code": code}, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def cached(runs: Path, name: str, config: Any, fn: Callable[[], Any]) -> Any:

@@ -26,16 +26,19 @@ from jmoe.evals.stats import difference_verdict, goal_verdict, paired_difference
 from jmoe.nn import LMConfig, preset
 from jmoe.train import TrainConfig, read_metrics, train
 
+# The code version of every run of the harness: the jmoe modules imported above, taken once (an
+# experiment that imports more of jmoe afterwards keeps the same keys for the shared runs).
+CODE_VERSION = code_version()
 RESULTS = Path(__file__).parent / "results"
 RUNS = RESULTS / "zoo_runs"
-_CORPUS = None
+_CORPORA = {}
 
 
-def corpus():
-    global _CORPUS
-    if _CORPUS is None:
-        _CORPUS = load_corpus(None)
-    return _CORPUS
+def corpus(data: str | None = None):
+    """The training corpus of a data spec (None: the embedded corpus), loaded once."""
+    if data not in _CORPORA:
+        _CORPORA[data] = load_corpus(data)
+    return _CORPORA[data]
 
 
 def tiny(**moe_changes) -> LMConfig:
@@ -78,9 +81,12 @@ def runs(name: str, steps: int, seeds=SEEDS) -> list[dict]:
     return [run(name, VARIANTS[name](), tiny_train(steps, seed)) for seed in seeds]
 
 
-def run(name: str, model: LMConfig, tc: TrainConfig) -> dict:
-    """Train (or reuse) one variant; returns its summary, records and late-training stats."""
-    key = config_key([model.to_dict(), tc.to_dict()])[:10]
+def run(name: str, model: LMConfig, tc: TrainConfig, data: str | None = None) -> dict:
+    """Train (or reuse) one variant on `data` (a `jmoe.data.load_corpus` spec; None: the
+    embedded corpus); returns its summary, records and late-training stats."""
+    # a task mixture's text comes from jmoe.evals' generators: its digest joins the key
+    extra = [data, corpus(data).sha256] if data is not None else []
+    key = config_key([model.to_dict(), tc.to_dict()] + extra, CODE_VERSION)[:10]
     done = sorted(p for p in RUNS.glob(f"*-{key}") if (p / "summary.json").exists()) if RUNS.exists() else []
     out = done[0] if done else RUNS / f"{name}-{key}"  # an identical configuration trained under any name
     if not (out / "summary.json").exists():
@@ -88,7 +94,7 @@ def run(name: str, model: LMConfig, tc: TrainConfig) -> dict:
 
         shutil.rmtree(out, ignore_errors=True)
         print(f"== training {name} ({out.name})", flush=True)
-        train(model, tc, out, corpus=corpus(), progress=False, log=lambda m: print("   " + m, flush=True))
+        train(model, tc, out, corpus=corpus(data), progress=False, log=lambda m: print("   " + m, flush=True))
     else:
         print(f"== reusing {name} ({out.name})", flush=True)
     records = read_metrics(out / "metrics.jsonl")
@@ -99,7 +105,7 @@ def run(name: str, model: LMConfig, tc: TrainConfig) -> dict:
     for field in ("max_vio", "experts_per_token", "zero_compute", "router_entropy", "dropped"):
         if late and field in late[0]:
             stats[field] = np.mean([r[field] for r in late], axis=0).tolist()  # per layer
-    return {"name": name, "dir": str(out), "model": model, "seed": tc.seed, "summary": summary, "records": records,
+    return {"name": name, "dir": str(out), "model": model, "seed": tc.seed, "data": data, "summary": summary, "records": records,
             "late": stats}
 
 
@@ -145,7 +151,7 @@ def payload(script: str, steps: int, seeds, claims: list[dict], **extra) -> dict
     """The results JSON of a routing experiment: command, code version, seeds, claims."""
     seed_args = " ".join(str(s) for s in seeds)
     return {"command": f"python experiments/{script}.py --steps {steps} --seeds {seed_args}",
-            "code_version": code_version(), "steps": steps, "seeds": list(seeds), "claims": claims, **extra}
+            "code_version": CODE_VERSION, "steps": steps, "seeds": list(seeds), "claims": claims, **extra}
 
 
 def mean_curve(results: list[dict], field: str, width: int = 25):
@@ -201,28 +207,59 @@ def plt():
     return pyplot
 
 
-def specialisation(result: dict, batches: int = 4) -> list[float]:
-    """Per MoE layer: mutual information (bits) between a token's first expert and the
-    class of its byte (letter, digit, space, newline, punctuation, other), on validation text.
-    Higher means experts specialise more on kinds of input."""
+_TOKEN_ROUTING = {}
+
+
+def token_routing(result: dict, batches: int = 4) -> dict:
+    """A trained variant on fixed validation batches, token by token: "loss" [N] (nats, the
+    next-byte cross-entropy), "bytes" [N] (the input byte), and per MoE layer "first" [L, N]
+    (the token's first expert) and "ffn_experts" [L, N] (how many FFN experts it was
+    computed by: selected slots with ids below E)."""
     import jax
     import jax.numpy as jnp
 
     from jmoe.nn import lm_apply
     from jmoe.train import load_run
 
+    if (result["dir"], batches) in _TOKEN_ROUTING:  # computed once per run (a baseline serves several claims)
+        return _TOKEN_ROUTING[(result["dir"], batches)]
     model, tc, params, router_state, _, _ = load_run(result["dir"])
-    val = eval_batches(corpus().val, batches, tc.batch_size, tc.seq_len)
-    fn = jax.jit(lambda p, t: [a.routing.expert_ids[:, 0] for a in lm_apply(p, t, model, state=router_state)[1].moe])
-    classes = []
-    firsts = None
-    for b in val:
-        tokens = b[:, :-1]
-        ids = fn(params, jnp.asarray(tokens))
-        firsts = [np.asarray(i) for i in ids] if firsts is None else [np.concatenate([f, np.asarray(i)]) for f, i in zip(firsts, ids)]
-        classes.append(_byte_class(tokens.reshape(-1)))
-    classes = np.concatenate(classes)
-    return [_mutual_information(f, classes) for f in firsts]
+    E = model.moe.num_ffn_choices
+
+    @jax.jit
+    def fn(p, inputs, targets):
+        logits, aux = lm_apply(p, inputs, model, state=router_state)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        loss = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0].reshape(-1)
+        first = jnp.stack([a.routing.expert_ids[:, 0] for a in aux.moe])
+        ffn = jnp.stack([jnp.sum(a.routing.mask & (a.routing.expert_ids < E), axis=-1) for a in aux.moe])
+        return loss, first, ffn
+
+    out = {"loss": [], "bytes": [], "first": [], "ffn_experts": []}
+    for b in eval_batches(corpus(result.get("data")).val, batches, tc.batch_size, tc.seq_len):
+        loss, first, ffn = fn(params, jnp.asarray(b[:, :-1]), jnp.asarray(b[:, 1:]))
+        out["loss"].append(np.asarray(loss))
+        out["bytes"].append(np.asarray(b[:, :-1]).reshape(-1))
+        out["first"].append(np.asarray(first))
+        out["ffn_experts"].append(np.asarray(ffn))
+    _TOKEN_ROUTING[(result["dir"], batches)] = {k: np.concatenate(v, axis=-1) for k, v in out.items()}
+    return _TOKEN_ROUTING[(result["dir"], batches)]
+
+
+def specialisation(result: dict, batches: int = 4) -> list[float]:
+    """Per MoE layer: mutual information (bits) between a token's first expert and the
+    class of its byte (letter, digit, space, newline, punctuation, other), on validation text.
+    Higher means experts specialise more on kinds of input."""
+    tr = token_routing(result, batches)
+    classes = _byte_class(tr["bytes"])
+    return [_mutual_information(f, classes) for f in tr["first"]]
+
+
+def spearman(a, b) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+    from scipy import stats
+
+    return float(stats.spearmanr(a, b).statistic)
 
 
 def _byte_class(b: np.ndarray) -> np.ndarray:
@@ -268,8 +305,8 @@ def main(argv=None):
         runs(name, a.steps, a.seeds)
 
 
-__all__ = ["RESULTS", "VARIANTS", "args", "claim", "curve", "fmt_ci", "fmt_diff", "mean_curve", "payload", "plot_mean",
-           "plt", "print_claims", "run", "runs", "save", "smoothed", "specialisation", "table", "tiny", "tiny_train",
+__all__ = ["RESULTS", "SEEDS", "VARIANTS", "CODE_VERSION", "args", "claim", "curve", "fmt_ci", "fmt_diff", "mean_curve", "payload", "plot_mean",
+           "plt", "print_claims", "run", "runs", "save", "smoothed", "spearman", "specialisation", "summary", "table", "token_routing", "tiny", "tiny_train",
            "val_losses"]
 
 

@@ -1,11 +1,13 @@
-"""MoE++ zero-computation experts on the tiny preset: 8 FFN experts + 1 zero, 1 copy and
-2 constant experts (the paper's 8+4 layout), with the gating residual, top-2, tau = 0.75.
+"""MoE++ zero-computation experts (zero, copy, constant) with gating residuals, on the tiny preset.
 
-Claims checked: a positive share of token-slots goes to zero-computation experts, so expert
-FLOPs per token fall, with validation loss no worse than top-2 over 8 FFN experts.
-Writes experiments/results/moepp.{json,png}.
+  top2     softmax top-2 over 8 FFN experts
+  moepp    top-2 over 8 FFN experts + 1 zero + 1 copy + 2 constant experts, gating residual
 
-    python experiments/moepp.py [--steps 600]
+Claims checked (paired by seed): a share of slots goes to zero-computation experts, so the
+expert FLOPs per token fall below top-2's, with a validation loss no worse (by more than
+0.005). Writes experiments/results/moepp.{json,png}.
+
+    python experiments/moepp.py [--steps 600] [--seeds 0 1 2]
 """
 
 import sys
@@ -16,44 +18,38 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 import _zoo  # noqa: E402
 
+MARGIN = 0.005
+
 
 def main(argv=None):
     a = _zoo.args(argv)
-    tc = _zoo.tiny_train(a.steps, a.seed)
-    results = {
-        "top2": _zoo.run("top2", _zoo.tiny(), tc),
-        "moepp": _zoo.run("moepp", _zoo.tiny(router="moepp", router_options=dict(
-                                              num_zero_experts=1, num_copy_experts=1, num_constant_experts=2,
-                                              gating_residual=True)), tc),
-    }
-    rows = []
-    for n, r in results.items():
-        ept = np.mean(r["late"]["experts_per_token"])
-        rows.append({"name": n, "val": r["summary"]["val_loss"], "ept": ept, "flops": ept / 2,
-                     "zc": np.mean(r["late"]["zero_compute"]),
-                     "layers": " / ".join(f"{v:.2f}" for v in r["late"]["zero_compute"])})
-    print(_zoo.table(rows, [("run", "{name}"), ("val loss", "{val:.4f}"), ("FFN experts/token", "{ept:.3f}"),
-                            ("expert FLOPs vs top-2", "{flops:.3f}"), ("zero-computation share", "{zc:.3f}"),
-                            ("share per layer", "{layers}")]))
-    m, b = rows[1], rows[0]
-    verdict = (f"MoE++ sends {m['zc']:.1%} of slots to zero-computation experts, expert FLOPs x{m['flops']:.3f}; "
-               f"validation loss {m['val']:.4f} vs {b['val']:.4f} "
-               f"({'no worse' if m['val'] <= b['val'] + 0.005 else 'WORSE'}, tolerance 0.005)")
-    print(verdict)
+    results = {n: _zoo.runs(n, a.steps, a.seeds) for n in ("top2", "moepp")}
+    flops = {n: [float(np.mean(r["late"]["experts_per_token"])) / 2 for r in rs] for n, rs in results.items()}
+    zc = np.asarray([r["late"]["zero_compute"] for r in results["moepp"]])  # [seeds, layers]
+    rows = [{"name": n, "val": _zoo.fmt_ci(_zoo.summary(_zoo.val_losses(rs))),
+             "flops": _zoo.fmt_ci(_zoo.summary(flops[n]), 3),
+             "zc": _zoo.fmt_ci(_zoo.summary(zc.mean(1)), 3) if n == "moepp" else "0",
+             "layers": " / ".join(f"{v:.2f}" for v in zc.mean(0)) if n == "moepp" else ""} for n, rs in results.items()]
+    print(_zoo.table(rows, [("run", "{name}"), ("val loss", "{val}"), ("expert FLOPs vs top-2", "{flops}"),
+                            ("zero-computation share", "{zc}"), ("share per layer (seed mean)", "{layers}")]))
+    claims = [
+        _zoo.claim("MoE++: fewer expert FLOPs per token than top-2", "moepp", flops["moepp"], "top2", flops["top2"],
+                   higher_is_better=False),
+        _zoo.claim("MoE++: validation loss no worse than top-2", "moepp", _zoo.val_losses(results["moepp"]), "top2",
+                   _zoo.val_losses(results["top2"]), higher_is_better=False, margin=MARGIN),
+    ]
+    _zoo.print_claims(claims)
     plt = _zoo.plt()
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    s, v = _zoo.curve(results["moepp"], "zero_compute", layer_mean=False)
-    for li in range(v.shape[1]):
-        ax[0].plot(*_zoo.smoothed(s, v[:, li]), label=f"MoE layer {li}")
+    _zoo.plot_mean(ax[0], results["moepp"], "zero_compute", "moepp (layer mean)")
     ax[0].set(xlabel="step", ylabel="share of slots to zero-computation experts")
-    for n, r in results.items():
-        s, v = _zoo.curve(r, "loss")
-        ax[1].plot(*_zoo.smoothed(s, v), label=n)
-    ax[1].set(xlabel="step", ylabel="train loss (smoothed)", ylim=(1.0, 2.5))
+    for n, rs in results.items():
+        _zoo.plot_mean(ax[1], rs, "loss", n)
+    ax[1].set(xlabel="step", ylabel="train loss (smoothed; band: seed min-max)", ylim=(1.0, 2.5))
     for x in ax:
         x.legend()
         x.grid(alpha=0.3)
-    _zoo.save("moepp", {"command": f"python experiments/moepp.py --steps {a.steps}", "rows": rows, "verdict": verdict}, fig)
+    _zoo.save("moepp", _zoo.payload("moepp", a.steps, a.seeds, claims, rows=rows, zero_compute_per_seed=zc.tolist()), fig)
 
 
 if __name__ == "__main__":

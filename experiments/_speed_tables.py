@@ -1,0 +1,483 @@
+"""The "Speed and memory" table of experiments/README.md, rendered from experiments/results/*.json.
+
+`speed(results)` returns the whole markdown table, one row per benchmark, each row from its
+results file(s); a row whose file is missing names the command that writes it. A file that
+lacks a field the row needs raises KeyError naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+
+class Record(dict):
+    """A JSON object of one results file; a missing field raises KeyError naming the file."""
+
+    def __init__(self, file: str, items):
+        super().__init__(items)
+        self.file = file
+
+    def __missing__(self, key):
+        raise KeyError(f"{self.file} has no field {key!r}")
+
+
+def load(results: Path, name: str) -> Record:
+    file = f"{name}.json"
+    return json.loads((results / file).read_text(), object_hook=lambda d: Record(file, d))
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+# --- formatting ----------------------------------------------------------------------------
+
+MODELS = {"mixtral": "Mixtral-like", "olmoe": "OLMoE-like", "deepseek_v3": "DeepSeek-V3-like"}
+GOAL = re.compile(r"\s*(<=|>=|<|>)\s*([0-9.]+)")
+
+
+def and_join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def code(text: str) -> str:
+    return f"`{text}`"
+
+
+def commands(cmds) -> str:
+    return " and ".join(code(c) for c in dict.fromkeys(cmds))
+
+
+def command(data: Record) -> str:
+    """The command recorded in `data`, as run from the repository root."""
+    cmd = data["command"].split(" (")[0].strip()
+    return cmd if cmd.startswith("python ") else f"python experiments/{cmd}"
+
+
+def flag(data: Record, name: str) -> str:
+    """The value of `--name` in the recorded command."""
+    m = re.search(rf"--{name}[ =](\S+)", data["command"])
+    if m is None:
+        raise KeyError(f"{data.file}: its command has no --{name}")
+    return m.group(1)
+
+
+def span(values, fmt: str = "{:.2f}") -> str:
+    lo, hi = fmt.format(min(values)), fmt.format(max(values))
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def sci(x: float) -> str:
+    """One significant digit, e.g. 3e-3."""
+    if x == 0:
+        return "0"
+    mantissa, exponent = f"{x:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def two_digits(x: float) -> str:
+    return f"{x:.1f}" if x < 10 else f"{x:.0f}"
+
+
+def ci(s: Record, fmt: str = "{:.2f}") -> str:
+    lo, hi = s["ci95"]
+    return f"CI {fmt.format(lo)}..{fmt.format(hi)}"
+
+
+def goal_verdict(s: Record) -> str:
+    """The verdict of a seed summary against its `goal` field (as jmoe.evals.stats.goal_verdict)."""
+    m = GOAL.match(s["goal"])
+    if m is None:
+        raise ValueError(f"{s.file}: unreadable goal {s['goal']!r}")
+    lo, hi = s["ci95"]
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return "not enough seeds"
+    goal = float(m.group(2))
+    if m.group(1).startswith("<"):
+        lo, hi, goal = -hi, -lo, -goal
+    return "reproduced" if lo >= goal else "not reproduced" if hi < goal else "within noise"
+
+
+# --- rows ----------------------------------------------------------------------------------
+
+CASES = {"dropless": "dropless", "capacity": "capacity", "dropless_shared_gate": "dropless with a gated shared expert",
+         "ep_padded": "padded all-to-all", "ep_ragged": "ragged", "ep_allgather": "all-gather"}
+
+
+def before_after(d: Record) -> list[str]:
+    rows = d["rows"]
+    label = [CASES.get(r["case"], r["case"]) for r in rows]
+    ratios = ", ".join(f"{name} {r['ratio']:.2f}" for name, r in zip(label, rows))
+    slower = [name for name, r in zip(label, rows) if min(r["ratio_per_round"]) > 1]
+    verdict = f"slower in every round: {', '.join(slower)}" if slower else "no case slower in every round: no slowdown"
+    cmd = command(d)
+    if "--rounds" not in cmd:
+        cmd += f" --rounds {d['rounds']} --repeats {d['repeats']}"
+    what = (f"the layer and the expert-parallel layer before and after the one-layer-body refactor ({d['base']} vs "
+            f"this checkout), {d['tokens']:,} tokens: {d['cases']}")
+    result = (f"time ratio this / base (median of {d['rounds']} alternating rounds): {ratios}; per-round ratios "
+              f"{span([x for r in rows for x in r['ratio_per_round']])}, {verdict} (`results/bench_before_after.json`)")
+    return [what, code(cmd), result]
+
+
+def mib(row: Record) -> str:
+    return f"{row['temp_bytes'] / 2**20:.0f}"
+
+
+def grad_accum(d: Record) -> list[str]:
+    rows, two, keep = d["rows"], d["rows"]["two_pass"], d["rows"]["keep"]
+    diffs = [r[f] for name, r in rows.items() if name != "two_pass" for f in ("grad_norm_diff", "max_param_diff")]
+    what = (f"gradient accumulation with a global-scope balance loss, grad_accum={d['grad_accum']}, batch "
+            f"{d['batch_size']}x{d['seq_len']}, {d['model']['params'] / 1e6:.2f}M params")
+    result = (f"step time relative to the two-pass step (a forward-only counting pass, then forward+backward per "
+              f"micro-batch): one forward with every micro-batch's activations kept {keep['ratio_to_two_pass']:.2f}x "
+              f"(and {keep['temp_bytes'] / two['temp_bytes']:.1f}x the temporary memory: {mib(keep)} vs {mib(two)} "
+              f"MiB), one forward rematerialised {rows['recompute']['ratio_to_two_pass']:.2f}x, the unsplit batch "
+              f"{rows['unsplit']['ratio_to_two_pass']:.2f}x; their gradient norms and updated parameters differ from "
+              f"the two-pass step's by {sci(min(diffs))} to {sci(max(diffs))}. Removing the counting pass exactly "
+              "costs the unsplit step's memory or a recomputation, so the step keeps it; it is skipped when the "
+              "balance loss is off or not global (`results/bench_grad_accum.json`)")
+    return [what, code(command(d)), result]
+
+
+def moe_layer(d: Record) -> list[str]:
+    res = d["results"]
+    shapes = [f"E={r['shape']['num_experts']}, k={r['shape']['top_k']}" for r in res]
+    dropless = " and ".join(f"{r['ratio_to_limit']['dropless']['forward']:.2f}x{' the limit' if i == 0 else ''} at {s}"
+                            for i, (r, s) in enumerate(zip(res, shapes)))
+    ragged = " and ".join(f"{two_digits(r['ratio_to_limit']['ragged_dot']['forward'])}x" for r in res)
+    what = f"MoE layer on {d['meta']['backend'].upper()} vs the dense limit (one FFN over T*k tokens)"
+    result = f"dropless forward {dropless}; `ragged_dot` {ragged} (see the README table)"
+    return [what, code(command(d["meta"])), result]
+
+
+def mesh_axes(mesh: str) -> dict[str, int]:
+    return {name: int(size) for name, size in (axis.split("=") for axis in mesh.split(","))}
+
+
+def expert_parallel(d: Record) -> list[str]:
+    cfg, rows = d["config"], [r for r in d["rows"] if r["ratio_to_minimum"] is not None]
+    k = cfg["top_k"]
+    padded = [r["ratio_to_minimum"] for r in rows if r["impl"] == "padded"]
+    gathered = [r for r in rows if r["impl"] == "allgather"]
+    gather = ", ".join(f"{r['ratio_to_minimum']:.2f}x at `{r['mesh']}` (n_expert/k = "
+                       f"{mesh_axes(r['mesh'])['expert'] / k:.1f})" for r in gathered)
+    native = [r["native_ragged_bytes_per_token"] / r["minimum_bytes_per_token"] for r in rows if r["impl"] == "ragged"]
+    what = f"expert-parallel bytes moved per token, E={cfg['num_experts']}, k={k}, {d['device']}"
+    result = (f"padded all-to-all {span(padded)}x the minimum (capacity factor {cfg['capacity_factor']:g}), all-gather "
+              f"{gather}, native `ragged_all_to_all` {span(native)}x (measured from its offsets: CPU runs it as an "
+              "all-gather emulation)")
+    return [what, code(command(d)), result]
+
+
+KERNEL_SHAPES = {"mixtral": "Mixtral", "deepseek": "DeepSeek-V3"}
+
+
+def kernel_failure(message: str) -> str:
+    quote = f'"{message.split(". ")[0]}"'
+    return f"XLA:GPU's autotuner found no configuration ({quote})" if "Failed to get configs" in message else quote
+
+
+def kernel_ragged_dot(runs: list[Record]) -> str:
+    failed = [r for r in runs if "failed" in r["ragged_dot"]]
+    if not failed:
+        return " / ".join(f"{r['gmm_speedup_vs_ragged_dot']:.1f}" for r in runs) + "x faster than `ragged_dot`"
+    where = "there" if len(failed) == len(runs) else f"at {failed[0]['tokens']:,} tokens"
+    return f"`ragged_dot` fails {where}: {kernel_failure(failed[0]['ragged_dot']['failed'])}"
+
+
+def kernel_layer(r: Record) -> str:
+    names = {"pallas": "with Pallas", "xla": "pure XLA", "ragged_dot": "`ragged_dot`"}
+    layer = r["layer_fwd_s"]
+    order = [*(n for n in names if n in layer), *(n for n in layer if n not in names)]
+    times = [f"{layer[n] * 1e3:.1f} ms {names.get(n, n)}" for n in order if not isinstance(layer[n], str)]
+    return f"the dropless layer {' vs '.join(times)} ({r['tokens']:,} tokens)"
+
+
+def kernel_shape(runs: list[Record], peak: float) -> str:
+    a = runs[0]
+
+    def pair(fmt, value):
+        return " / ".join(fmt.format(value(r)) for r in runs)
+
+    tflops = pair("{:.0f}", lambda r: r["gmm"]["fwd_tflops"])
+    of_peak = pair("{:.2f}", lambda r: r["gmm"]["fwd_tflops"] * 1e12 / peak)
+    of_dense = pair("{:.2f}", lambda r: r["gmm_vs_dense_tflops"])
+    return (f"{KERNEL_SHAPES.get(a['shape'], a['shape'])} shape (E={a['E']}, k={a['k']}, d={a['d']}, f={a['f']}): "
+            f"gmm forward {tflops} TFLOP/s at {pair('{:,}', lambda r: r['tokens'])} tokens = {of_peak} of the bf16 "
+            f"peak and {of_dense}x a dense batched matmul of the same FLOPs; {kernel_ragged_dot(runs)}; "
+            f"{kernel_layer(a)}")
+
+
+def kernel_fwd_bwd(short: Record, long: Record) -> str:
+    if "errata" in short or "errata" in long:
+        return ("The forward+backward figures await a rerun on a GPU (the stored run timed the gradient of a loss "
+                "linear in the output, from which XLA removed the forward matmul). ")
+    runs = short["results"] + long["results"]
+    return ("gmm forward+backward " + " / ".join(f"{r['gmm']['fwd_bwd_tflops']:.0f}" for r in runs)
+            + " TFLOP/s (" + " / ".join(f"{r['shape']} {r['tokens']:,}" for r in runs) + "). ")
+
+
+def kernels(short: Record, long: Record, cpu: Record) -> list[str]:
+    peak = short["peak_bf16_flops"]
+    shapes = [[a, b] for a in short["results"] for b in long["results"] if a["shape"] == b["shape"]]
+    results = short["results"] + long["results"]
+    worst = min(results, key=lambda r: r["gmm_vs_dense_tflops"])
+    grads = [r["layer_grad_pallas_vs_xla_max_rel_err"] for r in results if "layer_grad_pallas_vs_xla_max_rel_err" in r]
+    interpret = [r[backend] for r in cpu["results"] for backend in ("gpu", "tpu")]
+    device = short["device"]
+    what = (f"Pallas grouped matmul on an {device} (bf16, peak {peak / 1e12:,.0f} TFLOP/s; "
+            f"`results/bench_kernels_{device.replace(' ', '_')}*.json`)")
+    result = (". ".join(kernel_shape(runs, peak) for runs in shapes)
+              + f". gmm / dense is lowest for {KERNEL_SHAPES.get(worst['shape'], worst['shape'])} at "
+              f"{worst['tokens']:,} tokens: about {worst['rows'] / worst['E']:,.0f} rows per expert, so many "
+              f"{worst['tiling'][0]}-row tiles straddle two groups. {kernel_fwd_bwd(short, long)}"
+              "Compiled kernels agree with plain matmuls to "
+              f"{sci(max(r['gmm_max_rel_err'] for r in results))} relative (bf16), the Pallas layer's gradients with "
+              f"the XLA layer's to {sci(max(grads))}. On CPU the script records the interpret-mode correctness run "
+              f"(`results/bench_kernels_cpu_interpret.json`: both kernel families' forward within "
+              f"{sci(max(r['fwd_max_abs_err'] for r in interpret))} absolute and gradients within "
+              f"{sci(max(max(r['grad_lhs_max_rel_err'], r['grad_rhs_max_rel_err']) for r in interpret))} relative of "
+              "`ragged_dot`)")
+    return [what, commands(command(x) for x in (short, long, cpu)), result]
+
+
+def vs_transformers(d: Record) -> list[str]:
+    kinds = {"block": "MoE block", "model": "whole model forward"}
+    groups: dict[str, list[str]] = {}
+    for r in d["rows"]:
+        kind, model = r["case"].split("/")
+        groups.setdefault(kind, []).append(f"{MODELS.get(model, model)} {r['ratio']:.2f}")
+    ratios = "; ".join(f"{kinds.get(kind, kind)} {', '.join(v)}" for kind, v in groups.items())
+    ratio = [r["ratio"] for r in d["rows"]]
+    slower = sum(x > 1 for x in ratio)
+    verdict = "jmoe faster in every case" if not slower else f"jmoe slower in {slower} of {len(ratio)} cases"
+    what = (f"jmoe vs transformers {d['transformers']} (torch {d['torch']}) on the same weights, {d['threads']} "
+            f"threads, {int(flag(d, 'tokens')):,} tokens")
+    result = (f"time ratio jmoe / transformers: {ratios}; worst {max(ratio):.2f}: {verdict}. The dropless loop runs "
+              "at XLA's dense-FFN speed for the same FLOPs; the model gains from `hf.load` putting weights on the "
+              "device once (before, NumPy leaves were copied on every call) and from blockwise causal attention on CPU")
+    return [what, code(command(d)), result]
+
+
+def decode_model(name: str, m: Record) -> str:
+    s = m["shapes"]
+    shared = s["num_shared_experts"]
+    extra = f", {shared} shared expert{'s' if shared > 1 else ''}" if shared else ""
+    return (f"{m['params_total'] / 1e6:.0f}M-parameter {MODELS.get(name, name)} ({s['attention'].upper()}, "
+            f"E={s['num_experts']}, k={s['top_k']}{extra})")
+
+
+def decode_goal(cases: list[Record], goal: str) -> str:
+    m = re.search(r">=\s*([0-9.]+)x", goal)
+    if m is None:
+        raise ValueError(f"bench_decode.json: unreadable goal {goal!r}")
+    parts = []
+    for batch in sorted({c["batch"] for c in cases}):
+        at = [c for c in cases if c["batch"] == batch]
+        met = [c["model"] for c in at if c["decode_ratio_jmoe_over_transformers"] >= float(m.group(1))]
+        parts.append(f"met at batch {batch}" if len(met) == len(at) else f"not met at batch {batch}" if not met
+                     else f"met at batch {batch} for {', '.join(met)} only")
+    return f"goal ({goal}): {', '.join(parts)}"
+
+
+def decode_agreement(cases: list[Record]) -> str:
+    keys = ("jmoe_vs_transformers_static", "jmoe_vs_transformers_dynamic")
+    pairs = [(n, c["agreement"]["of"]["transformers"]) for c in cases for key in keys for n in c["agreement"][key]]
+    if all(n == total for n, total in pairs):
+        return "greedy tokens identical to transformers' in every case"
+    return f"greedy tokens agree with transformers' for at least the first {min(pairs)[0]} of {pairs[0][1]} tokens"
+
+
+def decode(d: Record) -> list[str]:
+    cases, models = d["cases"], d["models"]
+    impls = ", ".join(code(i) for i in dict.fromkeys(m["transformers_experts_implementation"] for m in models.values()))
+    what = (f"KV-cached generation vs transformers {d['transformers']} `generate` (greedy, its faster cache; its "
+            f"experts run with {impls}) and jmoe's previous window-recompute sampler, same random weights, "
+            f"{' and '.join(decode_model(n, m) for n, m in models.items())} models, {d['prompt_tokens']}-token "
+            f"prompts, {d['new_tokens']} new tokens, {d['threads']} threads")
+    ratios = ", ".join(f"{c['model']}/B={c['batch']} {c['decode_ratio_jmoe_over_transformers']:.2f}" for c in cases)
+    window = ", ".join(f"{c['decode_ratio_jmoe_over_window']:.0f}x" for c in cases)
+    result = (f"decode tokens/s ratio jmoe / transformers: {ratios}; {decode_goal(cases, d['goal'])}. The engine "
+              "serves experts as separate arrays on CPU (`ExpertList`): XLA:CPU no longer copies each expert's slice, "
+              "but its small matmuls still run below torch's bandwidth, which bounds batch "
+              f"{max(c['batch'] for c in cases)}, where nearly every expert is read each step. vs the window path "
+              f"{window}; {decode_agreement(cases)} (`results/bench_decode.json`)")
+    return [what, code(command(d)), result]
+
+
+def decode_dispatch(d: Record) -> list[str]:
+    res = d["results"]
+    rows = [(r["shape"], row) for r in res for row in r["rows"]]
+
+    def at(shape, row):
+        return f"E={shape['num_experts']}, k={shape['top_k']}, T={row['tokens']}"
+
+    gather = min(rows, key=lambda x: x[1]["gather_over_dropless"])
+    dropless = max(rows, key=lambda x: x[1]["gather_over_dropless"])
+    worst = max(rows, key=lambda x: x[1]["choice_over_best"])
+    g, dl = 1 / gather[1]["gather_over_dropless"], dropless[1]["gather_over_dropless"]
+    if g > 1 and dl > 1:
+        wins = (f"neither wins everywhere: gather up to {g:.1f}x faster ({at(*gather)}), dropless up to {dl:.1f}x "
+                f"faster ({at(*dropless)})")
+    else:
+        wins = f"{'gather' if g > 1 else 'dropless'} is faster everywhere"
+    slots = d["threshold"]["decode_dispatch_slots_per_expert"]
+    rule = "T*k <= E" if slots == 1 else f"T*k <= {slots:g} E"
+
+    def shape(key):
+        return "/".join(str(v) for v in sorted({r["shape"][key] for r in res}))
+
+    tokens = [row["tokens"] for _, row in rows]
+    what = (f"decode-time MoE dispatch: `gather` (each slot reads only its expert) vs dropless with the engine's small "
+            f"chunks, T = {min(tokens)}..{max(tokens)} tokens, E={shape('num_experts')}, k={shape('top_k')}, "
+            f"d={shape('d_model')}")
+    result = (f"{wins}; the rule {rule} (gather, else dropless) stays within "
+              f"{d['threshold']['worst_choice_over_best']:.2f}x of the faster at every shape (worst at "
+              f"{at(*worst)}) (`results/bench_decode_dispatch.json`)")
+    return [what, code(command(d["meta"])), result]
+
+
+def decode_moe(d: Record) -> list[str]:
+    chunks = d["chunks"]
+    models = list(dict.fromkeys(c["model"] for c in chunks))
+    smallest = min(chunks, key=lambda c: c["d_ff"])["model"] if len(models) > 1 else None
+
+    def model(name):
+        rows = sorted((c for c in chunks if c["model"] == name), key=lambda c: c["tokens"])
+        first, rest = rows[0], rows[1:]
+        text = (f"{MODELS.get(name, name)} E={first['num_experts']}, k={first['top_k']}, d_ff={first['d_ff']} "
+                f"{first['split_over_best_stacked']:.2f}x at T={first['tokens']}")
+        if rest:
+            text += (f" and {span([c['split_over_best_stacked'] for c in rest])}x at T={rest[0]['tokens']}.."
+                     f"{rest[-1]['tokens']}")
+        return text + (" (small experts: the per-chunk cost dominates the copy)" if name == smallest else "")
+
+    tokens = [c["tokens"] for c in chunks]
+    what = (f"a decoding step's MoE layer on {d['backend'].upper()}: the dropless loop on stacked experts vs on the "
+            "`ExpertList` layout (E separate arrays picked by `lax.switch`), forward, "
+            f"T = {min(tokens)}..{max(tokens)} tokens")
+    result = (f"time of the split layout over the faster stacked dispatch (dropless or gather): "
+              f"{'; '.join(model(m) for m in models)} (`results/bench_decode_moe.json`)")
+    return [what, code(command(d)), result]
+
+
+def merge(d: Record) -> list[str]:
+    names = {"task_arithmetic": "task arithmetic", "ties": "TIES"}
+    rows = {r["name"]: r for r in d["rows"]}
+    merges = [r for r in d["rows"] if r["name"] != "read"]
+    times = ", ".join(f"{names.get(r['name'], r['name'])} {r['seconds']:.1f} s ({r['ratio_to_read']:.2f}x"
+                      f"{' the read time' if i == 0 else ''})" for i, r in enumerate(merges))
+    rss = [r["rss_vs_model"] for r in merges]
+    below = "met" if max(rss) < 1 else "not met"
+    what = (f"out-of-core `jmoe merge` of {d['input_gb'] / d['model_gb']:.0f} checkpoints of {d['model_gb']:.1f} GB, "
+            "page cache evicted before each measurement")
+    result = (f"reading the {d['input_gb']:.1f} GB of inputs: {rows['read']['seconds']:.1f} s; {times}; peak RSS "
+              f"{span([r['peak_rss_gb'] for r in merges])} GB = {span(rss)}x one model (goal below one model: {below})")
+    return [what, code(command(d)), result]
+
+
+def offload_best_policies(per_seed: list[Record], cache: int) -> str:
+    best = []
+    for r in per_seed:
+        hit = r["caches"]["hit_rate"]
+        i = r["caches"]["sizes"].index(cache)
+        best.append(max((p for p in hit if p != "belady"), key=lambda p: hit[p][i]))
+    return ", ".join(f"{p} for {n} seed{'s' if n > 1 else ''}" for p, n in Counter(best).most_common())
+
+
+def offload_recall_by_layer(per_seed: list[Record]) -> str:
+    layers = [r["predict"]["gate"]["1"] for r in per_seed]
+    first = next(i for i, x in enumerate(layers[0]) if x is not None)
+    last = len(layers[0]) - 1
+    return (f"{span([x[first] for x in layers])} at MoE layer {first + 1}, {span([x[last] for x in layers])} at "
+            f"layer {last + 1}")
+
+
+def offload_caches(s: Record, seeds: list[Record], cache: int) -> str:
+    belady = sum(r["caches"]["hit_rate"]["belady"][r["caches"]["sizes"].index(cache)] for r in seeds) / len(seeds)
+    gap, best = s["belady_minus_best_online_points_at_2k"], s["best_online_hit_rate_at_2k"]
+    lru, lru_gate = s["lru_hit_rate_at_2k"], s["lru_gate_prefetch_hit_rate_at_2k"]
+    gain = s["gate_prefetch_gain_points_at_2k"]
+    return (f"best online policy ({offload_best_policies(seeds, cache)}) hit rate {best['mean']:.2f} (95% {ci(best)}) "
+            f"against Belady's {belady:.2f}: gap {gap['mean']:.1f} points ({ci(gap, '{:.1f}')}), goal {gap['goal']}: "
+            f"{goal_verdict(gap)}; the gate's prefetch lifts LRU from {lru['mean']:.2f} to {lru_gate['mean']:.2f} "
+            f"({gain['mean']:+.1f} points, {ci(gain, '{:.1f}')})")
+
+
+def offload_recall(s: Record, seeds: list[Record]) -> str:
+    gate, learned = s["next_layer_recall_gate"], s["next_layer_recall_learned"]
+    best = gate if gate["mean"] >= learned["mean"] else learned
+    return (f"next-layer top-k recall: cross-layer gate {gate['mean']:.2f} ({ci(gate)}; "
+            f"{offload_recall_by_layer(seeds)}), learned predictor {learned['mean']:.2f} ({ci(learned)}), goal "
+            f"{best['goal']}: {goal_verdict(best)}")
+
+
+def offload_speed(s: Record, gpu: bool) -> str:
+    tok, speedup = s["decode_tokens_per_s"], s["offloaded_over_on_demand"]
+    mb = {n: f"{b / 1e6:.3g}" for n, b in s["device_bytes"].items()}
+    links = {"pcie4_x16": "PCIe 4.0 x16", "h200_host_link": "H200 host link"}
+    model = and_join([f"{v['mean']:.2f}x ({links.get(n, n)})"
+                      for n, v in s["time_model_offloaded_over_on_demand"].items()])
+    return (f"decode{'' if gpu else ' (both tiers in host memory)'}: resident {tok['resident']['mean']:.0f} tok/s, "
+            f"offloaded (lru + gate prefetch) {tok['offloaded']['mean']:.0f}, load on demand "
+            f"{tok['on_demand']['mean']:.0f}; offloaded / on demand {speedup['mean']:.2f}x ({ci(speedup)}), goal "
+            f"{speedup['goal']}: {goal_verdict(speedup)}; device memory {mb['resident']} MB resident, "
+            f"{mb['offloaded']} MB offloaded, {mb['on_demand']} MB on demand; the time model gives {model}: at this "
+            "size compute, not loading, dominates a token")
+
+
+def offload(d: Record) -> list[str]:
+    cfg, s, seeds = d["config"], d["summary"], d["per_seed"]
+    first = seeds[0]
+    cache, k = first["speed"]["cache_size"], first["top_k"]
+    what = (f"expert offloading on trained models: trained {cfg['steps']} steps at batch {cfg['batch_size']} "
+            f"(E={first['num_experts']}, k={k}, {first['moe_layers']} MoE layers), {len(cfg['seeds'])} seeds; decode "
+            f"traces of {cfg['prompts']} prompts x {cfg['new_tokens']} new tokens; cache of {cache} slots per layer "
+            f"({cache / k:g}k)")
+    result = (f"{offload_caches(s, seeds, cache)}; {offload_recall(s, seeds)}; {offload_speed(s, cfg['gpu'])}. An "
+              "under-trained small model routes less consistently than the papers' large ones (`results/offload.json`, "
+              "`offload.png`)")
+    return [what, code(command(d)), result]
+
+
+ROWS = (  # renderer, results files it reads, what it measures, the commands that write the files
+    (before_after, ("bench_before_after",), "the layer and the expert-parallel layer before and after a change",
+     ("python experiments/bench_before_after.py --base REV",)),
+    (grad_accum, ("bench_grad_accum",), "gradient accumulation with a global-scope balance loss",
+     ("python experiments/bench_grad_accum.py",)),
+    (moe_layer, ("bench_moe_layer",), "MoE layer vs the dense limit (one FFN over T*k tokens)",
+     ("python experiments/bench_moe_layer.py",)),
+    (expert_parallel, ("bench_expert_parallel",), "expert-parallel bytes moved per token",
+     ("python experiments/bench_expert_parallel.py",)),
+    (kernels, ("bench_kernels_NVIDIA_H100_80GB_HBM3", "bench_kernels_NVIDIA_H100_80GB_HBM3_tokens32768",
+               "bench_kernels_cpu_interpret"), "Pallas grouped matmul on an H100",
+     ("python experiments/bench_kernels.py", "python experiments/bench_kernels.py --tokens 32768")),
+    (vs_transformers, ("bench_vs_transformers",), "jmoe vs transformers on the same weights",
+     ("python experiments/bench_vs_transformers.py",)),
+    (decode, ("bench_decode",), "KV-cached generation vs transformers `generate`",
+     ("python experiments/bench_decode.py",)),
+    (decode_dispatch, ("bench_decode_dispatch",), "decode-time MoE dispatch: `gather` vs dropless",
+     ("python experiments/bench_decode_dispatch.py",)),
+    (decode_moe, ("bench_decode_moe",), "a decoding step's MoE layer: stacked experts vs the `ExpertList` layout",
+     ("python experiments/bench_decode_moe.py --only chunks",)),
+    (merge, ("bench_merge",), "out-of-core `jmoe merge`", ("python experiments/bench_merge.py",)),
+    (offload, ("offload",), "expert offloading on trained models", ("python experiments/offload.py",)),
+)
+
+
+def speed(results: Path) -> str:
+    """The "Speed and memory" table: one row per benchmark, in the order of ROWS."""
+    rows = []
+    for render, files, what, cmds in ROWS:
+        if all((results / f"{f}.json").exists() for f in files):
+            rows.append(render(*(load(results, f) for f in files)))
+        else:
+            rows.append([what, commands(cmds), f"not measured yet (run {commands(cmds)})"])
+    return table(["what", "command", "result"], rows)

@@ -1,0 +1,329 @@
+"""Regenerate the results tables of README.md and experiments/README.md from
+experiments/results/*.json.
+
+A generated block sits between two markers in the markdown,
+
+    <!-- table:NAME -->
+    ...
+    <!-- /table:NAME -->
+
+and is rewritten by the renderer `NAME` of `RENDERERS` (a function of the results directory
+returning markdown). Nothing between the markers is typed by hand.
+
+    python experiments/tables.py            # rewrite the blocks
+    python experiments/tables.py --check    # exit 1, printing a diff, if a block is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _speed_tables import speed as _speed  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+DOCUMENTS = (ROOT / "README.md", ROOT / "experiments" / "README.md")
+BLOCK = re.compile(r"(<!-- table:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
+
+RENDERERS: dict[str, Callable[[Path], str]] = {}
+
+
+def renderer(fn):
+    RENDERERS[fn.__name__] = fn
+    return fn
+
+
+def load(results: Path, name: str) -> dict:
+    path = results / f"{name}.json"
+    if not path.exists():
+        raise FileNotFoundError(str(path))
+    return json.loads(path.read_text())
+
+
+def num(x: float, digits: int = 4) -> str:
+    return f"{x:,.1f}" if abs(x) >= 100 else f"{x:.{digits}f}"
+
+
+def mean_sd(s: dict, digits: int = 4) -> str:
+    return f"{num(s['mean'], digits)} ± {num(s['sd'], digits)}"
+
+
+def diff_ci(d: dict, digits: int = 4) -> str:
+    lo, hi = d["ci95"]
+    return f"{d['mean']:+.{digits}f} (95% CI {lo:+.{digits}f}..{hi:+.{digits}f})"
+
+
+def table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    align = align or "-" * len(header)
+    sep = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+# --- routing and balance -------------------------------------------------------------------
+
+ROUTING = (  # results file, what the experiment compares
+    ("moe_vs_dense", "MoE vs a dense FFN at equal active parameters"),
+    ("aux_loss_free", "aux-loss-free bias (DeepSeek-V3) vs the Switch balance loss"),
+    ("global_batch_lbl", "global- vs micro-batch balance loss (Qwen)"),
+    ("top_p_routing", "top-p routing (dynamic experts per token)"),
+    ("null_experts", "null experts (AdaMoE)"),
+    ("moepp", "MoE++ zero-computation experts"),
+    ("fine_grained", "fine-grained + shared experts (DeepSeekMoE)"),
+)
+
+
+def _claim_rows(data: dict) -> list[list[str]]:
+    rows = []
+    for c in data["claims"]:
+        margin = "" if c.get("margin") is None else f" (margin {c['margin']})"
+        rows.append([c["claim"] + margin, f"{c['a']} {mean_sd(c['a_summary'])} vs {c['b']} {mean_sd(c['b_summary'])}",
+                     diff_ci(c["difference"]), f"**{c['verdict']}**"])
+    if "layers" in data:
+        n = len(data["layers"])
+        rows.append(["per MoE layer: more specialised", f"higher in {data['layers_higher_by_mean']} of {n} layers by "
+                     "the seed mean", "; ".join(f"layer {x['layer']} {diff_ci(x['difference'], 3)}" for x in data["layers"]),
+                     f"**{data['layers_higher_by_interval']} of {n} reproduced**"])
+    for c in data.get("adaptivity", []):
+        rows.append([c["claim"], f"rho {mean_sd(c['summary'], 3)}", f"95% CI {c['summary']['ci95'][0]:+.3f}.."
+                     f"{c['summary']['ci95'][1]:+.3f}", f"**{c['verdict']}**"])
+    return rows
+
+
+@renderer
+def routing_claims(results: Path) -> str:
+    """Every claim of the routing experiments, one row each, with the seeds' numbers."""
+    out = []
+    for name, title in ROUTING:
+        data = load(results, name)
+        if "claims" not in data:
+            out.append(f"**{title}** (`{data['command']}`): one seed, earlier code; not judged: {data['verdict']}\n")
+            continue
+        seeds = ", ".join(str(s) for s in data["seeds"])
+        out.append(f"**{title}**: `{data['command']}` (seeds {seeds}, {data['steps']} steps, "
+                   f"code {data['code_version']})\n")
+        out.append(table(["claim", "mean ± sd over seeds", "difference a - b", "verdict"], _claim_rows(data)))
+    return "\n".join(out)
+
+
+@renderer
+def routing_summary(results: Path) -> str:
+    """One line per routing experiment: its verdicts."""
+    rows = []
+    for name, title in ROUTING:
+        data = load(results, name)
+        cmd = f"`python experiments/{name}.py`"
+        if "claims" not in data:
+            rows.append([title, cmd, "one seed, earlier code: not judged"])
+            continue
+        verdicts = [f"{c['claim']}: **{c['verdict']}**" for c in data["claims"] + data.get("adaptivity", [])]
+        rows.append([title, cmd, "; ".join(verdicts)])
+    return table(["experiment", "command", "verdicts"], rows)
+
+
+@renderer
+def moe_vs_dense(results: Path) -> str:
+    data = load(results, "moe_vs_dense")
+    if "claims" not in data:
+        return f"One seed, earlier code: {data['verdict']}\n"
+    rows = [[r["name"], f"{r['active']:,}", f"{r['total']:,}", r["val"]] for r in data["rows"]]
+    c = data["claims"][0]
+    return (table(["model", "active params", "total params", "validation loss (nats/byte, mean ± sd)"], rows, "-rrr")
+            + f"\nDifference MoE - dense: {diff_ci(c['difference'])}, {len(data['seeds'])} seeds: **{c['verdict']}**.\n")
+
+
+@renderer
+def task_mixture(results: Path) -> str:
+    """MoE vs dense per task of the evaluation suite, and the experts' task information."""
+    data = load(results, "task_mixture")
+    rows = []
+    for c in data["claims"]:
+        digits = 3 if c["higher_is_better"] else 4
+        rows.append([c["claim"].split(": ")[0], mean_sd(c["a_summary"], digits), mean_sd(c["b_summary"], digits),
+                     diff_ci(c["difference"], digits), f"**{c['verdict']}**"])
+    info = [sum(layer) / len(layer) for layer in zip(*data["task_information"])]
+    seeds = ", ".join(str(s) for s in data["seeds"])
+    return (f"`{data['command']}` (seeds {seeds}, {data['steps']} steps, code {data['code_version']}; "
+            f"{data['examples']} test examples per algorithmic task):\n\n"
+            + table(["task (metric)", "MoE", "dense", "difference MoE - dense", "MoE beats dense?"], rows, "-rrr-")
+            + "\nMutual information between a slot's task and its expert, per MoE layer (bits, mean over seeds): "
+            + " / ".join(f"{x:.3f}" for x in info) + ".\n")
+
+
+METHOD_NAMES = {"msmoe": "M-SMoE", "prune": "prune", "average": "average", "random": "random"}
+
+
+@renderer
+def merge_then_compress(results: Path) -> str:
+    """Expert merging and compression of the tiny E=8 model: validation loss as reduced and
+    after the recovery fine-tune."""
+    data = load(results, "merge_then_compress")
+    seeded = "claims" in data
+
+    def loss(x):
+        return mean_sd(x) if seeded else f"{x:.4f}"
+
+    def order(r):
+        return (r["name"].startswith("mcsmoe"), -r["experts"], r["val"]["mean"] if seeded else r["val"])
+
+    rows = [[METHOD_NAMES.get(r["name"], r["name"].replace("mcsmoe", "MC-SMoE")), str(r["experts"]),
+             f"{r['expert_memory']:.0%}", f"{r['memory']:.0%}", loss(r["val"]), loss(r["ft"])]
+            for r in sorted(data["rows"], key=order)]
+    out = table(["method", "experts/layer", "expert memory", "model memory", "as reduced", "fine-tuned"], rows, "-rrrrr")
+    if seeded:
+        seeds = ", ".join(str(x) for x in data["seeds"])
+        out += (f"\nThe original models: {mean_sd(data['original'])}, and {mean_sd(data['original_ft'])} after the same "
+                f"fine-tune (`{data['command']}`, seeds {seeds}, code {data['code_version']}).\n\n"
+                + table(["claim", "mean ± sd over seeds", "difference a - b", "verdict"], _claim_rows(data)))
+    else:
+        out += (f"\nThe original model: {data['original_val']:.4f}, and {data['original_ft']:.4f} after the same "
+                f"fine-tune. M-SMoE at 2 experts fine-tuned with distillation from the original: {data['kd_ft']:.4f}. "
+                f"One seed (`{data['command']}`).\n")
+    return out + _mcsmoe_memory_note(data)
+
+
+def _mcsmoe_memory_note(data: dict) -> str:
+    mc = [r for r in data["rows"] if r["name"].startswith("mcsmoe")]
+    if not mc or mc[0]["report"].get("computes_with_factors"):
+        return ""
+    dense = next(r for r in data["rows"] if r["name"] == "msmoe" and r["experts"] == mc[0]["experts"])
+    return (f"\nMC-SMoE's memory counts its low-rank and sparse factors, but this run's model computes with the dense "
+            f"weights rebuilt from them: what it holds is {dense['expert_memory']:.0%} of the expert memory "
+            f"({dense['memory']:.0%} of the model), as M-SMoE with {dense['experts']} experts.\n")
+
+
+# --- speed ---------------------------------------------------------------------------------
+
+
+@renderer
+def bench_moe_layer(results: Path) -> str:
+    data = load(results, "bench_moe_layer")
+    rows = []
+    for r in data["results"]:
+        s = r["shape"]
+        shape = f"E={s['num_experts']} k={s['top_k']} d={s['d_model']} f={s['d_ff']}"
+        for variant in ("limit", "dropless", "capacity", "ragged_dot", "dense_all"):
+            sec, ratio = r["seconds"][variant], r["ratio_to_limit"][variant]
+            rows.append([shape, variant, f"{sec['forward'] * 1e3:.0f}", f"{ratio['forward']:.2f}",
+                         f"{sec['forward_backward'] * 1e3:.0f}", f"{ratio['forward_backward']:.2f}"])
+    return table(["shape", "variant", "forward ms", "/ limit", "fwd+bwd ms", "/ limit"], rows, "--rrrr")
+
+
+@renderer
+def quickstart(results: Path) -> str:
+    """The README's first command: what `jmoe train` on the tiny preset reaches (the top-2
+    runs of the routing experiments are that configuration)."""
+    data = load(results, "moe_vs_dense")
+    loss = data["claims"][0]["a_summary"]["mean"] if "claims" in data else data["summaries"]["moe"]["val_loss"]
+    return f"validation loss of about {loss:.2f} nats/byte ({loss / math.log(2):.2f} bits/byte);\n"
+
+
+@renderer
+def merge_numbers(results: Path) -> str:
+    rows = [r for r in load(results, "bench_merge")["rows"] if "rss_vs_model" in r]
+    ratios = [r["ratio_to_read"] for r in rows]
+    return (f"(`python experiments/bench_merge.py`: merging three {load(results, 'bench_merge')['model_gb']:.1f} GB "
+            f"checkpoints peaks at {max(r['rss_vs_model'] for r in rows):.2f}x the RSS of one model and takes "
+            f"{min(ratios):.2f}-{max(ratios):.2f}x the time of reading them)\n")
+
+
+@renderer
+def decode_numbers(results: Path) -> str:
+    d = load(results, "bench_decode")
+    cases = d["cases"]
+    window = [c["decode_ratio_jmoe_over_window"] for c in cases]
+    vs = [c["decode_ratio_jmoe_over_transformers"] for c in cases]
+    by_batch = "; ".join(f"batch {b}: " + ", ".join(f"{c['model']} {c['decode_ratio_jmoe_over_transformers']:.2f}x"
+                                                     for c in cases if c["batch"] == b)
+                         for b in sorted({c["batch"] for c in cases}))
+    return (f"decoding is {min(window):.0f}-{max(window):.0f}x faster than re-running the context window and "
+            f"{min(vs):.2f}-{max(vs):.2f}x transformers' `generate` ({by_batch}; "
+            "`python experiments/bench_decode.py`; see experiments/README.md).\n")
+
+
+@renderer
+def kernels_table(results: Path) -> str:
+    """The Pallas grouped matmul on the GPU of the stored runs, per shape and token count."""
+    runs = load(results, "bench_kernels_NVIDIA_H100_80GB_HBM3")["results"]
+    runs += load(results, "bench_kernels_NVIDIA_H100_80GB_HBM3_tokens32768")["results"]
+    names = {"mixtral": "Mixtral", "deepseek": "DeepSeek-V3"}
+    rows, seen = [], set()
+    for r in sorted(runs, key=lambda r: (list(names).index(r["shape"]) if r["shape"] in names else 9, r["tokens"])):
+        name = names.get(r["shape"], r["shape"])
+        if r["shape"] not in seen:
+            name += f" (E={r['E']}, k={r['k']}, d={r['d']}, f={r['f']})"
+            seen.add(r["shape"])
+        rd = r["ragged_dot"]
+        vs = f"{r['gmm_speedup_vs_ragged_dot']:.1f}x faster" if "failed" not in rd else "`ragged_dot` failed to compile"
+        layer = " / ".join(f"{r['layer_fwd_s'][n] * 1e3:.1f}" if isinstance(r["layer_fwd_s"].get(n), float) else "-"
+                           for n in ("pallas", "xla", "ragged_dot"))
+        rows.append([name, f"{r['tokens']:,}", f"{r['gmm']['fwd_tflops']:.0f}", f"{r['gmm_vs_dense_tflops']:.2f}", vs,
+                     layer + " ms"])
+    return table(["shape", "tokens", "gmm TFLOP/s (fwd)", "/ dense matmul", "vs `ragged_dot`",
+                  "dropless layer: Pallas / XLA / `ragged_dot`"], rows, "-rrrr-")
+
+
+@renderer
+def vs_transformers(results: Path) -> str:
+    d = load(results, "bench_vs_transformers")
+    names = {"block/mixtral": "the Mixtral-like MoE block", "block/olmoe": "the OLMoE-like block (E=64, k=8)",
+             "model/mixtral": "the whole Mixtral-like model", "model/olmoe": "the whole OLMoE-like model"}
+    parts = [f"{r['ratio']:.2f} for {names.get(r['case'], r['case'])}" for r in d["rows"]]
+    worst = max(r["ratio"] for r in d["rows"])
+    return (f"Against transformers {d['transformers']} on CPU (`{d['command']}`, same weights, {d['threads']} threads), "
+            f"jmoe / transformers time is {', '.join(parts)}: "
+            + ("faster in every case" if worst < 1 else "not faster in every case") + ".\n")
+
+
+@renderer
+def speed(results: Path) -> str:
+    """The speed and memory benchmarks, one row each (`_speed_tables`)."""
+    return _speed(results)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--check", action="store_true", help="only compare; exit 1 if a block is stale")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    a = ap.parse_args(argv)
+    stale = []
+    for doc in DOCUMENTS:
+        text = doc.read_text()
+
+        def fill(m):
+            name = m.group("name")
+            if name not in RENDERERS:
+                raise SystemExit(f"{doc.name}: unknown table {name!r}; known: {', '.join(RENDERERS)}")
+            try:
+                body = RENDERERS[name](a.results)
+            except FileNotFoundError as e:  # an experiment not run yet
+                body = f"Not measured yet: {Path(e.args[0]).name} is missing.\n"
+            return m.group(1) + body + m.group(4)
+
+        new = BLOCK.sub(fill, text)
+        if new != text:
+            stale.append(doc)
+            if a.check:
+                sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), new.splitlines(True),
+                                                           str(doc.relative_to(ROOT)), "generated"))
+            else:
+                doc.write_text(new)
+                print(f"rewrote {doc.relative_to(ROOT)}")
+    if a.check and stale:
+        print(f"stale tables in {', '.join(str(d.relative_to(ROOT)) for d in stale)}: run python experiments/tables.py",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
