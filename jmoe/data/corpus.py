@@ -50,7 +50,9 @@ def _is_val(rel_path: str, val_fraction: float) -> bool:
     return (h % 10_000) < val_fraction * 10_000
 
 
-def _walk_files(root: Path, suffixes: tuple[str, ...] | None, exclude: set[str]) -> list[Path]:
+def walk_files(root: Path, suffixes: tuple[str, ...] | None, exclude: set[str]) -> list[Path]:
+    """The files under root (sorted, depth first) ending in one of `suffixes` (None: any),
+    skipping directories named in `exclude` or starting with a dot."""
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in exclude and not d.startswith("."))
@@ -91,7 +93,7 @@ def stdlib_root() -> Path:
 def stdlib_corpus(val_fraction: float = 0.05) -> Corpus:
     """The standard library's own `.py` sources, split ~95/5 by file."""
     root = stdlib_root()
-    files = _walk_files(root, (".py",), EXCLUDED_DIRS)
+    files = walk_files(root, (".py",), EXCLUDED_DIRS)
     return _assemble(root, files, f"stdlib:{root}", val_fraction)
 
 
@@ -102,7 +104,7 @@ def text_corpus(path: str | os.PathLike, val_fraction: float = 0.05) -> Corpus:
         raise CorpusError(f"data path {str(p)!r} does not exist")
     if p.is_file():
         return _assemble(p.parent, [p], str(p), val_fraction)
-    files = _walk_files(p, None, {"__pycache__", ".git"})
+    files = walk_files(p, None, {"__pycache__", ".git"})
     if not files:
         raise CorpusError(f"data directory {str(p)!r} is empty")
     return _assemble(p, files, str(p), val_fraction)

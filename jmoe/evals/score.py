@@ -7,6 +7,7 @@ an exact-match accuracy, a t-interval over windows for bits per byte.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Sequence
 
@@ -65,12 +66,25 @@ def exact_match(engine, tokenizer: Tokenizer, task: Task, examples: Sequence[Exa
                       wilson_interval(correct, len(examples)))
 
 
+@functools.lru_cache(maxsize=8)
+def _nll_sums(cfg):
+    """jit of (params, router state, tokens [B, S + 1]) -> [B] summed next-token NLL (nats),
+    compiled once per model config (not once per task)."""
+    from jmoe.nn import lm_apply
+
+    @jax.jit
+    def nll_sums(params, state, tokens):
+        logits, _ = lm_apply(params, tokens[:, :-1], cfg, state=state)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+        return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0].sum(-1)
+
+    return nll_sums
+
+
 def bits_per_byte(cfg, params, state, tokenizer: Tokenizer, task: Task, text: bytes, *, max_windows: int = 64,
                   batch_size: int = 8) -> TaskResult:
     """Negative log2-likelihood per byte of `text`, over up to `max_windows` windows of the
     model's context spread evenly over it (each window's first token is context only)."""
-    from jmoe.nn import lm_apply
-
     if isinstance(tokenizer, ByteTokenizer):
         ids = np.frombuffer(text, np.uint8).astype(np.int32)
     else:
@@ -82,18 +96,13 @@ def bits_per_byte(cfg, params, state, tokenizer: Tokenizer, task: Task, text: by
     starts = np.linspace(0, (count - 1) * S, min(count, max_windows)).astype(np.int64)
     windows = np.stack([ids[s: s + S + 1] for s in starts])
 
-    @jax.jit
-    def nll_sums(params, tokens):
-        logits, _ = lm_apply(params, tokens[:, :-1], cfg, state=state)
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-        return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0].sum(-1)
-
+    nll_sums = _nll_sums(cfg)
     nats = []
     for lo in range(0, len(windows), batch_size):
         chunk = windows[lo: lo + batch_size]
         pad = batch_size - len(chunk)
         batch = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)]) if pad else chunk
-        nats.extend(np.asarray(nll_sums(params, jnp.asarray(batch)))[: len(chunk)].tolist())
+        nats.extend(np.asarray(nll_sums(params, state, jnp.asarray(batch)))[: len(chunk)].tolist())
     if isinstance(tokenizer, ByteTokenizer):
         nbytes = [S] * len(windows)
     else:

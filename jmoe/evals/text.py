@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import unicodedata
 
-from jmoe.data.corpus import EXCLUDED_DIRS, _walk_files, stdlib_root
+from jmoe.data.corpus import EXCLUDED_DIRS, stdlib_root, walk_files
 from jmoe.evals.base import Task, register_task
 
 
@@ -21,7 +21,7 @@ from jmoe.evals.base import Task, register_task
 def python_items() -> tuple[str, ...]:
     """The standard library's sources, one string per file (sorted paths)."""
     root = stdlib_root()
-    files = _walk_files(root, (".py",), EXCLUDED_DIRS | {"pydoc_data"})
+    files = walk_files(root, (".py",), EXCLUDED_DIRS | {"pydoc_data"})
     out = []
     for f in files:
         text = f.read_text(encoding="utf-8", errors="replace")
