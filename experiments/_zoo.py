@@ -147,11 +147,22 @@ def print_claims(claims: list[dict]) -> None:
               f"difference {fmt_diff(c['difference'])} -> {c['verdict']}")
 
 
+def git_commit() -> str | None:
+    """The checkout's commit (None outside a git checkout)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=RESULTS.parent, capture_output=True, text=True, timeout=10)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
 def payload(script: str, steps: int, seeds, claims: list[dict], **extra) -> dict:
     """The results JSON of a routing experiment: command, code version, seeds, claims."""
     seed_args = " ".join(str(s) for s in seeds)
     return {"command": f"python experiments/{script}.py --steps {steps} --seeds {seed_args}",
-            "code_version": CODE_VERSION, "steps": steps, "seeds": list(seeds), "claims": claims, **extra}
+            "code_version": CODE_VERSION, "git_commit": git_commit(), "steps": steps, "seeds": list(seeds), "claims": claims, **extra}
 
 
 def mean_curve(results: list[dict], field: str, width: int = 25):
