@@ -22,12 +22,12 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 BITS = (1, 2, 3, 4, 8)
 
 
 def check_bits(bits: int, what: str = "bits") -> int:
+    """bits, or a ValueError naming `what` unless it is one of `BITS`."""
     if bits not in BITS:
         raise ValueError(f"{what}={bits} is not supported; supported: {', '.join(map(str, BITS))}")
     return bits
@@ -157,6 +157,7 @@ def quantize_codes(w: jax.Array, scale: jax.Array, zero: jax.Array, bits: int, g
 
 
 def from_params(w: jax.Array, scale: jax.Array, zero: jax.Array, bits: int, group_size: int) -> QuantizedArray:
+    """w quantized with given group parameters (scale, zero `[..., a/g, b]`), stored in w's dtype."""
     codes = quantize_codes(w, scale, zero, bits, group_size)
     dt = w.dtype
     return QuantizedArray(pack(codes, bits), scale.astype(dt), zero.astype(dt), bits, group_size)
@@ -167,7 +168,3 @@ def quantize_rtn(w: jax.Array, bits: int, group_size: int = 128) -> QuantizedArr
     check_bits(bits)
     scale, zero = minmax_params(w, bits, group_size)
     return from_params(w, scale, zero, bits, group_size)
-
-
-def float_bytes(shape, dtype) -> int:
-    return int(np.prod(shape)) * jnp.dtype(dtype).itemsize
