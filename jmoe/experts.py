@@ -12,6 +12,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jmoe.quant.qarray import QuantizedArray, dense
 from jmoe.registry import ACTIVATIONS
 
 
@@ -142,8 +143,10 @@ class ExpertList:
         return cls(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(E))
 
     def stack(self):
-        """The stacked layout, `[E, ...]` leaves."""
-        return jax.tree.map(lambda *ws: jnp.stack(ws), *self.experts)
+        """The stacked layout, `[E, ...]` leaves. Quantized weights stay quantized when every
+        expert has the same format, and are dequantized when their bit widths differ (a
+        mixed-precision model: one stacked array cannot hold several widths)."""
+        return jax.tree.map(_stack_weights, *self.experts, is_leaf=lambda x: isinstance(x, QuantizedArray))
 
     @property
     def num_experts(self) -> int:
@@ -165,6 +168,14 @@ class ExpertList:
 
     def __repr__(self) -> str:
         return f"ExpertList({self.num_experts} experts, {self.shapes})"
+
+
+def _stack_weights(*ws):
+    if not isinstance(ws[0], QuantizedArray):
+        return jnp.stack(ws)
+    if len({(type(w), getattr(w, "bits", None), getattr(w, "group_size", None)) for w in ws}) > 1:
+        return jnp.stack([dense(w) for w in ws])
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *ws)
 
 
 def num_experts_of(expert_params) -> int:

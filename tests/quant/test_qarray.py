@@ -138,3 +138,30 @@ def test_dropless_dequantizes_one_expert_at_a_time(layout):
     shapes = _shapes(jax.make_jaxpr(lambda p, x: jmoe.moe_layer(p, x, cfg)[0])(q, x).jaxpr)
     assert ((64, 128), "float32") in shapes  # one expert's w_up, dequantized
     assert not any(s[0] in ((8, 64, 128), (8, 128, 64)) and s[1] == "float32" for s in shapes)
+
+
+@pytest.mark.parametrize("dispatch", ["dropless", "gather", "capacity"])
+def test_experts_with_different_bit_widths(dispatch):
+    """A mixed-precision layer: one bit width per expert, in the `ExpertList` layout (a dispatch
+    that needs stacked weights gets them dequantized)."""
+    cfg = _layer(dispatch, num_experts=4)
+    params = jmoe.init_moe(jax.random.key(7), cfg)
+    bits = (2, 3, 4, 8)
+    experts = ExpertList([{n: quantize_rtn(w[e], bits[e], 32) for n, w in params["experts"].items()} for e in range(4)])
+    deq = {n: jnp.stack([experts.experts[e][n].dequantize() for e in range(4)]) for n in params["experts"]}
+    x = jax.random.normal(jax.random.key(8), (12, 64))
+    y_q, _ = jax.jit(lambda p, x: jmoe.moe_layer(p, x, cfg))({**params, "experts": experts}, x)
+    y_f, _ = jax.jit(lambda p, x: jmoe.moe_layer(p, x, cfg))({**params, "experts": deq}, x)
+    np.testing.assert_allclose(np.asarray(y_q), np.asarray(y_f), rtol=1e-5, atol=1e-5)
+
+
+def test_input_gradient_through_quantized_experts():
+    """Gradients flow to the tokens (and to anything upstream, e.g. adapters) through frozen
+    quantized experts, as through their dequantized weights."""
+    cfg = _layer("dropless")
+    params = jmoe.init_moe(jax.random.key(9), cfg)
+    q = {**params, "experts": quantize_expert_weights(params["experts"], 4, group_size=32)}
+    deq = {**params, "experts": {n: w.dequantize() for n, w in q["experts"].items()}}
+    x = jax.random.normal(jax.random.key(10), (12, 64))
+    grad = lambda p: jax.jit(jax.grad(lambda x: jnp.sum(jmoe.moe_layer(p, x, cfg)[0] ** 2)))(x)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(grad(q)), np.asarray(grad(deq)), rtol=1e-4, atol=1e-5)
