@@ -64,8 +64,10 @@ def reduced(source: Path, name: str, **kw) -> tuple[Path, dict]:
     return out, json.loads((out / "report.json").read_text())
 
 
-def fine_tune(run: Path, steps: int, distill_from: Path | None = None, name: str | None = None) -> float:
-    out = run.parent / ((name or run.name) + ("-kd" if distill_from else "") + f"-ft{steps}")
+def fine_tune(run: Path, steps: int, distill_from: Path | None = None, name: str | None = None,
+              where: Path | None = None) -> float:
+    """Validation loss of `run` after a `steps`-step fine-tune, stored next to it (or in `where`)."""
+    out = (where or run.parent) / ((name or run.name) + ("-kd" if distill_from else "") + f"-ft{steps}")
     if not (out / "summary.json").exists():
         shutil.rmtree(out, ignore_errors=True)
         model, tc, *_ = load_run(run)
@@ -173,7 +175,7 @@ def compress_fine_tuned(merged: Path, steps: int, **compression) -> float:
 
 def fine_tune_source(source: Path, steps: int) -> float:
     """The original model under the same fine-tune (the reference the recovered models approach)."""
-    return fine_tune(source, steps, name="original")
+    return fine_tune(source, steps, name="original", where=runs_of(source))
 
 
 if __name__ == "__main__":
