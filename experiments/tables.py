@@ -229,9 +229,10 @@ def quickstart(results: Path) -> str:
 
 @renderer
 def merge_numbers(results: Path) -> str:
-    rows = [r for r in load(results, "bench_merge")["rows"] if "rss_vs_model" in r]
+    data = load(results, "bench_merge")
+    rows = [r for r in data["rows"] if "rss_vs_model" in r]
     ratios = [r["ratio_to_read"] for r in rows]
-    return (f"(`python experiments/bench_merge.py`: merging three {load(results, 'bench_merge')['model_gb']:.1f} GB "
+    return (f"(`python experiments/bench_merge.py`: merging three {data['model_gb']:.1f} GB "
             f"checkpoints peaks at {max(r['rss_vs_model'] for r in rows):.2f}x the RSS of one model and takes "
             f"{min(ratios):.2f}-{max(ratios):.2f}x the time of reading them)\n")
 
