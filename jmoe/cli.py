@@ -43,6 +43,15 @@ def _int_range(lo: int, hi: int | None = None):
     return parse
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated integers."""
+    try:
+        values = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    return values
+
+
 def _float_range(lo: float, hi: float | None = None, *, open_lo: bool = False):
     """An argparse type: a finite number in [lo, hi] ((lo, hi] with open_lo)."""
 
@@ -219,18 +228,28 @@ def _train_data(args) -> str | None:
 
 def cmd_evaluate(args) -> int:
     from jmoe import evals
-    from jmoe.infer.load import open_model
+    from jmoe.infer.load import open_model, select_experts
+    from jmoe.merge.experts.premoe import query_sequences
 
     tasks = evals.resolve_tasks(args.tasks)
     out = Path(args.out) if args.out else None
     if out is not None and not out.parent.is_dir():
         raise ValueError(f"--out {out}: directory {out.parent} does not exist")
-    source = open_model(args.ckpt, step=args.step)  # config and tokenizer checked before the weights load
+    # config and tokenizer checked before the weights load
+    source = open_model(args.ckpt, step=args.step, skip_ratio=args.skip_ratio)
+    source.check_subset(args.expert_subset)
     model = source.load()
-    results = evals.evaluate(model, tasks, examples=args.examples, max_windows=args.max_windows, split=args.split,
-                             seed=args.seed, batch_size=args.batch_size)
+    results, subsets = [], []
+    for task in tasks:
+        # a PreMoe run keeps one task's experts: named, or retrieved from the task's prompts
+        prompts = query_sequences(task, model.tokenizer, args.split, seed=args.seed, max_len=model.cfg.max_seq_len) \
+            if source.task_experts is not None and args.expert_subset in (None, "auto") else ()
+        chosen, subset = select_experts(model, source.task_experts, args.expert_subset, prompts)
+        results += evals.evaluate(chosen, [task], examples=args.examples, max_windows=args.max_windows,
+                                  split=args.split, seed=args.seed, batch_size=args.batch_size)
+        subsets.append(subset)
     record = {"ckpt": str(args.ckpt), "step": model.step, "split": args.split, "seed": args.seed,
-              "results": [r.to_dict() for r in results]}
+              "results": [r.to_dict() | ({"expert_subset": s} if s is not None else {}) for r, s in zip(results, subsets)]}
     if out is not None:
         from jmoe.train.metrics import atomic_write_text
 
@@ -239,8 +258,9 @@ def cmd_evaluate(args) -> int:
         print(json.dumps(record))
         return 0
     print(f"{'task':<12} {'metric':<14} {'value':>8}  {'95% interval':<17} {'n':>5}")
-    for r in results:
-        print(f"{r.task:<12} {r.metric:<14} {r.value:>8.4f}  [{r.ci95[0]:.4f}, {r.ci95[1]:.4f}] {r.n:>5}")
+    for r, subset in zip(results, subsets):
+        note = f"  (experts of {subset})" if subset is not None else ""
+        print(f"{r.task:<12} {r.metric:<14} {r.value:>8.4f}  [{r.ci95[0]:.4f}, {r.ci95[1]:.4f}] {r.n:>5}{note}")
     if out is not None:
         print(f"wrote {out}")
     return 0
@@ -274,10 +294,14 @@ def cmd_eval(args) -> int:
     from jmoe.data import eval_batches, load_corpus
     from jmoe.train.trainer import evaluate, load_run
 
-    _, tc = _run_to_read(args)
+    run_cfg, tc = _run_to_read(args)
+    if args.skip_ratio is not None and not run_cfg.moe_layers:
+        raise ValueError(f"--skip-ratio: {args.ckpt} has no MoE layers whose experts could be skipped")
     corpus = load_corpus(args.data if args.data is not None else tc.data)
     batches = eval_batches(corpus.val, args.batches, tc.batch_size, tc.seq_len)
     model_cfg, tc, params, router_state, saved, step = load_run(args.ckpt, args.step)
+    if args.skip_ratio is not None:
+        model_cfg = model_cfg.with_moe(skip_ratio=args.skip_ratio)
     if args.data is None and corpus.sha256 != saved.get("data", {}).get("sha256"):
         print("note: the corpus on this machine differs from the one the run was trained on", file=sys.stderr)
     ev = evaluate(params, router_state, model_cfg, batches)
@@ -290,6 +314,9 @@ def cmd_eval(args) -> int:
     for li, (layer, load) in enumerate(zip(model_cfg.moe_layers, ev["load"])):
         cells = " ".join(f"{x:.3f}" for x in load)
         print(f"layer {layer} expert load: {cells}  (MaxVio {max(load) * len(load) - 1:.2f})")
+    if "skip_rate" in ev:
+        per_layer = ", ".join(f"{x:.3f}" for x in ev["skipped"])
+        print(f"online expert skipping: {ev['skip_rate']:.1%} of expert slots skipped (per layer {per_layer})")
     return 0
 
 
@@ -397,13 +424,44 @@ def cmd_merge(args) -> int:
 def cmd_compress(args) -> int:
     from jmoe.merge.experts.run import compress_run
 
+    log = (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))
+    premoe_flags = {"--experts-per-layer": args.experts_per_layer, "--tasks": args.tasks}
+    if args.method == "premoe":
+        from jmoe.merge.experts.premoe import premoe_run
+
+        given = [f for f, v in {"--target-experts": args.target_experts, "--rank": args.rank, "--sparsity": args.sparsity,
+                                "--budget": args.budget, "--importance": args.importance, "--router": args.router,
+                                "--align": args.align, "--stats": args.stats, "--calib-data": args.calib_data}.items()
+                 if v is not None]
+        if given:
+            raise ValueError(f"{given[0]} does not apply to --method premoe")
+        missing = [f for f, v in premoe_flags.items() if v is None]
+        if missing:
+            raise ValueError(f"--method premoe needs {' and '.join(missing)}")
+        premoe_run(args.ckpt, args.out, experts_per_layer=args.experts_per_layer, tasks=args.tasks,
+                   examples=args.examples, step=args.step, seed=args.seed, log=log)
+        return 0
+    given = [f for f, v in premoe_flags.items() if v is not None]
+    if given:
+        raise ValueError(f"{given[0]} belongs to --method premoe, not {args.method}")
+    if args.target_experts is None:
+        raise ValueError(f"--method {args.method} needs --target-experts")
     compress_run(
         args.ckpt, args.out, method=args.method, target_experts=args.target_experts, rank=args.rank,
         sparsity=args.sparsity, budget=args.budget, importance=args.importance, router=args.router,
         align=args.align, calib_batches=args.calib_batches,
-        calib_data=args.calib_data, stats=args.stats, step=args.step, seed=args.seed,
-        log=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)),
+        calib_data=args.calib_data, stats=args.stats, step=args.step, seed=args.seed, log=log,
     )
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from jmoe.quant.run import quantize_run
+
+    quantize_run(args.ckpt, args.out, method=args.method, bits=args.bits, avg_bits=args.avg_bits,
+                 group_size=args.group_size, candidates=args.candidates, per_layer=not args.global_budget,
+                 skip_ratio=args.skip_ratio, calib_batches=args.calib_batches, calib_data=args.calib_data,
+                 step=args.step, seed=args.seed, log=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)))
     return 0
 
 
@@ -481,6 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="evaluate on this text instead of the run's corpus")
     e.add_argument("--batches", type=_int_range(1, MAX_EVAL_BATCHES), default=8,
                    help=f"validation batches of the run's batch size and sequence length (1 .. {MAX_EVAL_BATCHES}; default 8)")
+    e.add_argument("--skip-ratio", type=_float_range(0.0, 1.0), metavar="R",
+                   help="online expert skipping: a token skips each expert whose routing weight is below R times "
+                        "its largest one (MC-MoE), in [0, 1] (default: the model's setting)")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     e.set_defaults(func=cmd_eval)
 
@@ -496,6 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--split", choices=["train", "val", "test"], default="test")
     v.add_argument("--seed", type=int, default=0, help="which examples are drawn (default 0)")
     v.add_argument("--batch-size", type=_int_range(1, 4096), default=32, help="prompts generated together")
+    v.add_argument("--skip-ratio", type=_float_range(0.0, 1.0), metavar="R",
+                   help="online expert skipping: a token skips each expert whose routing weight is below R times "
+                        "its largest one (MC-MoE), in [0, 1] (default: the model's setting)")
+    v.add_argument("--expert-subset", metavar="auto|all|TASK",
+                   help="a PreMoe run (jmoe compress --method premoe): run a task's experts only; auto (default) "
+                        "retrieves the task nearest to the prompts, all runs every expert")
     v.add_argument("--out", metavar="FILE", help="also write the results as JSON")
     v.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     v.set_defaults(func=cmd_evaluate)
@@ -530,6 +597,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the last tokens of prompts too long for the model's context instead of refusing them")
     g.add_argument("--batch-size", type=_int_range(1, 1024), default=32, help="prompts generated together (default 32)")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the model's)")
+    g.add_argument("--skip-ratio", type=_float_range(0.0, 1.0), metavar="R",
+                   help="online expert skipping: a token skips each expert whose routing weight is below R times "
+                        "its largest one (MC-MoE), in [0, 1] (default: the model's setting)")
+    g.add_argument("--expert-subset", metavar="auto|all|TASK",
+                   help="a PreMoe run (jmoe compress --method premoe): run a task's experts only; auto (default) "
+                        "retrieves the task nearest to the prompts, all runs every expert")
     g.add_argument("--stream", action="store_true", help="print the tokens as they come (one prompt)")
     g.add_argument("--json", action="store_true",
                    help="one JSON line per prompt (prompt, text, token_ids, finish_reason), then one with the speeds")
@@ -602,9 +675,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="new run directory, absent or empty (jmoe eval / train --resume-from accept it)")
     from jmoe.merge.experts.registry import COMPRESS_METHODS
 
-    c.add_argument("--method", required=True, choices=COMPRESS_METHODS.names(),
-                   help="; ".join(f"{n}: {COMPRESS_METHODS.get(n).doc}" for n in COMPRESS_METHODS))
-    c.add_argument("--target-experts", type=float, required=True, help="experts per MoE layer, on average over layers")
+    c.add_argument("--method", required=True, choices=[*COMPRESS_METHODS.names(), "premoe"],
+                   help="; ".join(f"{n}: {COMPRESS_METHODS.get(n).doc}" for n in COMPRESS_METHODS)
+                   + "; premoe: keep each task's experts (PreMoe), chosen per prompt at generation")
+    c.add_argument("--target-experts", type=float, help="experts per MoE layer, on average over layers")
+    c.add_argument("--experts-per-layer", type=_int_range(1), metavar="M", help="premoe: experts each task keeps per layer")
+    c.add_argument("--tasks", metavar="all|NAMES", help="premoe: the evaluation tasks to collect statistics of")
+    c.add_argument("--examples", type=_int_range(1, 100_000), default=64,
+                   help="premoe: calibration examples (or text windows) per task (default 64)")
     c.add_argument("--rank", type=int, help="mcsmoe: rank of the low-rank factors")
     c.add_argument("--sparsity", type=float, help="mcsmoe: fraction of the sparse residual dropped")
     c.add_argument("--budget", type=float, help="mcsmoe: stored size as a fraction of the experts (instead of --sparsity)")
@@ -622,6 +700,34 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_compress)
+
+    q = sub.add_parser("quantize", help="quantize the experts of a run (round to nearest, HQQ, GPTQ, MC-MoE's "
+                       "mixed precision)")
+    q.add_argument("--ckpt", required=True, help="run directory whose experts to quantize")
+    q.add_argument("--out", required=True, help="new run directory, absent or empty (jmoe eval, evaluate and generate "
+                   "read it)")
+    q.add_argument("--method", default="hqq", choices=["rtn", "hqq", "gptq", "mcmoe"],
+                   help="rtn: round to nearest; hqq (default): with HQQ's zero-point refinement; gptq: with "
+                        "calibration; mcmoe: a width per expert from MC-MoE's integer program, then GPTQ")
+    width = q.add_mutually_exclusive_group()
+    width.add_argument("--bits", type=int, help="width of every expert (1, 2, 3, 4, 8): rtn, hqq, gptq")
+    width.add_argument("--avg-bits", type=_float_range(0.0, open_lo=True), metavar="B",
+                       help="mcmoe: average width of the experts, e.g. 2.5")
+    q.add_argument("--candidates", type=_int_list, metavar="B,B,...",
+                   help="mcmoe: the widths to choose from (default: the supported widths within one of --avg-bits)")
+    q.add_argument("--global-budget", action="store_true",
+                   help="mcmoe: one budget over all layers instead of one per layer (the reference's)")
+    q.add_argument("--group-size", type=_int_range(1), default=64,
+                   help="weights per scale and zero point, along each matrix's input axis (default 64)")
+    q.add_argument("--skip-ratio", type=_float_range(0.0, 1.0), metavar="R",
+                   help="store online expert skipping at ratio R in the new run (see jmoe eval --skip-ratio)")
+    q.add_argument("--calib-batches", type=_int_range(1, 4096), default=8,
+                   help="gptq, mcmoe: calibration batches from the training split (default 8)")
+    q.add_argument("--calib-data", help="calibrate on this text instead of the run's corpus")
+    q.add_argument("--step", type=_int_range(0), help="checkpoint step (default: latest)")
+    q.add_argument("--seed", type=int, default=0, help="which calibration batches are drawn")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(func=cmd_quantize)
     return parser
 
 

@@ -68,6 +68,8 @@ class MoEConfig:
         applied only when a `key` is passed to the layer (training).
       allow_noncausal: permit routers that look at later tokens (expert_choice) in causal
         decoders.
+      skip_ratio: online expert skipping (MC-MoE): a token drops each selected expert whose
+        weight is below skip_ratio times its largest one (`jmoe.routing.skip`); 0 skips none.
 
     Numerics:
       dtype: compute dtype of the experts (None: the input's dtype). The router always
@@ -106,6 +108,7 @@ class MoEConfig:
     entropy_loss_coef: float = option(0.0, ge=0.0)
     balance_scope: str = option("global", choices=BALANCE_SCOPES)
     allow_noncausal: bool = False
+    skip_ratio: float = option(0.0, ge=0.0, le=1.0)
 
     def __post_init__(self):
         for name, registry in (

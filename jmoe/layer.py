@@ -14,6 +14,7 @@ from jmoe.config import MoEConfig
 from jmoe.experts import ExpertList, expected_expert_shapes, ffn, init_experts, init_ffn
 from jmoe.registry import DISPATCHERS, ROUTERS
 from jmoe.routing.base import Routing
+from jmoe.routing.skip import skip_low_weight
 
 
 @struct.dataclass
@@ -32,6 +33,8 @@ class MoEAux:
       experts_per_token: scalar, mean number of FFN experts computed per token.
       zero_compute_fraction: scalar, share of selected slots that went to FLOP-free experts
         (null, zero, copy, constant).
+      skipped_fraction: scalar, share of the router's FFN slots that online expert skipping
+        dropped (`MoEConfig.skip_ratio`; 0 without it).
       routing: the `Routing` the layer used (its arrays are per token).
     """
 
@@ -44,6 +47,7 @@ class MoEAux:
     router_entropy: jax.Array
     experts_per_token: jax.Array
     zero_compute_fraction: jax.Array
+    skipped_fraction: jax.Array
     routing: Routing
     num_ffn_choices: int = struct.field(pytree_node=False, default=0)
 
@@ -240,9 +244,10 @@ def layer_body(
       y: [T, d] in the compute dtype, and the `MoEAux`.
     """
     router = ROUTERS.get(cfg.router)
+    skipped = jnp.zeros((), jnp.float32)
     if routing is None:
         with jax.named_scope("router"):
-            routing = router.apply(params["router"], xt, cfg, state=state, key=key, carry=carry)
+            routing, skipped = route(params["router"], xt, cfg, state=state, key=key, carry=carry)
     experts = params["experts"]
     if isinstance(experts, ExpertList) and not getattr(dispatch, "takes_expert_list", False):
         experts = experts.stack()
@@ -255,8 +260,17 @@ def layer_body(
         with jax.named_scope("shared_experts"):
             y = y + shared_output(params["shared"], params.get("shared_gate"), xt, cfg, partial_sum).astype(y.dtype)
     with jax.named_scope("aux"):
-        aux = moe_aux(routing, dropped, cfg, seq_len=seq_len, reduce=reduce, shards=shards, global_counts=balance_counts)
+        aux = moe_aux(routing, dropped, cfg, seq_len=seq_len, reduce=reduce, shards=shards, global_counts=balance_counts,
+                      skipped=skipped)
     return y, aux
+
+
+def route(router_params: Any, xt: jax.Array, cfg: MoEConfig, *, state: Any = None, key: jax.Array | None = None,
+          carry: Any = None) -> tuple[Routing, jax.Array]:
+    """The layer's routing of tokens xt [T, d]: the router, then online expert skipping
+    (`cfg.skip_ratio`). Returns (routing, number of FFN slots skipped)."""
+    routing = ROUTERS.get(cfg.router).apply(router_params, xt, cfg, state=state, key=key, carry=carry)
+    return skip_low_weight(routing, cfg.skip_ratio, cfg.num_ffn_choices)
 
 
 @partial(jax.jit, static_argnums=2)
@@ -277,8 +291,10 @@ def moe_aux(
     reduce: Callable[[jax.Array], jax.Array] = lambda v: v,
     shards: int = 1,
     global_counts: jax.Array | None = None,
+    skipped: jax.Array | float = 0.0,
 ) -> MoEAux:
-    """Losses and statistics of one routing; `reduce` sums over the shards of the batch."""
+    """Losses and statistics of one routing; `reduce` sums over the shards of the batch.
+    skipped: FFN slots online expert skipping dropped from `routing` (this shard's)."""
     router = ROUTERS.get(cfg.router)
     E = cfg.num_ffn_choices
     C = routing.num_choices
@@ -292,6 +308,7 @@ def moe_aux(
     z = reduce(jnp.sum(jax.nn.logsumexp(routing.logits.astype(jnp.float32), axis=-1) ** 2)) / tokens
     entropy = reduce(jnp.sum(losses.token_entropy(routing.probs))) / tokens
     ffn_slots = reduce(jnp.sum(routing.ffn_mask(E)).astype(jnp.float32))
+    skipped = reduce(jnp.asarray(skipped, jnp.float32))
     return MoEAux(
         loss=cfg.aux_loss_coef * balance + cfg.z_loss_coef * z + cfg.entropy_loss_coef * entropy,
         balance_loss=balance,
@@ -302,6 +319,7 @@ def moe_aux(
         router_entropy=entropy,
         experts_per_token=ffn_slots / tokens,
         zero_compute_fraction=(jnp.sum(counts) - ffn_slots) / selected,
+        skipped_fraction=skipped / jnp.maximum(ffn_slots + skipped, 1.0),
         routing=routing,
         num_ffn_choices=E,
     )

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from jmoe.infer.engine import prepare_prompts
-from jmoe.infer.load import encode_prompt, open_model
+from jmoe.infer.load import encode_prompt, open_model, select_experts
 from jmoe.infer.offload import format_bytes
 from jmoe.infer.offload_commands import check_new_file
 from jmoe.infer.sampling import SamplingParams
@@ -118,7 +118,7 @@ def run_generate(args, out=None, err=None) -> int:
         raise ValueError("--stream and --json cannot be combined")
     if args.min_p >= 1.0:
         raise ValueError(f"argument --min-p: {args.min_p} must be < 1")
-    source = open_model(args.ckpt, step=args.step)
+    source = open_model(args.ckpt, step=args.step, skip_ratio=getattr(args, "skip_ratio", None))
     cfg = source.cfg
     if args.top_k > cfg.vocab_size:
         raise ValueError(f"--top-k {args.top_k} exceeds the model's vocabulary of {cfg.vocab_size} tokens "
@@ -136,8 +136,14 @@ def run_generate(args, out=None, err=None) -> int:
     if trace_path is not None and not cfg.moe_layers:
         raise ValueError(f"--trace: {args.ckpt} has no MoE layers to trace")
     offload = offload_options(args, cfg)
+    subset = getattr(args, "expert_subset", None)
+    source.check_subset(subset)
 
     model = source.load()
+    model, task = select_experts(model, source.task_experts, subset, ids)
+    if task is not None and not args.quiet:
+        m = model.cfg.moe_for(model.cfg.moe_layers[0]).num_experts
+        err.write(f"PreMoe: running the experts of task {task} ({m} per MoE layer)\n")
     if args.dtype:
         model.cfg = model.cfg.replace(dtype=args.dtype)
     if offload is None:
@@ -181,6 +187,8 @@ def run_generate(args, out=None, err=None) -> int:
         speeds = {"prefill_tokens_per_s": stats.prefill_tokens_per_s, "decode_tokens_per_s": stats.decode_tokens_per_s,
                   "prompt_tokens": stats.prompt_tokens, "decode_tokens": stats.decode_tokens,
                   "compile_s": stats.compile_s}
+        if task is not None:
+            speeds["expert_subset"] = task
         if off is not None:
             speeds["offload"] = {**off, "cache_size": offload["cache_size"], "policy": offload["policy"],
                                  "prefetch": offload["prefetch"], "device_bytes": engine.lm.resident_bytes}

@@ -98,7 +98,11 @@ class Model:
 
 @dataclasses.dataclass
 class ModelSource:
-    """A model directory opened without its weights: `cfg`, `tokenizer`, and `load()`."""
+    """A model directory opened without its weights: `cfg`, `tokenizer`, and `load()`.
+
+    task_experts: the PreMoe statistics stored with a run (`jmoe compress --method premoe`),
+    or None.
+    """
 
     path: Path
     kind: str
@@ -106,6 +110,16 @@ class ModelSource:
     tokenizer: Tokenizer | None
     step: int | None
     _load: Callable[[], tuple[LMConfig, dict, dict, int | None]] = dataclasses.field(repr=False, default=None)
+    task_experts: object = None
+
+    def check_subset(self, subset: str | None) -> None:
+        """ValueError unless `subset` ("auto", "all", None or a task name) can be served."""
+        if subset in (None, "auto", "all"):
+            return
+        if self.task_experts is None:
+            raise ValueError(f"--expert-subset {subset}: {self.path} has no PreMoe task statistics "
+                             "(jmoe compress --method premoe stores them)")
+        self.task_experts._index(subset)
 
     def load(self) -> Model:
         """Read the weights (and router state)."""
@@ -114,15 +128,35 @@ class ModelSource:
                      kind=self.kind, step=step)
 
 
-def open_model(path: str | Path, *, step: int | None = None, tokenizer: bool = True) -> ModelSource:
+def open_model(path: str | Path, *, step: int | None = None, tokenizer: bool = True,
+               skip_ratio: float | None = None) -> ModelSource:
     """Describe the model at `path` without reading its weights.
 
     path: a jmoe run directory (byte-level tokenizer; `step` picks a checkpoint, default the
       newest complete one) or a Hugging Face model directory (config.json, safetensors, and
       tokenizer.json when `tokenizer`).
+    skip_ratio: run with online expert skipping at this ratio (`MoEConfig.skip_ratio`)
+      instead of the model's own setting.
     Raises ValueError (one line) when the directory is neither, its config or tokenizer is
     missing or broken, or its router cannot decode token by token.
     """
+    source = _open(path, step, tokenizer)
+    if skip_ratio is None:
+        return source
+    if not source.cfg.moe_layers:
+        raise ValueError(f"--skip-ratio: {path} has no MoE layers whose experts could be skipped")
+    if not 0.0 <= skip_ratio <= 1.0:
+        raise ValueError(f"skip_ratio={skip_ratio} must be in [0, 1]")
+    load_weights = source._load
+
+    def load_skipping():
+        cfg, params, state, at = load_weights()
+        return cfg.with_moe(skip_ratio=skip_ratio), params, state, at
+
+    return dataclasses.replace(source, cfg=source.cfg.with_moe(skip_ratio=skip_ratio), _load=load_skipping)
+
+
+def _open(path, step, tokenizer) -> ModelSource:
     from jmoe.train import rundir
 
     path = Path(path)
@@ -139,7 +173,12 @@ def open_model(path: str | Path, *, step: int | None = None, tokenizer: bool = T
             return model_cfg, params, router_state or {}, at
 
         tok = load_tokenizer(None, vocab_size=cfg.vocab_size) if tokenizer else None
-        return ModelSource(path, "run", cfg, tok, chosen, load_run)
+        task_experts = None
+        if "premoe" in saved:
+            from jmoe.merge.experts.premoe import FILE, TaskExperts
+
+            task_experts = TaskExperts.load(path / FILE)
+        return ModelSource(path, "run", cfg, tok, chosen, load_run, task_experts)
     if (path / "config.json").is_file():
         from jmoe.io import hf
         from jmoe.nn.transformer import lm_state_from_params
@@ -159,6 +198,28 @@ def open_model(path: str | Path, *, step: int | None = None, tokenizer: bool = T
                      "directory (config.json)")
 
 
-def load(path: str | Path, *, step: int | None = None, tokenizer: bool = True) -> Model:
+def select_experts(model: Model, task_experts, subset: str | None, prompts: Sequence[Sequence[int]] = ()) -> tuple[Model, str | None]:
+    """(the model with a PreMoe task's experts only, the task) for `subset`: a task name, or
+    "auto"/None to retrieve the task nearest to `prompts` (token ids); "all" or a model without
+    task statistics: (model, None)."""
+    if task_experts is None or subset == "all":
+        return model, None
+    from jmoe.merge.experts.premoe import prune_router_state, prune_to, task_scores
+
+    if subset in (None, "auto"):
+        if not prompts:
+            raise ValueError("retrieving a PreMoe task needs prompts")
+        query = task_scores(model.params, model.cfg, prompts, router_state=model.state or None, k=task_experts.k,
+                            threshold=task_experts.threshold, score=task_experts.score, first_only=True)[0]
+        subset = task_experts.retrieve(query)
+    kept = task_experts.kept(subset)
+    params, cfg = prune_to(model.params, model.cfg, kept)
+    pruned = Model(cfg=cfg, params=params, state=prune_router_state(model.state, kept), tokenizer=model.tokenizer,
+                   source=model.source, kind=model.kind, step=model.step)
+    return pruned, subset
+
+
+def load(path: str | Path, *, step: int | None = None, tokenizer: bool = True,
+         skip_ratio: float | None = None) -> Model:
     """`open_model(path, ...).load()`: a `Model` ready to generate."""
-    return open_model(path, step=step, tokenizer=tokenizer).load()
+    return open_model(path, step=step, tokenizer=tokenizer, skip_ratio=skip_ratio).load()

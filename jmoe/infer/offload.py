@@ -52,10 +52,11 @@ from jmoe.infer.cachesim import CACHE_POLICIES
 from jmoe.infer.engine import Engine, sample_after_decode, sample_after_prefill
 from jmoe.infer.forward import gate_routing, serving_moe
 from jmoe.infer.predict import LearnedPredictor
-from jmoe.layer import ffn_routing, flatten_tokens, layer_body, sequence_length
-from jmoe.experts import ffn
+from jmoe.layer import ffn_routing, flatten_tokens, layer_body, route, sequence_length
+from jmoe.experts import ExpertList, ffn
 from jmoe.nn.transformer import LMConfig, attention_block, embed, unembed
-from jmoe.registry import DISPATCHERS, ROUTERS
+from jmoe.quant.qarray import QuantizedArray, dense
+from jmoe.registry import DISPATCHERS
 
 TIERS = ("host", "disk")
 PREFETCH = ("none", "gate", "learned")
@@ -77,31 +78,50 @@ class ExpertStore:
     """Every MoE layer's routed experts in a slow tier; `fetch(j, e)` brings expert e of MoE
     layer j to the device (a pytree shaped like one expert's weights).
 
+    Quantized experts stay quantized in the store and in transfers (`expert_bytes` counts
+    their codes, scales and zero points). A layer whose experts have different widths (an
+    `ExpertList`) is stored expert by expert and dequantized on the device after the
+    transfer, since one slot array cannot hold several widths (`dense_slots`).
+
     Build with `ExpertStore.build(cfg, params, tier=..., path=...)`, which also returns the
     parameters without the experts (what stays resident).
     """
 
-    def __init__(self, tier: str, treedefs: list, names: list[list[str]], num_experts: list[int],
-                 expert_bytes: list[int], read, device):
-        self.tier, self.treedefs, self.names = tier, treedefs, names
-        self.num_experts, self.expert_bytes = num_experts, expert_bytes
+    def __init__(self, tier: str, entries: list[list[tuple]], expert_bytes: list[list[int]], dense_slots: list[bool],
+                 read, device):
+        self.tier, self.entries, self.expert_bytes, self.dense_slots = tier, entries, expert_bytes, dense_slots
+        self.num_experts = [len(layer) for layer in entries]
         self._read, self.device = read, device
         self._to_device = _memory(device, "device")
 
     @property
     def num_layers(self) -> int:
-        return len(self.treedefs)
+        return len(self.entries)
 
     @property
     def total_bytes(self) -> int:
         """Bytes of every expert of every MoE layer."""
-        return int(sum(b * e for b, e in zip(self.expert_bytes, self.num_experts)))
+        return int(sum(sum(layer) for layer in self.expert_bytes))
+
+    def bytes_of(self, j: int, e: int) -> int:
+        """Stored bytes of expert e of MoE layer j (what a load moves)."""
+        return self.expert_bytes[j][e]
 
     def fetch(self, j: int, e: int):
         """Expert e of MoE layer j on the device (the transfer is asynchronous)."""
-        leaves = [self._read(j, name, e) for name in self.names[j]]
-        leaves = [jax.device_put(x, self._to_device or self.device) for x in leaves]
-        return jax.tree.unflatten(self.treedefs[j], leaves)
+        treedef, keys = self.entries[j][e]
+        leaves = [jax.device_put(self._read(key, index), self._to_device or self.device) for key, index in keys]
+        expert = jax.tree.unflatten(treedef, leaves)
+        return jax.tree.map(dense, expert, is_leaf=_is_quantized) if self.dense_slots[j] else expert
+
+    def slot_prototype(self, j: int):
+        """One expert's weights as the slots of layer j hold them (shapes and dtypes)."""
+        treedef, keys = self.entries[j][0]
+        proto = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(self._shape(key, index), self._dtype(key))
+                                             for key, index in keys])
+        if self.dense_slots[j]:
+            return jax.tree.map(lambda q: jax.ShapeDtypeStruct(q.shape, q.dtype), proto, is_leaf=_is_quantized)
+        return proto
 
     @classmethod
     def build(cls, cfg: LMConfig, params: dict, *, tier: str = "host", path: str | Path | None = None,
@@ -121,32 +141,61 @@ class ExpertStore:
         layers = list(cfg.moe_layers)
         if not layers:
             raise ValueError("the model has no MoE layers: there are no experts to offload")
-        treedefs, names, counts, nbytes, arrays = [], [], [], [], {}
+        entries, nbytes, dense_slots, arrays, single = [], [], [], {}, set()
         resident = {**params, "layers": dict(params["layers"])}
         for j, i in enumerate(layers):
             moe_p = params["layers"][str(i)]["moe"]
-            leaves = _expert_leaves(moe_p["experts"])
-            treedefs.append(jax.tree.structure(moe_p["experts"]))
-            names.append([n for n, _ in leaves])
-            E = int(leaves[0][1].shape[0])
-            counts.append(E)
-            nbytes.append(int(sum(np.dtype(x.dtype).itemsize * math.prod(x.shape[1:]) for _, x in leaves)))
-            for n, x in leaves:
-                arrays[f"moe{j}.{n}"] = np.asarray(x)
+            experts = moe_p["experts"]
+            if isinstance(experts, ExpertList):  # one tree per expert
+                layer_entries, layer_bytes = [], []
+                for e, one in enumerate(experts.experts):
+                    leaves = _expert_leaves(one)
+                    for n, x in leaves:
+                        arrays[f"moe{j}.e{e}.{n}"] = np.asarray(x)
+                        single.add(f"moe{j}.e{e}.{n}")
+                    layer_entries.append((jax.tree.structure(one), [(f"moe{j}.e{e}.{n}", None) for n, _ in leaves]))
+                    layer_bytes.append(int(sum(x.size * np.dtype(x.dtype).itemsize for _, x in leaves)))
+                widths = {jax.tree.structure(one) for one in experts.experts}
+                dense_slots.append(len(widths) > 1)
+            else:  # stacked [E, ...] leaves
+                leaves = _expert_leaves(experts)
+                E = int(leaves[0][1].shape[0])
+                for n, x in leaves:
+                    arrays[f"moe{j}.{n}"] = np.asarray(x)
+                treedef = jax.tree.structure(jax.tree.map(lambda a: a[0], experts))
+                layer_entries = [(treedef, [(f"moe{j}.{n}", e) for n, _ in leaves]) for e in range(E)]
+                per = int(sum(np.dtype(x.dtype).itemsize * math.prod(x.shape[1:]) for _, x in leaves))
+                layer_bytes = [per] * E
+                dense_slots.append(False)
+            entries.append(layer_entries)
+            nbytes.append(layer_bytes)
             layer = dict(params["layers"][str(i)])
             layer["moe"] = {k: v for k, v in moe_p.items() if k != "experts"}
             resident["layers"][str(i)] = layer
         if tier == "host":
             # pinned host memory makes device transfers DMA; a CPU device's memory is host memory already
             pinned = None if device.platform == "cpu" else _memory(device, "pinned_host")
-            host = {k: [jax.device_put(a[e], pinned) if pinned is not None else np.ascontiguousarray(a[e])
-                        for e in range(a.shape[0])] for k, a in arrays.items()}
-            read = lambda j, n, e: host[f"moe{j}.{n}"][e]  # noqa: E731
+            put = (lambda a: jax.device_put(a, pinned)) if pinned is not None else np.ascontiguousarray
+            host = {k: put(a) if k in single else [put(x) for x in a] for k, a in arrays.items()}
+            read = lambda key, index: host[key] if index is None else host[key][index]  # noqa: E731
         else:
             if path is None:
                 raise ValueError("tier 'disk' needs a path for the experts' safetensors file")
             read = _disk_reader(Path(path), arrays)
-        return cls(tier, treedefs, names, counts, nbytes, read, device), resident
+        store = cls(tier, entries, nbytes, dense_slots, read, device)
+        store._shapes = {k: (a.shape, a.dtype) for k, a in arrays.items()}
+        return store, resident
+
+    def _shape(self, key, index):
+        shape, _ = self._shapes[key]
+        return shape if index is None else shape[1:]
+
+    def _dtype(self, key):
+        return self._shapes[key][1]
+
+
+def _is_quantized(x) -> bool:
+    return isinstance(x, QuantizedArray)
 
 
 def _disk_reader(path: Path, arrays: dict):
@@ -161,7 +210,7 @@ def _disk_reader(path: Path, arrays: dict):
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path))
     handle = safe_open(str(path), framework="numpy")
     slices = {k: handle.get_slice(k) for k in arrays}
-    return lambda j, n, e: slices[f"moe{j}.{n}"][e]
+    return lambda key, index: slices[key][:] if index is None else slices[key][index]
 
 
 # ----------------------------------------------------------------------------- one layer's cache
@@ -287,7 +336,7 @@ def _route_block(p, x, positions, layer_cache, valid, state, carry, next_router,
     x, h = attention_block(p, x, 0, cfg, attend)
     moe = serving_moe(moe, x.shape[0] * x.shape[1])
     xt = flatten_tokens(h, moe)
-    routing = ROUTERS.get(moe.router).apply(p["moe"]["router"], xt, moe, state=state, carry=carry)
+    routing, _ = route(p["moe"]["router"], xt, moe, state=state, carry=carry)  # skipped experts are not loaded
     routing = routing.replace(mask=routing.mask & valid.reshape(-1, 1))
     r = ffn_routing(routing, moe)
     keep = r.mask & (r.expert_ids >= 0) & (r.expert_ids < moe.num_experts)
@@ -390,12 +439,23 @@ class OffloadStats:
         return out
 
 
+def slot_bytes(experts) -> int:
+    """Bytes of one device slot of a layer's experts: one expert as the slots hold it
+    (quantized, or as float where the layer mixes widths)."""
+    if isinstance(experts, ExpertList):
+        one = experts.experts[0]
+        if len({jax.tree.structure(x) for x in experts.experts}) > 1:
+            return int(sum(math.prod(q.shape) * np.dtype(q.dtype).itemsize
+                           for q in jax.tree.leaves(one, is_leaf=_is_quantized)))
+        return int(sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(one)))
+    return int(sum(np.dtype(x.dtype).itemsize * math.prod(x.shape[1:]) for x in jax.tree.leaves(experts)))
+
+
 def cache_size_for_memory(cfg: LMConfig, params: dict, memory_bytes: int) -> int:
     """Slots per MoE layer that fit `memory_bytes` of expert slots over all MoE layers (at most
     E; ValueError when fewer than top-k fit)."""
     layers = list(cfg.moe_layers)
-    per_expert = sum(int(sum(np.dtype(x.dtype).itemsize * math.prod(x.shape[1:])
-                             for x in jax.tree.leaves(params["layers"][str(i)]["moe"]["experts"]))) for i in layers)
+    per_expert = sum(slot_bytes(params["layers"][str(i)]["moe"]["experts"]) for i in layers)
     n = int(memory_bytes // max(per_expert, 1))
     k = max(cfg.moe_for(i).top_k for i in layers)
     E = min(cfg.moe_for(i).num_experts for i in layers)
@@ -480,8 +540,8 @@ class OffloadedLM:
         self.caches = [SlotCache(E, n, "lru" if policy == "none" else policy, policy_options)
                        for E, n in zip(Es, self.sizes)]
         self.slots = []
-        for j, i in enumerate(layers):
-            proto = jax.tree.map(lambda a: a[0], params["layers"][str(i)]["moe"]["experts"])
+        for j in range(len(layers)):
+            proto = self.store.slot_prototype(j)
             self.slots.append(jax.tree.map(lambda a, n=self.sizes[j]: jnp.zeros((n,) + a.shape, a.dtype), proto))
         self.stats = OffloadStats()
         self._last_ids: np.ndarray | None = None  # [B, L, k] each row's previous token's experts
@@ -502,9 +562,10 @@ class OffloadedLM:
     def _load(self, j: int, loads) -> None:
         for e, s in loads:
             self.slots[j] = _write_slot(self.slots[j], self.store.fetch(j, e), jnp.int32(s))
-        self.stats.bytes_loaded += len(loads) * self.store.expert_bytes[j]
+        moved = sum(self.store.bytes_of(j, e) for e, _ in loads)
+        self.stats.bytes_loaded += moved
         if self._decoding:
-            self.stats.decode_bytes_loaded += len(loads) * self.store.expert_bytes[j]
+            self.stats.decode_bytes_loaded += moved
 
     def _run_experts(self, j, i, p_moe, x, xt, routing, ids, weights):
         """Load and run MoE layer j's experts for the step's ids [T, k] -> x."""

@@ -144,6 +144,14 @@ class LMConfig:
                 return moe
         return self.moe
 
+    def with_moe(self, **changes) -> "LMConfig":
+        """A copy with `changes` applied to the MoE config of every MoE layer (`moe` and the
+        per-layer overrides), e.g. `cfg.with_moe(skip_ratio=0.3)`."""
+        if self.moe is None:
+            raise ValueError("this model has no MoE layers")
+        return self.replace(moe=self.moe.replace(**changes),
+                            layer_moe=tuple((i, m.replace(**changes)) for i, m in self.layer_moe))
+
     def is_moe_layer(self, i: int) -> bool:
         return self.moe is not None and (i + 1) % self.moe_every == 0 and i not in self.dense_layers
 

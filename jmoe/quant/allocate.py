@@ -38,6 +38,15 @@ def costs(frequency: np.ndarray, weight: np.ndarray, loss: np.ndarray, *, alpha:
     return (f ** alpha * w ** beta)[..., None] * loss ** alpha * SCALE
 
 
+def least_average(candidates, num_experts: int, at_least_one: bool = True) -> float:
+    """The smallest average width an allocation of `candidates` to `num_experts` experts can
+    have (with the reference's at-least-one-expert constraints on the two widest)."""
+    cands = sorted(candidates)
+    B, E = len(cands), num_experts
+    required = [B - 1, B - 2][: min(E, B)] if at_least_one and B > 1 else []
+    return (sum(cands[k] for k in required) + (E - len(required)) * cands[0]) / E
+
+
 def allocate_bits(frequency, weight, loss, avg_bits: float, *, candidates=(1, 2, 3), alpha: float = ALPHA,
                   beta: float = BETA, per_layer: bool = True, at_least_one: bool = True) -> np.ndarray:
     """Bit width per expert [L, E] (ints from `candidates`) minimising the summed cost under an
@@ -50,7 +59,7 @@ def allocate_bits(frequency, weight, loss, avg_bits: float, *, candidates=(1, 2,
     if B != len(cands):
         raise ValueError(f"loss has {B} widths per expert, candidates has {len(cands)}")
     required = [B - 1, B - 2][: min(E, B)] if at_least_one and B > 1 else []  # widths that need an expert
-    least = (sum(cands[k] for k in required) + (E - len(required)) * cands[0]) / E
+    least = least_average(cands, E, at_least_one)
     if avg_bits < least - 1e-9:
         raise ValueError(f"avg_bits={avg_bits}: no allocation of widths {tuple(int(b) for b in cands)} to {E} experts "
                          f"meets it (the least is {least:g})")

@@ -269,6 +269,9 @@ def check_resumable(saved: dict, model_cfg: LMConfig, tc: TrainConfig, data_sha2
     """Raise TrainError unless a run saved with config.json `saved` may continue with
     (model_cfg, tc) on the corpus of hash `data_sha256`: the same model and corpus, and
     training settings that differ only in `RESUMABLE_CHANGES`."""
+    if "quantization" in saved:
+        raise TrainError("cannot resume: the run's experts are quantized (it is for inference); resume its "
+                         f"source run {saved['quantization'].get('source', '')}".rstrip())
     saved_model = LMConfig.from_dict(saved["model"])
     if saved_model != model_cfg:
         raise TrainError(f"cannot resume: the model differs from the run's ({config_diff(saved_model, model_cfg)})")
@@ -330,6 +333,11 @@ def load_run(run_dir: str | Path, step: int | None = None):
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract_train_state(model_cfg, tc)
     )
+    if "quantization" in saved:  # quantized experts, no optimizer state (`jmoe.quant.run`)
+        from jmoe.quant.run import load_quantized
+
+        params, router_state = load_quantized(run, chosen, model_cfg, saved["quantization"], abstract.get("router_state"))
+        return model_cfg, tc, params, router_state, saved, chosen
     while True:
         try:
             state, _ = restore_state(run, chosen, abstract)

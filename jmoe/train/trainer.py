@@ -217,14 +217,16 @@ def make_train_step(model_cfg: LMConfig, tx, schedule, placement: Placement | No
 
 
 def make_eval_step(model_cfg: LMConfig, placement: Placement | None = None) -> Callable:
-    """Jitted `(params, router_state, batch) -> (mean CE, [L_moe, E] load)`."""
+    """Jitted `(params, router_state, batch) -> (mean CE, [L_moe, E] load, [L_moe] share of
+    FFN slots skipped)`."""
     ep = placement.ep if placement is not None else None
 
     @jax.jit
     def step(params, router_state, tokens):
         logits, aux = lm_apply(params, tokens[:, :-1], model_cfg, state=router_state, ep=ep)
         load = aux.load() if aux.moe else jnp.zeros((0, 0))
-        return cross_entropy(logits, tokens[:, 1:]), load
+        skipped = jnp.stack([a.skipped_fraction for a in aux.moe]) if aux.moe else jnp.zeros((0,))
+        return cross_entropy(logits, tokens[:, 1:]), load, skipped
 
     return step
 
@@ -232,17 +234,25 @@ def make_eval_step(model_cfg: LMConfig, placement: Placement | None = None) -> C
 def evaluate(
     params, router_state, model_cfg: LMConfig, batches: np.ndarray, eval_step=None, placement: Placement | None = None
 ) -> dict:
-    """Validation over fixed batches [N, B, S+1]: loss (nats/byte), bits per byte, per-layer load."""
+    """Validation over fixed batches [N, B, S+1]: loss (nats/byte), bits per byte, per-layer
+    load, and with online expert skipping (`skip_ratio`) the share of expert slots skipped per
+    layer (`skipped`) and over all layers (`skip_rate`)."""
     eval_step = eval_step or make_eval_step(model_cfg, placement)
     put = placement.batch if placement is not None else jnp.asarray
-    ces, loads = [], []
+    ces, loads, skips = [], [], []
     for b in batches:
-        ce, load = to_host(eval_step(params, router_state, put(b)))
+        ce, load, skipped = to_host(eval_step(params, router_state, put(b)))
         ces.append(float(ce))
         loads.append(np.asarray(load))
+        skips.append(np.asarray(skipped))
     val = float(np.mean(ces))
     load = [row[: model_cfg.moe_for(i).num_choices].tolist() for i, row in zip(model_cfg.moe_layers, np.mean(loads, axis=0))]
-    return {"val_loss": val, "val_bpb": val / math.log(2), "load": load}
+    out = {"val_loss": val, "val_bpb": val / math.log(2), "load": load}
+    if any(model_cfg.moe_for(i).skip_ratio for i in model_cfg.moe_layers):
+        skipped = np.mean(skips, axis=0)
+        out["skipped"] = skipped.tolist()
+        out["skip_rate"] = float(skipped.mean())
+    return out
 
 
 def _host_metrics(step: int, m: dict, tokens_per_s: float | None) -> dict:
@@ -382,6 +392,9 @@ def _check_inputs(model_cfg: LMConfig, tc: TrainConfig, out: Path, corpus: Corpu
         except TrainError as e:
             raise TrainError(f"{flag}: {e}") from None
         src_cfg = LMConfig.from_dict(saved["model"])
+        if flag == "--resume-from" and "quantization" in saved:
+            raise TrainError(f"--resume-from: {source} has quantized experts, which cannot be trained; start from "
+                             "its source run")
         if flag == "--resume-from" and src_cfg != model_cfg:
             raise TrainError(f"cannot start from {source}: its model differs ({rundir.config_diff(src_cfg, model_cfg)})")
         if flag == "--distill-from" and src_cfg.vocab_size != model_cfg.vocab_size:

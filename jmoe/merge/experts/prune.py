@@ -7,8 +7,10 @@ M-SMoE's dominant experts (`allocate_dominant`).
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
+from jmoe.experts import ExpertList
 from jmoe.merge.experts.msmoe import allocate_dominant
 from jmoe.merge.experts.registry import CompressMethod, check_target_experts, register_compress_method
 from jmoe.nn.transformer import LMConfig
@@ -39,7 +41,11 @@ def prune_layer(moe_params: dict, moe_cfg, keep) -> tuple[dict, object]:
         raise ValueError(f"keep={keep.tolist()} must be distinct expert indices in [0, {E})")
     _check_prunable_layer(moe_cfg)
     params = dict(moe_params)
-    params["experts"] = {n: np.asarray(v)[keep] for n, v in moe_params["experts"].items()}
+    experts = moe_params["experts"]
+    if isinstance(experts, ExpertList):  # e.g. experts quantized to several widths
+        params["experts"] = ExpertList([experts.experts[i] for i in keep])
+    else:  # stacked leaves, quantized ones included (their codes, scales and zeros are sliced together)
+        params["experts"] = jax.tree.map(lambda v: np.asarray(v)[keep], experts)
     r = dict(moe_params["router"])
     r["w"] = np.asarray(r["w"])[:, keep]
     if "bias" in r:

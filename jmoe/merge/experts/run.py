@@ -93,6 +93,8 @@ def compress_run(ckpt: str | Path, out: str | Path, *, method: str, target_exper
     out = check_output_dir(out)
     cfg, tc, _ = rundir.read_config(ckpt)
     source = str(ckpt)
+    if "quantization" in rundir.read_run_config(ckpt):
+        raise ValueError(f"{source} has quantized experts; compress its source run instead")
     if cfg.moe is None:
         raise ValueError(f"{ckpt} is a dense model: there are no experts to reduce")
     check_target_experts(cfg, target_experts, source)
