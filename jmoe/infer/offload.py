@@ -88,8 +88,9 @@ class ExpertStore:
     """
 
     def __init__(self, tier: str, entries: list[list[tuple]], expert_bytes: list[list[int]], dense_slots: list[bool],
-                 read, device):
+                 shapes: dict[str, tuple], read, device):
         self.tier, self.entries, self.expert_bytes, self.dense_slots = tier, entries, expert_bytes, dense_slots
+        self._shapes = shapes  # store key -> (shape, dtype)
         self.num_experts = [len(layer) for layer in entries]
         self._read, self.device = read, device
         self._to_device = _memory(device, "device")
@@ -182,9 +183,8 @@ class ExpertStore:
             if path is None:
                 raise ValueError("tier 'disk' needs a path for the experts' safetensors file")
             read = _disk_reader(Path(path), arrays)
-        store = cls(tier, entries, nbytes, dense_slots, read, device)
-        store._shapes = {k: (a.shape, a.dtype) for k, a in arrays.items()}
-        return store, resident
+        shapes = {k: (a.shape, a.dtype) for k, a in arrays.items()}
+        return cls(tier, entries, nbytes, dense_slots, shapes, read, device), resident
 
     def _shape(self, key, index):
         shape, _ = self._shapes[key]
