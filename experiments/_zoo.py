@@ -92,9 +92,15 @@ def run(name: str, model: LMConfig, tc: TrainConfig, data: str | None = None) ->
     if not (out / "summary.json").exists():
         import shutil
 
-        shutil.rmtree(out, ignore_errors=True)
-        print(f"== training {name} ({out.name})", flush=True)
-        train(model, tc, out, corpus=corpus(data), progress=False, log=lambda m: print("   " + m, flush=True))
+        from jmoe.train.rundir import checkpoint_steps
+
+        resume = out.is_dir() and bool(checkpoint_steps(out))  # a run stopped part way continues exactly
+        if not resume:
+            shutil.rmtree(out, ignore_errors=True)
+        print(f"== {'resuming' if resume else 'training'} {name} ({out.name})", flush=True)
+        # the run records its data spec, so that commands reading it (jmoe quantize, compress) find its corpus
+        train(model, tc if data is None else tc.replace(data=data), out, corpus=corpus(data), resume=resume, progress=False,
+              log=lambda m: print("   " + m, flush=True))
     else:
         print(f"== reusing {name} ({out.name})", flush=True)
     records = read_metrics(out / "metrics.jsonl")

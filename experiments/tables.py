@@ -159,6 +159,40 @@ def task_mixture(results: Path) -> str:
             + " / ".join(f"{x:.3f}" for x in info) + ".\n")
 
 
+@renderer
+def quantize(results: Path) -> str:
+    """Quantized experts, online skipping and PreMoe: the numbers per variant and the claims."""
+    data = load(results, "quantize")
+    per_seed = data["per_seed"]
+    variants = list(per_seed[0]["variants"])
+    rows = [["float", "32", mean_sd(summary_of([s["float"]["val_loss"] for s in per_seed])), "1.000"]]
+    for v in variants:
+        vals = [s["variants"][v] for s in per_seed]
+        rows.append([v, f"{vals[0]['bits_per_weight']:.2f}", mean_sd(summary_of([x["val_loss"] for x in vals])),
+                     f"{vals[0]['expert_bytes'] / vals[0]['expert_bytes_float']:.3f}"])
+    claims = []
+    for c in data["claims"]:
+        if "difference" in c:
+            claims.append([c["claim"], f"{c['a']} {mean_sd(c['a_summary'])} vs {c['b']} {mean_sd(c['b_summary'])}",
+                           diff_ci(c["difference"]), f"**{c['verdict']}**"])
+        else:
+            value = mean_sd(c["a_summary"], 3) if "a_summary" in c else ""
+            claims.append([c["claim"], value, "", f"**{c['verdict']}**"])
+    seeds = ", ".join(str(s) for s in data["seeds"])
+    return (f"`{data['command']}` (preset {data['preset']}, seeds {seeds}, code {data['code_version']}):\n\n"
+            + table(["experts", "bits per weight (scales and zeros included)", "validation loss (nats/byte)",
+                     "expert bytes / float"], rows, "-rrr")
+            + "\n" + table(["claim", "mean ± sd over seeds", "difference a - b", "verdict"], claims))
+
+
+def summary_of(values) -> dict:
+    """Mean and sample standard deviation (what `mean_sd` shows)."""
+    v = [float(x) for x in values]
+    mean = sum(v) / len(v)
+    sd = (sum((x - mean) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
+    return {"mean": mean, "sd": sd}
+
+
 METHOD_NAMES = {"msmoe": "M-SMoE", "prune": "prune", "average": "average", "random": "random"}
 
 
