@@ -332,6 +332,17 @@ def cmd_trace(args) -> int:
     return run_trace(args)
 
 
+def _add_expert_selection_args(p, subset: bool = True) -> None:
+    """--skip-ratio (online expert skipping) and, for commands that run PreMoe runs, --expert-subset."""
+    p.add_argument("--skip-ratio", type=_float_range(0.0, 1.0), metavar="R",
+                   help="online expert skipping: a token skips each expert whose routing weight is below R times "
+                        "its largest one (MC-MoE), in [0, 1] (default: the model's setting)")
+    if subset:
+        p.add_argument("--expert-subset", metavar="auto|all|TASK",
+                       help="a PreMoe run (jmoe compress --method premoe): run a task's experts only; auto (default) "
+                            "retrieves the task nearest to the prompts, all runs every expert")
+
+
 def _add_offload_args(g) -> None:
     from jmoe.infer.cachesim import CACHE_POLICIES
 
@@ -539,9 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="evaluate on this text instead of the run's corpus")
     e.add_argument("--batches", type=_int_range(1, MAX_EVAL_BATCHES), default=8,
                    help=f"validation batches of the run's batch size and sequence length (1 .. {MAX_EVAL_BATCHES}; default 8)")
-    e.add_argument("--skip-ratio", type=_float_range(0.0, 1.0), metavar="R",
-                   help="online expert skipping: a token skips each expert whose routing weight is below R times "
-                        "its largest one (MC-MoE), in [0, 1] (default: the model's setting)")
+    _add_expert_selection_args(e, subset=False)
     e.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     e.set_defaults(func=cmd_eval)
 
@@ -557,12 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--split", choices=["train", "val", "test"], default="test")
     v.add_argument("--seed", type=int, default=0, help="which examples are drawn (default 0)")
     v.add_argument("--batch-size", type=_int_range(1, 4096), default=32, help="prompts generated together")
-    v.add_argument("--skip-ratio", type=_float_range(0.0, 1.0), metavar="R",
-                   help="online expert skipping: a token skips each expert whose routing weight is below R times "
-                        "its largest one (MC-MoE), in [0, 1] (default: the model's setting)")
-    v.add_argument("--expert-subset", metavar="auto|all|TASK",
-                   help="a PreMoe run (jmoe compress --method premoe): run a task's experts only; auto (default) "
-                        "retrieves the task nearest to the prompts, all runs every expert")
+    _add_expert_selection_args(v)
     v.add_argument("--out", metavar="FILE", help="also write the results as JSON")
     v.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     v.set_defaults(func=cmd_evaluate)
@@ -597,12 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the last tokens of prompts too long for the model's context instead of refusing them")
     g.add_argument("--batch-size", type=_int_range(1, 1024), default=32, help="prompts generated together (default 32)")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the model's)")
-    g.add_argument("--skip-ratio", type=_float_range(0.0, 1.0), metavar="R",
-                   help="online expert skipping: a token skips each expert whose routing weight is below R times "
-                        "its largest one (MC-MoE), in [0, 1] (default: the model's setting)")
-    g.add_argument("--expert-subset", metavar="auto|all|TASK",
-                   help="a PreMoe run (jmoe compress --method premoe): run a task's experts only; auto (default) "
-                        "retrieves the task nearest to the prompts, all runs every expert")
+    _add_expert_selection_args(g)
     g.add_argument("--stream", action="store_true", help="print the tokens as they come (one prompt)")
     g.add_argument("--json", action="store_true",
                    help="one JSON line per prompt (prompt, text, token_ids, finish_reason), then one with the speeds")
