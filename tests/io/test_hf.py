@@ -31,6 +31,12 @@ CONFIGS = {
                                    num_experts_per_tok=2, clip_qkv=2.0),
     "deepseek_v2": lambda: T.DeepseekV2Config(**{**COMMON, **MLA, "q_lora_rank": None}, n_group=2, topk_group=1,
                                               topk_method="group_limited_greedy", routed_scaling_factor=1.5),
+    "llama": lambda: T.LlamaConfig(**COMMON, num_key_value_heads=2, intermediate_size=24,
+                                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "mistral": lambda: T.MistralConfig(**COMMON, num_key_value_heads=1, intermediate_size=24, sliding_window=32),
+    "qwen2": lambda: T.Qwen2Config(**COMMON, num_key_value_heads=2, intermediate_size=24, tie_word_embeddings=True),
+    "qwen3": lambda: T.Qwen3Config(**COMMON, num_key_value_heads=2, intermediate_size=24, head_dim=8),
     "deepseek_v3": lambda: T.DeepseekV3Config(**COMMON, **MLA, n_group=2, topk_group=1, routed_scaling_factor=2.5,
                                               rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                                             "original_max_position_embeddings": 16,
@@ -66,7 +72,8 @@ def test_logits_match_transformers(arch, tmp_path):
     cfg, params = hf.load(path)
     logits, aux = lm_apply(params, jnp.asarray(IDS), cfg)
     np.testing.assert_allclose(np.asarray(logits), hf_logits(model, IDS), atol=1e-4, rtol=1e-4)
-    assert len(aux.moe) == len(cfg.moe_layers) > 0
+    assert len(aux.moe) == len(cfg.moe_layers)
+    assert (cfg.moe is None) == (arch in hf.DENSE_ARCHITECTURES)
     module = hf.load_model(path)
     np.testing.assert_allclose(np.asarray(module(jnp.asarray(IDS))[0]), np.asarray(logits), atol=1e-6)
 
@@ -167,3 +174,24 @@ def test_clear_errors(tmp_path):
         hf.load(broken)
     with pytest.raises(ValueError, match="no config.json"):
         hf.load(tmp_path)
+
+
+def test_a_sliding_window_bounds_the_context_and_survives_the_round_trip(tmp_path):
+    _, path = build("mistral", tmp_path)
+    cfg, params = hf.load(path)
+    assert cfg.max_seq_len == 32 and cfg.moe is None  # the window (32) is shorter than the 64 positions
+    hf.save(tmp_path / "back", cfg, params)
+    back = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert back["max_position_embeddings"] == 64 and back["sliding_window"] == 32
+    assert back["architectures"] == ["MistralForCausalLM"]
+
+
+def test_dense_architectures_refuse_what_they_cannot_compute(tmp_path):
+    model = T.AutoModelForCausalLM.from_config(T.LlamaConfig(**COMMON, intermediate_size=24, attention_bias=True))
+    model.save_pretrained(tmp_path / "biased")
+    with pytest.raises(ValueError, match="attention_bias=true is not supported for llama"):
+        hf.load(tmp_path / "biased")
+    cfg, params = hf.load(build("mixtral", tmp_path)[1])
+    with pytest.raises(ValueError, match="a dense Hugging Face architecture cannot hold MoE layers"):
+        hf.save(tmp_path / "out", cfg, params, architecture="llama")
+    assert not (tmp_path / "out").exists()

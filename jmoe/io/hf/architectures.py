@@ -1,5 +1,5 @@
-"""One entry per Hugging Face MoE architecture: how its config maps to `LMConfig`, and a
-tensor table that maps its checkpoint names to jmoe parameter paths.
+"""One entry per Hugging Face architecture (the MoE ones and the dense Llama, Mistral, Qwen2
+and Qwen3): how its config maps to `LMConfig`, and a tensor table that maps its checkpoint names to jmoe parameter paths.
 
 A table row is (condition, hf_name, jmoe_path, transform):
   condition   when the row applies: "all", "moe" / "dense" layers, "gqa" / "mla", "q_lora" /
@@ -83,17 +83,26 @@ def rope_settings(hf: dict) -> tuple[float, dict]:
     return theta, scaling
 
 
+def context_length(hf: dict) -> int:
+    """The longest sequence jmoe runs a checkpoint with: `max_position_embeddings`, or the
+    attention window when the config slides one (within its window, sliding-window attention
+    is plain causal attention, so every sequence jmoe accepts is computed exactly)."""
+    length = int(hf.get("max_position_embeddings", 4096))
+    window = hf.get("sliding_window")
+    if window is not None and hf.get("use_sliding_window", True):
+        length = min(length, int(window))
+    return length
+
+
 def _common(hf: dict) -> dict:
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={hf.get('hidden_act')!r} is not supported (silu only)")
-    if hf.get("sliding_window") is not None and hf.get("use_sliding_window", True):
-        raise ValueError("sliding-window attention is not supported; the checkpoint's config sets sliding_window")
     theta, scaling = rope_settings(hf)
     return dict(
         vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
         n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
         d_head=hf.get("head_dim"), norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta,
-        max_seq_len=hf.get("max_position_embeddings", 4096), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_seq_len=context_length(hf), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
     ), scaling
 
 
@@ -213,11 +222,57 @@ def deepseek_v3(hf: dict) -> LMConfig:
                     meta=_meta("DeepseekV3ForCausalLM", hf))
 
 
+def llama(hf: dict) -> LMConfig:
+    """`LMConfig` of a dense Llama config.json (no attention or MLP biases)."""
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise ValueError(f"{key}=true is not supported for llama checkpoints")
+    common, scaling = _common(hf)
+    return LMConfig(**common, d_ff=hf["intermediate_size"], attention=AttentionConfig(rope_scaling=scaling),
+                    meta=_meta("LlamaForCausalLM", hf))
+
+
+def mistral(hf: dict) -> LMConfig:
+    """`LMConfig` of a dense Mistral config.json (a sliding window bounds the context length)."""
+    common, scaling = _common(hf)
+    return LMConfig(**common, d_ff=hf["intermediate_size"], attention=AttentionConfig(rope_scaling=scaling),
+                    meta=_meta("MistralForCausalLM", hf))
+
+
+def qwen2(hf: dict) -> LMConfig:
+    """`LMConfig` of a dense Qwen2 config.json (biases on the q, k and v projections)."""
+    common, scaling = _common(hf)
+    return LMConfig(**common, d_ff=hf["intermediate_size"], attention=AttentionConfig(qkv_bias=True, rope_scaling=scaling),
+                    meta=_meta("Qwen2ForCausalLM", hf))
+
+
+def qwen3(hf: dict) -> LMConfig:
+    """`LMConfig` of a dense Qwen3 config.json (per-head q/k norms)."""
+    common, scaling = _common(hf)
+    return LMConfig(**common, d_ff=hf["intermediate_size"],
+                    attention=AttentionConfig(qk_norm="head", qkv_bias=bool(hf.get("attention_bias", False)),
+                                              rope_scaling=scaling),
+                    meta=_meta("Qwen3ForCausalLM", hf))
+
+
 # hf config key -> how to read it back from an LMConfig (for save)
 def _back_common(c: LMConfig) -> dict:
+    original = json.loads(dict(c.meta).get("hf_config", "{}"))
+    # a context bounded by a sliding window keeps the checkpoint's own max_position_embeddings
+    positions = original["max_position_embeddings"] if original and context_length(original) == c.max_seq_len \
+        else c.max_seq_len
     return {"vocab_size": c.vocab_size, "hidden_size": c.d_model, "num_hidden_layers": c.n_layers,
             "num_attention_heads": c.n_heads, "num_key_value_heads": c.kv_heads, "rms_norm_eps": c.norm_eps,
-            "max_position_embeddings": c.max_seq_len, "tie_word_embeddings": c.tie_embeddings}
+            "max_position_embeddings": positions, "tie_word_embeddings": c.tie_embeddings}
+
+
+def _back_dense(c: LMConfig) -> dict:
+    if c.moe is not None:
+        raise ValueError("a dense Hugging Face architecture cannot hold MoE layers; save with an MoE architecture")
+    return {**_back_common(c), "intermediate_size": c.d_ff, "head_dim": c.head_dim}
+
+
+DENSE_ROWS = COMMON_ROWS + GQA_ROWS + _ffn_rows("dense", "model.layers.{i}.mlp", "layers/{i}/ffn")
 
 
 ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -291,7 +346,12 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
             *_ffn_rows("dense", "model.layers.{i}.mlp", "layers/{i}/ffn"),
         ],
     },
+    "llama": {"class": "LlamaForCausalLM", "config": llama, "back": _back_dense, "rows": DENSE_ROWS},
+    "mistral": {"class": "MistralForCausalLM", "config": mistral, "back": _back_dense, "rows": DENSE_ROWS},
+    "qwen2": {"class": "Qwen2ForCausalLM", "config": qwen2, "back": _back_dense, "rows": DENSE_ROWS},
+    "qwen3": {"class": "Qwen3ForCausalLM", "config": qwen3, "back": _back_dense, "rows": DENSE_ROWS},
 }
+DENSE_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 CLASS_TO_TYPE = {v["class"]: k for k, v in ARCHITECTURES.items()}
 
 
