@@ -50,3 +50,13 @@ def init_experts(key, cfg):
     from jmoe.experts import init_experts as init
 
     return init(key, cfg)
+
+
+def _jit_lm_apply():
+    from jmoe.nn import lm_apply
+
+    return jax.jit(lm_apply, static_argnums=2, static_argnames=("keep_moe_inputs",))
+
+
+jit_lm_apply = _jit_lm_apply()
+"""`jmoe.nn.lm_apply` compiled (one program per shape and config instead of op-by-op dispatch)."""

@@ -125,7 +125,7 @@ def prefill(params: dict, state: dict | None, tokens: jax.Array, lengths: jax.Ar
         entries.append({name: write(cache.layers[i][name], value, positions) for name, value in entry.items()})
         return out
 
-    x, auxes, inputs = decoder_layers(params, embed(params, tokens, cfg), cfg, attend=attend, state=state,
+    x, auxes, inputs, _ = decoder_layers(params, embed(params, tokens, cfg), cfg, attend=attend, state=state,
                                       moe_config=_moe_config(cfg, B * P, params), keep_moe_inputs=with_routing)
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
     out = unembed(params, last, cfg), KVCache(layers=tuple(entries), lengths=lengths.astype(jnp.int32))
@@ -149,7 +149,7 @@ def extend(params: dict, state: dict | None, tokens: jax.Array, cache: KVCache, 
         entries.append(entry)
         return out
 
-    x, auxes, inputs = decoder_layers(params, embed(params, tokens, cfg), cfg, attend=attend, state=state,
+    x, auxes, inputs, _ = decoder_layers(params, embed(params, tokens, cfg), cfg, attend=attend, state=state,
                                       moe_config=_moe_config(cfg, B * n, params), keep_moe_inputs=with_routing)
     out = unembed(params, x, cfg), KVCache(layers=tuple(entries), lengths=cache.lengths + n)
     return (*out, step_routing(params, state, cfg, auxes, inputs, (B, n))) if with_routing else out

@@ -8,7 +8,8 @@ Parameters are a plain pytree:
   {"embed": {"w": [V, d]},
    "layers": {"0": {"attn_norm", "attn", "ffn_norm", "moe" | "ffn"}, "1": ..., ...},
    "final_norm": {"scale": [d]},
-   "unembed": {"w": [d, V]}}            # absent when cfg.tie_embeddings
+   "unembed": {"w": [d, V]},            # absent when cfg.tie_embeddings
+   "adapters": {"0": {...}, ...}}       # only with cfg.adapter (see jmoe.adapters)
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from jmoe import adapters as adapters_lib
+from jmoe.adapters import AdapterAux, AdapterConfig
 from jmoe.config import MoEConfig, canonical_dtype
 from jmoe.options import check_fields, option
 from jmoe.experts import ffn, init_ffn
@@ -53,6 +56,7 @@ class LMConfig:
     rope_theta, norm_eps, tie_embeddings, dtype (compute; None = float32), param_dtype.
     meta: free-form (key, value) pairs carried with the config (e.g. the Hugging Face
       architecture and config a model was converted from).
+    adapter: trainable adapters on the model (`jmoe.adapters.AdapterConfig`), or None.
     """
 
     vocab_size: int = option(256, ge=1)
@@ -75,8 +79,13 @@ class LMConfig:
     dense_layers: tuple = ()
     layer_moe: tuple = ()
     meta: tuple = ()
+    adapter: AdapterConfig | None = None
 
     def __post_init__(self):
+        if isinstance(self.adapter, dict):
+            object.__setattr__(self, "adapter", AdapterConfig.from_dict(self.adapter))
+        if self.adapter is not None and not isinstance(self.adapter, AdapterConfig):
+            raise ValueError(f"LMConfig.adapter must be an AdapterConfig, a mapping or None, got {type(self.adapter).__name__}")
         if isinstance(self.moe, dict):
             object.__setattr__(self, "moe", MoEConfig.from_dict(self.moe))
         if isinstance(self.attention, dict):
@@ -126,6 +135,8 @@ class LMConfig:
 
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"LMConfig.activation={self.activation!r} is unknown; known: {', '.join(ACTIVATIONS.names())}")
+        if self.adapter is not None:
+            adapters_lib.check_adapter(self)
 
     @property
     def kv_heads(self) -> int:
@@ -174,6 +185,10 @@ class LMConfig:
             d["layer_moe"] = {str(i): m.to_dict() for i, m in self.layer_moe}
         else:
             del d["layer_moe"]
+        if self.adapter is not None:  # likewise
+            d["adapter"] = self.adapter.to_dict()
+        else:
+            del d["adapter"]
         d["meta"] = dict(self.meta)
         return d
 
@@ -235,15 +250,19 @@ def _init_lm(key, cfg):
         params["unembed"] = {
             "w": (cfg.d_model**-0.5 * jax.random.truncated_normal(k_unembed, -2, 2, (cfg.d_model, cfg.vocab_size))).astype(dt)
         }
+    if cfg.adapter is not None:  # from their own key: the frozen parameters do not depend on the adapter
+        params["adapters"] = adapters_lib.init_adapters(jax.random.fold_in(key, 0xADA), cfg)
     return params
 
 
 def init_lm_state(cfg: LMConfig) -> dict:
-    """Explicit router state per MoE layer ({} when no router has state)."""
+    """Explicit router state per MoE layer, and of adapters that keep one under
+    "adapter/<layer>" ({} when nothing has state)."""
+    adapter_state = adapters_lib.init_adapter_state(cfg)
     if cfg.moe is None:
-        return {}
+        return adapter_state
     states = {str(i): init_moe_state(cfg.moe_for(i)) for i in cfg.moe_layers}  # a fresh state per layer
-    return {k: v for k, v in states.items() if v is not None}
+    return {**{k: v for k, v in states.items() if v is not None}, **adapter_state}
 
 
 def lm_state_from_params(cfg: LMConfig, params: dict) -> dict:
@@ -252,6 +271,8 @@ def lm_state_from_params(cfg: LMConfig, params: dict) -> dict:
     aux-loss-free bias; other state starts fresh (`init_lm_state`)."""
     state = init_lm_state(cfg)
     for layer, s in state.items():
+        if layer.startswith("adapter/"):
+            continue
         bias = params["layers"][layer]["moe"]["router"].get("bias")
         if bias is not None and isinstance(s, dict) and "bias" in s:
             state[layer] = {**s, "bias": jnp.asarray(bias, s["bias"].dtype)}
@@ -266,13 +287,16 @@ def stack_padded(rows: list[jax.Array]) -> jax.Array:
 
 @struct.dataclass
 class LMAux:
-    """moe_loss: sum of the MoE layers' weighted aux losses; moe: MoEAux per MoE layer (in order);
-    moe_inputs: the MoE layers' inputs [B, S, d] (normed residual), with `lm_apply(...,
-    keep_moe_inputs=True)` only."""
+    """moe_loss: the auxiliary losses to add to the training loss: the sum of the MoE layers'
+    weighted aux losses plus the adapters' (`jmoe.adapters.mean_adapter_loss`); moe: MoEAux
+    per MoE layer (in order); moe_inputs: the MoE layers' inputs [B, S, d] (normed residual),
+    with `lm_apply(..., keep_moe_inputs=True)` only; adapters: {layer: AdapterAux} of the
+    layers whose FFN runs an adapter."""
 
     moe_loss: jax.Array
     moe: tuple[MoEAux, ...]
     moe_inputs: tuple = ()
+    adapters: dict = struct.field(default_factory=dict)
 
     def load(self) -> jax.Array:
         """[L_moe, C] per-layer load over the router's choices (zero-padded to the widest layer
@@ -280,8 +304,11 @@ class LMAux:
         return stack_padded([a.load for a in self.moe]) if self.moe else jnp.zeros((0, 0))
 
     def counts(self, cfg: LMConfig) -> dict:
-        """{layer: [C] selected-slot counts} of this call (sum them over micro-batches)."""
-        return {str(i): a.tokens_per_expert for i, a in zip(cfg.moe_layers, self.moe)}
+        """{layer: [C] selected-slot counts} of this call, and {"adapter/<layer>": {router:
+        counts}} of the adapters (sum them over micro-batches)."""
+        counts = {str(i): a.tokens_per_expert for i, a in zip(cfg.moe_layers, self.moe)}
+        counts.update({f"adapter/{i}": a.counts for i, a in self.adapters.items()})
+        return counts
 
 
 def update_lm_state(state: dict, counts: dict, cfg: LMConfig) -> dict:
@@ -290,6 +317,9 @@ def update_lm_state(state: dict, counts: dict, cfg: LMConfig) -> dict:
         return state
     out = {}
     for layer, s in state.items():
+        if layer.startswith("adapter/"):
+            out[layer] = adapters_lib.update_adapter_state(s, counts[layer], cfg)
+            continue
         moe = cfg.moe_for(int(layer))
         update = ROUTERS.get(moe.router).update_state
         out[layer] = s if update is None else update(s, counts[layer], moe)
@@ -328,12 +358,14 @@ def lm_apply(
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     x = embed(params, tokens, cfg)
-    x, auxes, inputs = decoder_layers(
+    x, auxes, inputs, adapter_auxes = decoder_layers(
         params, x, cfg, attend=lambda i, p, h: causal_attention(p, h, positions, cfg), state=state, key=key, ep=ep,
         balance_counts=balance_counts, keep_moe_inputs=keep_moe_inputs,
     )
     moe_loss = sum((a.loss for a in auxes), jnp.zeros((), jnp.float32))
-    return unembed(params, x, cfg), LMAux(moe_loss=moe_loss, moe=tuple(auxes), moe_inputs=tuple(inputs))
+    moe_loss = moe_loss + adapters_lib.mean_adapter_loss(list(adapter_auxes.values()))
+    return unembed(params, x, cfg), LMAux(moe_loss=moe_loss, moe=tuple(auxes), moe_inputs=tuple(inputs),
+                                          adapters=adapter_auxes)
 
 
 def embed(params: dict, tokens: jax.Array, cfg: LMConfig) -> jax.Array:
@@ -372,7 +404,7 @@ def decoder_layers(
     ep: Any = None,
     balance_counts: dict | None = None,
     keep_moe_inputs: bool = False,
-) -> tuple[jax.Array, list[MoEAux], list[jax.Array]]:
+) -> tuple[jax.Array, list[MoEAux], list[jax.Array], dict[str, AdapterAux]]:
     """The pre-norm blocks: x += attend(rms_norm(x)); x += ffn_or_moe(rms_norm(x)).
 
     The one layer loop of the model: `lm_apply` attends over the whole sequence, the inference
@@ -389,21 +421,35 @@ def decoder_layers(
       balance_counts: whole-step counts per MoE layer, as in `lm_apply`.
       keep_moe_inputs: also return the MoE layers' inputs.
     Returns:
-      x [B, S, d] before the final norm, the MoE layers' `MoEAux` in order, and (with
-      keep_moe_inputs) their inputs.
+      x [B, S, d] before the final norm, the MoE layers' `MoEAux` in order, (with
+      keep_moe_inputs) their inputs, and {layer: AdapterAux} of the FFN adapters.
+
+    With `cfg.adapter`, `params["adapters"]` adapts the layers (`jmoe.adapters`): attention
+    and routed-expert weights take their LoRA, dense FFNs run the adapter's FFN.
     """
     dt = x.dtype
     state = state or {}
     balance_counts = balance_counts or {}
     moe_config = moe_config or cfg.moe_for
     carry = None
-    auxes, inputs = [], []
+    auxes, inputs, adapter_auxes = [], [], {}
     layer_keys = jax.random.split(key, cfg.n_layers) if key is not None else [None] * cfg.n_layers
+    adapters = params.get("adapters", {}) if cfg.adapter is not None else {}
     for i in range(cfg.n_layers):
         p = params["layers"][str(i)]
+        ad = adapters.get(str(i), {})
+        if "attn" in ad:
+            p = {**p, "attn": adapters_lib.adapted_attention(p["attn"], ad["attn"], cfg.adapter)}
+        if "experts" in ad:
+            p = {**p, "moe": {**p["moe"], "experts": adapters_lib.adapted_experts(p["moe"]["experts"], ad["experts"],
+                                                                                  cfg.adapter)}}
         with jax.named_scope(f"layer_{i}"):
             x, h = attention_block(p, x, i, cfg, attend)
-            if cfg.is_moe_layer(i):
+            if "ffn" in ad:
+                k = None if layer_keys[i] is None else jax.random.fold_in(layer_keys[i], 1)
+                y, adapter_auxes[str(i)] = adapters_lib.adapted_ffn_layer(p["ffn"], ad["ffn"], h, cfg,
+                                                                          state=state.get(f"adapter/{i}"), key=k)
+            elif cfg.is_moe_layer(i):
                 y, aux = moe_layer(
                     p["moe"], h, moe_config(i), state=state.get(str(i)), key=layer_keys[i], ep=ep, carry=carry,
                     balance_counts=balance_counts.get(str(i)),
@@ -415,7 +461,7 @@ def decoder_layers(
             else:
                 y = ffn(p["ffn"], h, cfg.activation)
             x = x + y.astype(dt)
-    return x, auxes, inputs
+    return x, auxes, inputs, adapter_auxes
 
 
 class TransformerLM(ParamModule):

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import jmoe
 from jmoe import MoEConfig
@@ -43,6 +43,7 @@ def check_against_reference(cfg, routing, impls, seed=0, rtol=2e-5, atol=2e-5):
         tree_allclose(grads, ref_grads, rtol=1e-4, atol=1e-4)
 
 
+@settings(max_examples=6)  # each example compiles both implementations, forward and gradient
 @given(
     E=st.integers(1, 64),
     k_frac=st.floats(0, 1),

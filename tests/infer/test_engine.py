@@ -9,8 +9,9 @@ import pytest
 
 from jmoe import MoEConfig
 from jmoe.infer import Engine, SamplingParams, extend, init_cache, prefill, values_per_token
-from jmoe.nn import LMConfig, init_lm, init_lm_state, lm_apply
+from jmoe.nn import LMConfig, init_lm, init_lm_state
 from jmoe.nn.attention import AttentionConfig
+from tests.util import jit_lm_apply
 
 D = 16
 MOE = MoEConfig(num_experts=4, top_k=2, d_model=D, d_ff=8, dispatch_options=dict(block_size=8))
@@ -73,7 +74,7 @@ def test_cached_logits_equal_the_full_forward(name):
     ref_cfg = cfg.replace(moe=cfg.moe.replace(dispatch="dropless")) if cfg.moe.dispatch == "capacity" else cfg
     seqs = [p + list(toks[r, :steps]) for r, p in enumerate(PROMPTS)]
     width = max(map(len, seqs))
-    full, _ = jax.jit(lm_apply, static_argnums=2)(
+    full, _ = jit_lm_apply(
         params, jnp.asarray([s + [0] * (width - len(s)) for s in seqs], jnp.int32), ref_cfg, state=state)
     for r, p in enumerate(PROMPTS):
         want = np.asarray(full[r, len(p) - 1: len(p) + steps])
@@ -88,7 +89,7 @@ def test_one_row_decodes_through_the_gather_dispatch(name):
     assert serving_moe(cfg.moe, 1).dispatch == "gather" and serving_moe(cfg.moe, 3 * 7).dispatch == "dropless"
     prompt = PROMPTS[0]
     toks, logits = cached_greedy(cfg, params, state, [prompt], 5)
-    full, _ = lm_apply(params, jnp.asarray([prompt + list(toks[0, :5])], jnp.int32), cfg, state=state)
+    full, _ = jit_lm_apply(params, jnp.asarray([prompt + list(toks[0, :5])], jnp.int32), cfg, state=state)
     np.testing.assert_allclose(logits[0], np.asarray(full[0, len(prompt) - 1:]), rtol=2e-4, atol=2e-4)
 
 
@@ -103,7 +104,7 @@ def test_split_expert_layout_equals_the_full_forward(name):
     toks, logits = cached_greedy(cfg, split, state, PROMPTS, 4)
     seqs = [p + list(toks[r, :4]) for r, p in enumerate(PROMPTS)]
     width = max(map(len, seqs))
-    full, _ = lm_apply(params, jnp.asarray([s + [0] * (width - len(s)) for s in seqs], jnp.int32), cfg, state=state)
+    full, _ = jit_lm_apply(params, jnp.asarray([s + [0] * (width - len(s)) for s in seqs], jnp.int32), cfg, state=state)
     for r, p in enumerate(PROMPTS):
         np.testing.assert_allclose(logits[r], np.asarray(full[r, len(p) - 1: len(p) + 4]), rtol=2e-4, atol=2e-4)
     restacked = serving_params(split, cfg, "stacked")["layers"][str(cfg.moe_layers[0])]["moe"]["experts"]

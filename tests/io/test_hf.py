@@ -15,6 +15,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from jmoe.io import hf, load_safetensors  # noqa: E402
 from jmoe.nn import lm_apply  # noqa: E402
+from tests.util import jit_lm_apply  # noqa: E402
 
 COMMON = dict(vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64)
 MLA = dict(intermediate_size=32, moe_intermediate_size=8, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
@@ -70,7 +71,7 @@ IDS = np.random.default_rng(0).integers(0, 64, (2, 12))
 def test_logits_match_transformers(arch, tmp_path):
     model, path = build(arch, tmp_path)
     cfg, params = hf.load(path)
-    logits, aux = lm_apply(params, jnp.asarray(IDS), cfg)
+    logits, aux = jit_lm_apply(params, jnp.asarray(IDS), cfg)
     np.testing.assert_allclose(np.asarray(logits), hf_logits(model, IDS), atol=1e-4, rtol=1e-4)
     assert len(aux.moe) == len(cfg.moe_layers)
     assert (cfg.moe is None) == (arch in hf.DENSE_ARCHITECTURES)

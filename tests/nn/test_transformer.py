@@ -7,6 +7,7 @@ from flax import nnx
 from jmoe import MoEConfig
 from jmoe.nn import LMConfig, TransformerLM, init_lm, lm_apply, preset
 from jmoe.nn.attention import apply_rope, attention_block_size, blockwise_causal_attention
+from tests.util import jit_lm_apply
 
 MOE = MoEConfig(num_experts=4, top_k=2, d_model=16, d_ff=8, dispatch_options=dict(block_size=8))
 CFG = LMConfig(d_model=16, n_layers=3, n_heads=2, d_ff=16, max_seq_len=16, moe=MOE, moe_every=2)
@@ -17,7 +18,7 @@ def test_shapes_and_layer_kinds():
     assert "ffn" in params["layers"]["0"] and "moe" in params["layers"]["1"] and "ffn" in params["layers"]["2"]
     assert CFG.moe_layers == [1]
     tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, 256)
-    logits, aux = lm_apply(params, tokens, CFG)
+    logits, aux = jit_lm_apply(params, tokens, CFG)
     assert logits.shape == (2, 9, 256) and logits.dtype == jnp.float32
     assert len(aux.moe) == 1 and aux.load().shape == (1, 4)
     assert float(aux.moe_loss) > 0
@@ -28,8 +29,8 @@ def test_causal():
     cfg = CFG.replace(moe=MOE.replace(dispatch="dense"))
     a = jax.random.randint(jax.random.key(1), (1, 10), 0, 256)
     b = a.at[0, 6:].set(7)
-    la, _ = lm_apply(params, a, cfg)
-    lb, _ = lm_apply(params, b, cfg)
+    la, _ = jit_lm_apply(params, a, cfg)
+    lb, _ = jit_lm_apply(params, b, cfg)
     np.testing.assert_allclose(la[0, :6], lb[0, :6], rtol=1e-5, atol=1e-5)
     assert not np.allclose(la[0, 6:], lb[0, 6:])
 
@@ -46,7 +47,7 @@ def test_dense_variant_and_param_counts():
     dense = CFG.replace(moe=None)
     params = init_lm(jax.random.key(0), dense)
     assert all("ffn" in l for l in params["layers"].values())
-    logits, aux = lm_apply(params, jnp.zeros((1, 4), jnp.int32), dense)
+    logits, aux = jit_lm_apply(params, jnp.zeros((1, 4), jnp.int32), dense)
     assert aux.moe == () and float(aux.moe_loss) == 0.0
     # tiny preset: dense baseline and MoE have equal active parameters, but for the routers
     tiny = preset("tiny")["model"]
@@ -62,7 +63,7 @@ def test_gradients_finite_and_nnx_wrapper_matches():
     assert jax.tree.structure(pure) == jax.tree.structure(params)
     tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 256)
     np.testing.assert_allclose(model(tokens)[0], lm_apply(pure, tokens, CFG)[0], rtol=1e-5, atol=1e-5)
-    g = jax.grad(lambda p: lm_apply(p, tokens, CFG)[0].mean() + lm_apply(p, tokens, CFG)[1].moe_loss)(params)
+    g = jax.jit(jax.grad(lambda p: lm_apply(p, tokens, CFG)[0].mean() + lm_apply(p, tokens, CFG)[1].moe_loss))(params)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(g))
 
 
@@ -102,8 +103,8 @@ def test_blockwise_attention_matches_dense(S, H, Hkv, Dk, Dv, block):
     v = jax.random.normal(ks[2], (2, S, Hkv, Dv))
     fast = lambda q, k, v: blockwise_causal_attention(q, k, v, 0.3, block)
     ref = lambda q, k, v: _dense_causal_attention(q, k, v, 0.3)
-    np.testing.assert_allclose(fast(q, k, v), ref(q, k, v), atol=1e-5, rtol=1e-5)
-    loss = lambda f: jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))
+    np.testing.assert_allclose(jax.jit(fast)(q, k, v), ref(q, k, v), atol=1e-5, rtol=1e-5)
+    loss = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2)))
     for g_fast, g_ref in zip(loss(fast)(q, k, v), loss(ref)(q, k, v)):
         np.testing.assert_allclose(g_fast, g_ref, atol=1e-5, rtol=1e-5)
 

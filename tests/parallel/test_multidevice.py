@@ -1,7 +1,8 @@
 """Runs tests/parallel/multidevice/md_*.py in a subprocess that simulates 8 CPU devices.
 
 XLA reads the device count when JAX starts its backend, so these tests cannot share the
-main test process.
+main test process. The longer scripts run from test_multidevice_routing.py and
+test_multidevice_training.py, so that they can run on different test workers.
 """
 
 import os
@@ -12,12 +13,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-FILES = sorted(p.name for p in (Path(__file__).parent / "multidevice").glob("md_*.py"))
+ROUTING, TRAINING = ["md_ep_routing.py"], ["md_ep_training.py"]
+FILES = sorted(p.name for p in (Path(__file__).parent / "multidevice").glob("md_*.py") if p.name not in ROUTING + TRAINING)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", FILES)
-def test_on_eight_simulated_devices(name):
+def run_on_eight_devices(name: str) -> None:
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "python_files=md_*.py",
@@ -25,3 +25,9 @@ def test_on_eight_simulated_devices(name):
         cwd=ROOT, env=env, capture_output=True, text=True,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FILES)
+def test_on_eight_simulated_devices(name):
+    run_on_eight_devices(name)

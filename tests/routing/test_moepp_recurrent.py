@@ -7,6 +7,7 @@ from jmoe import MoEConfig
 from jmoe.dispatch import get_dispatch
 from jmoe.routing.moepp import moepp_route
 from jmoe.routing.recurrent import gru_cell
+from tests.util import jit_lm_apply
 
 CFG = MoEConfig(router="moepp", num_experts=4, top_k=2, d_model=8, d_ff=16,
                 router_options=dict(num_zero_experts=1, num_copy_experts=1, num_constant_experts=1, gating_residual=True))
@@ -52,7 +53,7 @@ def test_gating_residual_uses_the_previous_logits():
     np.testing.assert_allclose(r1.logits, r0.logits + 0.5 * prev, rtol=1e-5, atol=1e-6)
     assert r1.carry.shape == (6, 7)
     # through the layer and its gradient
-    g = jax.grad(lambda p: jnp.sum(jmoe.moe_layer(p, x, CFG, carry=prev)[0]))(params)
+    g = jax.jit(jax.grad(lambda p: jnp.sum(jmoe.moe_layer(p, x, CFG, carry=prev)[0])))(params)
     assert float(jnp.abs(g["router"]["gate_map"]).sum()) > 0
 
 
@@ -89,10 +90,10 @@ def test_recurrent_router_carries_state_between_layers():
 
 
 def test_lm_passes_the_carry_through_layers():
-    from jmoe.nn import LMConfig, init_lm, lm_apply
+    from jmoe.nn import LMConfig, init_lm
 
     moe = MoEConfig(router="recurrent", num_experts=4, top_k=2, d_model=16, d_ff=8, router_options=dict(recurrent_dim=4))
     cfg = LMConfig(d_model=16, n_layers=3, n_heads=2, d_ff=16, moe=moe)
     params = init_lm(jax.random.key(0), cfg)
-    _, aux = lm_apply(params, jnp.zeros((2, 5), jnp.int32), cfg)
+    _, aux = jit_lm_apply(params, jnp.zeros((2, 5), jnp.int32), cfg)
     assert all(a.routing.carry.shape == (10, 4) for a in aux.moe)

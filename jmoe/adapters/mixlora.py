@@ -1,0 +1,92 @@
+"""MixLoRA: top-k LoRA experts on a frozen FFN (TUDB-Labs/MixLoRA; training code in MoE-PEFT).
+
+Expert e is the frozen FFN with its own LoRA on each targeted projection,
+W_e = W + (alpha / r) A_e B_e; a softmax router picks k experts per token and renormalises
+their weights. The frozen `x W_gate` and `x W_up` are computed once per token; the token-slots
+are sorted by expert and every LoRA factor is a grouped matmul (the dropless machinery of
+`jmoe.dispatch`); and because W_down is linear, sum_e w_e h_e W_down = (sum_e w_e h_e) W_down
+runs once per token too. So the layer costs one frozen FFN plus the k experts' small
+matmuls and their k activations.
+Auxiliary loss: aux_loss_coef * E * sum_e f_e P_e (Mixtral's, k at balance), with f_e the
+share of tokens routed to e and P_e the mean router probability.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jmoe.adapters.base import Adapter, AdapterAux, dropout, init_lora
+from jmoe.dispatch.permute import permute, unpermute_combine
+from jmoe.dispatch.sorting import sort_slots
+from jmoe.options import Options, option
+from jmoe.registry import ACTIVATIONS, ADAPTERS
+
+
+@dataclasses.dataclass(frozen=True)
+class MixLoRAOptions(Options):
+    """aux_loss_coef: weight of the balance loss. router_init_std: std of the router's
+    normal init."""
+
+    aux_loss_coef: float = option(0.01, ge=0.0)
+    router_init_std: float = option(0.02, gt=0.0)
+
+
+def _init(key, shapes, cfg, dtype):
+    k_router, *keys = jax.random.split(key, len(shapes) + 1)
+    d_model = shapes["down"][1] if "down" in shapes else next(iter(shapes.values()))[0]
+    std = cfg.options.router_init_std
+    params = {"router": {"w": (std * jax.random.normal(k_router, (d_model, cfg.num_experts))).astype(dtype)}}
+    for k, (name, (d_in, d_out)) in zip(keys, shapes.items()):
+        params[name] = init_lora(k, d_in, d_out, cfg.rank, dtype, experts=cfg.num_experts)
+    return params
+
+
+def route(router: dict, x: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(expert ids [T, k], renormalised weights [T, k], probabilities [T, E]) of tokens x [T, d]."""
+    probs = jax.nn.softmax(x.astype(jnp.float32) @ router["w"].astype(jnp.float32), axis=-1)
+    w, ids = lax.top_k(probs, k)
+    return ids.astype(jnp.int32), w / jnp.sum(w, axis=-1, keepdims=True), probs
+
+
+def _apply(base, params, x, activation, cfg, *, state=None, key=None):
+    E, k, s = cfg.num_experts, cfg.top_k, cfg.scaling
+    act = ACTIVATIONS.get(activation)
+    ids, weights, probs = route(params["router"], x, k)
+    order, sizes = sort_slots(ids, jnp.ones(ids.shape, bool), E)
+    grouped = partial(lax.ragged_dot, group_sizes=sizes)
+    k_in, k_h = jax.random.split(key) if key is not None else (None, None)
+
+    def lora(name, rows):
+        p = params[name]
+        return s * grouped(grouped(rows, p["A"].astype(rows.dtype)), p["B"].astype(rows.dtype))
+
+    xs = permute(dropout(x, cfg.dropout, k_in), order, k)
+
+    def projected(name):
+        y = permute(x @ base[f"w_{name}"].astype(x.dtype), order, k)
+        return y + lora(name, xs).astype(y.dtype) if name in params else y
+
+    up = projected("up")
+    h = act.fn(projected("gate")) * up if act.gated else act.fn(up)
+    y = unpermute_combine(h, order, weights).astype(x.dtype) @ base["w_down"].astype(x.dtype)
+    if "down" in params:
+        y = y + unpermute_combine(lora("down", dropout(h, cfg.dropout, k_h)), order, weights).astype(y.dtype)
+    counts = jnp.zeros((E,), jnp.float32).at[ids.reshape(-1)].add(1.0)
+    balance = E * jnp.sum(counts / ids.shape[0] * jnp.mean(probs, axis=0))
+    entropy = jnp.mean(-jnp.sum(probs * jnp.log(probs + 1e-20), axis=-1)) / jnp.log(E) if E > 1 else jnp.zeros(())
+    aux = AdapterAux(loss=cfg.options.aux_loss_coef * balance, balance_loss=balance, entropy=entropy,
+                     experts_per_token=jnp.float32(k), counts={"router": counts})
+    return y, aux
+
+
+def _check(cfg):
+    if cfg.top_k > cfg.num_experts:
+        raise ValueError(f"AdapterConfig.top_k={cfg.top_k} must be <= num_experts={cfg.num_experts} for mixlora")
+
+
+MIXLORA = ADAPTERS.add("mixlora", Adapter(init=_init, apply=_apply, check=_check), options=MixLoRAOptions)

@@ -1,0 +1,11 @@
+"""Sharded training on 8 simulated CPU devices (see test_multidevice.py)."""
+
+import pytest
+
+from tests.parallel.test_multidevice import TRAINING, run_on_eight_devices
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TRAINING)
+def test_training_on_eight_simulated_devices(name):
+    run_on_eight_devices(name)
