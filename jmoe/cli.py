@@ -476,6 +476,62 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+FINETUNE_DEFAULTS = dict(steps=200, batch_size=16, seq_len=128, lr=1e-3, warmup_steps=20, weight_decay=0.0,
+                         eval_every=50, ckpt_every=50)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """An argparse type: comma-separated names ("none" for none)."""
+    return () if text.strip() == "none" else tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _build_finetune_configs(args):
+    """(model config with the adapter, train config, out) of `jmoe finetune`; with --resume,
+    those of the run in --out."""
+    from jmoe.adapters import AdapterConfig
+    from jmoe.train import finetune, rundir
+    from jmoe.train.config import TrainConfig
+
+    out = Path(args.out)
+    if args.resume and rundir.is_run_dir(out):
+        model_cfg, tc, _ = rundir.read_config(out)
+        if not tc.base_from:
+            raise ValueError(f"{out} is not a fine-tuning run; continue it with jmoe train --resume")
+        if Path(tc.base_from) != Path(args.ckpt).absolute():
+            raise ValueError(f"cannot resume: {out} fine-tunes {tc.base_from}, not {args.ckpt}")
+        return model_cfg, tc, out
+    base = finetune.base_config(args.ckpt)
+    adapter = dict(kind=args.adapter, num_experts=args.experts, top_k=args.top_k, rank=args.rank, alpha=args.alpha,
+                   ffn_targets=args.targets, attn_targets=args.attn_targets, layers=args.layers, dropout=args.dropout,
+                   moe_mode=args.moe_mode)
+    options = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if not sep or section != "adapter" or not name:
+            raise ValueError(f"--set {item!r} must look like adapter.<option>=value")
+        options[name] = _parse_value(value)
+    model_cfg = base.replace(adapter=AdapterConfig(**{k: v for k, v in adapter.items() if v is not None},
+                                                   options=options or None))
+    train = {**FINETUNE_DEFAULTS, "seq_len": min(FINETUNE_DEFAULTS["seq_len"], model_cfg.max_seq_len)}
+    given = {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
+             "seed": args.seed, "data": _train_data(args), "eval_every": args.eval_every,
+             "ckpt_every": args.ckpt_every}
+    train.update({k: v for k, v in given.items() if v is not None})
+    return model_cfg, TrainConfig(**train, base_from=str(Path(args.ckpt).absolute())), out
+
+
+def cmd_finetune(args) -> int:
+    from jmoe.train.trainer import train
+
+    model_cfg, tc, out = _build_finetune_configs(args)
+    if model_cfg.vocab_size < 256:
+        raise ValueError(f"the training text is bytes (256 ids); the model's vocabulary has {model_cfg.vocab_size}")
+    train(model_cfg, tc, out, resume=args.resume, stop_after=args.stop_after, progress=not args.quiet,
+          log=lambda m: print(m, flush=True))
+    return 0
+
+
 def cmd_plan(args) -> int:
     from jmoe.nn.presets import preset
     from jmoe.parallel.plan import plan_run
@@ -699,6 +755,43 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_compress)
+
+    f = sub.add_parser("finetune", help="train adapters (LoRA, MixLoRA, SMoRA, DynMoLE) on a frozen jmoe run or "
+                       "Hugging Face model")
+    f.add_argument("--ckpt", required=True, metavar="RUN_OR_HF_DIR", help="the model to adapt; it is never written")
+    f.add_argument("--out", required=True, help="the fine-tuning run's directory (adapters, optimizer, metrics)")
+    f.add_argument("--adapter", default="mixlora", choices=["lora", "mixlora", "smora", "dynmole"],
+                   help="lora: plain LoRA; mixlora (default): top-k LoRA experts on each FFN; smora: each rank of "
+                        "one LoRA an expert; dynmole: LoRA experts per projection, Tsallis-entropy routing")
+    f.add_argument("--experts", type=_int_range(1), help="LoRA experts (mixlora, dynmole; default 8)")
+    f.add_argument("--top-k", type=_int_range(1), help="experts per token (mixlora), active ranks (smora), experts "
+                   "kept at least (dynmole); default 2")
+    f.add_argument("--rank", type=_int_range(1), help="rank of each LoRA (smora: of the one LoRA); default 8")
+    f.add_argument("--alpha", type=_float_range(0.0, open_lo=True), help="LoRA scale numerator (default 2 x rank)")
+    f.add_argument("--targets", type=_names, metavar="gate,up,down",
+                   help="FFN projections that take adapters (default all three; none: no FFN adapters)")
+    f.add_argument("--attn-targets", type=_names, metavar="wq,wk,wv,wo",
+                   help="attention weights that take a plain LoRA (default none)")
+    f.add_argument("--layers", type=_int_list, metavar="I,J,...", help="layers that take adapters (default all)")
+    f.add_argument("--dropout", type=_float_range(0.0, 1.0), help="dropout on the LoRA inputs (default 0)")
+    f.add_argument("--moe-mode", choices=["per_expert", "shared"],
+                   help="MoE layers: a LoRA per routed expert (default) or one shared by all")
+    f.add_argument("--data", help="text file or directory to train on")
+    f.add_argument("--tasks", metavar="NAMES", help="train on a mixture of evaluation tasks instead (see jmoe train)")
+    f.add_argument("--task-mix", metavar="WEIGHTS", help="the tasks' weights in the mixture")
+    f.add_argument("--steps", type=_int_range(1), help=f"optimizer steps (default {FINETUNE_DEFAULTS['steps']})")
+    f.add_argument("--batch-size", type=_int_range(1), help=f"sequences per step (default {FINETUNE_DEFAULTS['batch_size']})")
+    f.add_argument("--seq-len", type=_int_range(2), help="tokens per sequence (default 128, at most the model's context)")
+    f.add_argument("--lr", type=_float_range(0.0, open_lo=True), help=f"peak learning rate (default {FINETUNE_DEFAULTS['lr']})")
+    f.add_argument("--seed", type=_int_range(0, 2**32 - 1), help="seed of the adapters, batches and dropout (default 0)")
+    f.add_argument("--eval-every", type=_int_range(1), metavar="N", help="validate every N steps")
+    f.add_argument("--ckpt-every", type=_int_range(1), metavar="N", help="checkpoint every N steps")
+    f.add_argument("--set", action="append", metavar="adapter.OPTION=VALUE",
+                   help="an option of the adapter, e.g. adapter.aux_loss_coef=0.01 (mixlora), adapter.top_p=0.75 (dynmole)")
+    f.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    f.add_argument("--stop-after", type=_int_range(1), metavar="N", help="stop with a checkpoint after N steps")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.set_defaults(func=cmd_finetune)
 
     q = sub.add_parser("quantize", help="quantize the experts of a run (round to nearest, HQQ, GPTQ, MC-MoE's "
                        "mixed precision)")

@@ -2,11 +2,12 @@
 
 Expert e is the frozen FFN with its own LoRA on each targeted projection,
 W_e = W + (alpha / r) A_e B_e; a softmax router picks k experts per token and renormalises
-their weights. The frozen `x W_gate` and `x W_up` are computed once per token; the token-slots
-are sorted by expert and every LoRA factor is a grouped matmul (the dropless machinery of
-`jmoe.dispatch`); and because W_down is linear, sum_e w_e h_e W_down = (sum_e w_e h_e) W_down
-runs once per token too. So the layer costs one frozen FFN plus the k experts' small
-matmuls and their k activations.
+their weights. The frozen `x W_gate` and `x W_up` are computed once per token, and because
+W_down is linear, sum_e w_e h_e W_down = (sum_e w_e h_e) W_down runs once per token too. The
+token-slots are sorted by expert and each expert's LoRA factors run on its slots, through the
+dropless machinery of `jmoe.dispatch`: grouped matmuls, or on CPU the chunked loop (option
+`impl`). So the layer costs one frozen FFN plus the k experts' small matmuls and their
+k activations.
 Auxiliary loss: aux_loss_coef * E * sum_e f_e P_e (Mixtral's, k at balance), with f_e the
 share of tokens routed to e and P_e the mean router probability.
 """
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jmoe.adapters.base import Adapter, AdapterAux, dropout, init_lora
+from jmoe.dispatch.chunked import chunked_expert_combine
 from jmoe.dispatch.permute import permute, unpermute_combine
 from jmoe.dispatch.sorting import sort_slots
 from jmoe.options import Options, option
@@ -30,10 +32,15 @@ from jmoe.registry import ACTIVATIONS, ADAPTERS
 @dataclasses.dataclass(frozen=True)
 class MixLoRAOptions(Options):
     """aux_loss_coef: weight of the balance loss. router_init_std: std of the router's
-    normal init."""
+    normal init. impl: how the experts' LoRA factors run over the token-slots sorted by
+    expert: "grouped" (grouped matmuls, `jax.lax.ragged_dot`), "chunked" (the dropless loop of
+    `jmoe.dispatch.chunked`, which XLA:CPU runs far faster than its grouped matmul), "auto"
+    (chunked on CPU, grouped elsewhere). block_size: rows per chunk of "chunked"."""
 
     aux_loss_coef: float = option(0.01, ge=0.0)
     router_init_std: float = option(0.02, gt=0.0)
+    impl: str = option("auto", choices=("auto", "grouped", "chunked"))
+    block_size: int = option(256, ge=1)
 
 
 def _init(key, shapes, cfg, dtype):
@@ -54,9 +61,67 @@ def route(router: dict, x: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax
 
 
 def _apply(base, params, x, activation, cfg, *, state=None, key=None):
+    E, k = cfg.num_experts, cfg.top_k
+    ids, weights, probs = route(params["router"], x, k)
+    impl = cfg.options.impl
+    if impl == "auto":
+        impl = "chunked" if jax.default_backend() == "cpu" else "grouped"
+    y = (_grouped if impl == "grouped" else _chunked)(base, params, x, activation, cfg, ids, weights, key)
+    counts = jnp.zeros((E,), jnp.float32).at[ids.reshape(-1)].add(1.0)
+    balance = E * jnp.sum(counts / ids.shape[0] * jnp.mean(probs, axis=0))
+    entropy = jnp.mean(-jnp.sum(probs * jnp.log(probs + 1e-20), axis=-1)) / jnp.log(E) if E > 1 else jnp.zeros(())
+    aux = AdapterAux(loss=cfg.options.aux_loss_coef * balance, balance_loss=balance, entropy=entropy,
+                     experts_per_token=jnp.float32(k), counts={"router": counts})
+    return y, aux
+
+
+def _chunked(base, params, x, activation, cfg, ids, weights, key):
+    """The dropless chunked loop of `jmoe.dispatch.chunked` with each expert's adapted FFN up to
+    its hidden activation: a token-slot's row carries [LoRA input, x W_gate, x W_up] (and the
+    dropout mask of the down LoRA's input), its expert returns [h, (alpha / r) h A_d B_d]."""
     E, k, s = cfg.num_experts, cfg.top_k, cfg.scaling
     act = ACTIVATIONS.get(activation)
-    ids, weights, probs = route(params["router"], x, k)
+    T, d = x.shape
+    dt = x.dtype
+    f = base["w_down"].shape[0]
+    k_in, k_h = jax.random.split(key) if key is not None else (None, None)
+    up0 = x @ base["w_up"].astype(dt)
+    parts = [dropout(x, cfg.dropout, k_in), up0]
+    if act.gated:
+        parts.append(x @ base["w_gate"].astype(dt))
+    h_mask = "down" in params and k_h is not None and cfg.dropout > 0
+    if h_mask:  # one dropout mask per token for the down LoRA's input (inverted dropout)
+        parts.append(dropout(jnp.ones((T, f), dt), cfg.dropout, k_h))
+    rows = jnp.concatenate(parts, axis=-1)
+
+    def expert(p, r):
+        xs, u = r[:, :d], r[:, d:d + f]
+        lora = lambda name, v: s * ((v @ p[name]["A"].astype(dt)) @ p[name]["B"].astype(dt))
+        if "up" in p:
+            u = u + lora("up", xs)
+        if act.gated:
+            g = r[:, d + f:d + 2 * f]
+            if "gate" in p:
+                g = g + lora("gate", xs)
+            h = act.fn(g) * u
+        else:
+            h = act.fn(u)
+        if "down" not in p:
+            return h
+        hl = h * r[:, -f:] if h_mask else h
+        return jnp.concatenate([h, lora("down", hl)], axis=-1)
+
+    experts = {n: v for n, v in params.items() if n != "router"}
+    order, sizes = sort_slots(ids, jnp.ones(ids.shape, bool), E)
+    out = chunked_expert_combine(rows, weights.reshape(-1), order, sizes, experts, expert, k, cfg.options.block_size)
+    y = out[:, :f] @ base["w_down"].astype(dt)
+    return y + out[:, f:] if "down" in params else y
+
+
+def _grouped(base, params, x, activation, cfg, ids, weights, key):
+    """Token-slots sorted by expert, each LoRA factor a grouped matmul (the dropless path)."""
+    E, k, s = cfg.num_experts, cfg.top_k, cfg.scaling
+    act = ACTIVATIONS.get(activation)
     order, sizes = sort_slots(ids, jnp.ones(ids.shape, bool), E)
     grouped = partial(lax.ragged_dot, group_sizes=sizes)
     k_in, k_h = jax.random.split(key) if key is not None else (None, None)
@@ -76,12 +141,7 @@ def _apply(base, params, x, activation, cfg, *, state=None, key=None):
     y = unpermute_combine(h, order, weights).astype(x.dtype) @ base["w_down"].astype(x.dtype)
     if "down" in params:
         y = y + unpermute_combine(lora("down", dropout(h, cfg.dropout, k_h)), order, weights).astype(y.dtype)
-    counts = jnp.zeros((E,), jnp.float32).at[ids.reshape(-1)].add(1.0)
-    balance = E * jnp.sum(counts / ids.shape[0] * jnp.mean(probs, axis=0))
-    entropy = jnp.mean(-jnp.sum(probs * jnp.log(probs + 1e-20), axis=-1)) / jnp.log(E) if E > 1 else jnp.zeros(())
-    aux = AdapterAux(loss=cfg.options.aux_loss_coef * balance, balance_loss=balance, entropy=entropy,
-                     experts_per_token=jnp.float32(k), counts={"router": counts})
-    return y, aux
+    return y
 
 
 def _check(cfg):

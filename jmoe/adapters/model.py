@@ -131,11 +131,18 @@ def adapted_attention(p_attn: dict, lora: dict, cfg: AdapterConfig) -> dict:
     return {**p_attn, **{n: _merged(p_attn[n], ab, cfg.scaling) for n, ab in lora.items()}}
 
 
-def adapted_experts(experts: dict, lora: dict, cfg: AdapterConfig) -> dict:
-    """Stacked routed experts [E, ...] with their LoRA added: per expert (A [E, d_in, r]) or
-    one for all ("shared")."""
-    if not isinstance(experts, dict):
-        raise ValueError("LoRA on routed experts needs their stacked float weights (not quantized or split)")
+def adapted_experts(experts, lora: dict, cfg: AdapterConfig):
+    """Routed experts with their LoRA added: per expert (A [E, d_in, r]) or one for all
+    ("shared"). Stacked experts ([E, ...] leaves) or an `ExpertList` (the serving layout) of
+    float weights."""
+    from jmoe.experts import ExpertList
+
+    if isinstance(experts, ExpertList):
+        per = lambda ab, e: ab if ab["A"].ndim == 2 else {"A": ab["A"][e], "B": ab["B"][e]}
+        return ExpertList({**w, **{n: _merged(w[n], per(ab, e), cfg.scaling) for n, ab in lora.items()}}
+                          for e, w in enumerate(experts.experts))
+    if not isinstance(experts, dict) or any(not hasattr(experts[n], "dtype") for n in lora):
+        raise ValueError("LoRA on routed experts needs their float weights (quantized experts cannot take it)")
     return {**experts, **{n: _merged(experts[n], ab, cfg.scaling, experts=True) for n, ab in lora.items()}}
 
 

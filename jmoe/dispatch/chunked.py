@@ -32,7 +32,7 @@ from jax import lax
 from jmoe.dispatch.sorting import group_offsets
 from jmoe.experts import ExpertList
 
-ExpertFn = Callable[[Any, jax.Array], jax.Array]  # (params of one expert, x [n, d]) -> [n, d]
+ExpertFn = Callable[[Any, jax.Array], jax.Array]  # (params of one expert, x [n, d]) -> [n, d_out]
 
 
 SMALL_CHUNKS_BELOW = 128
@@ -173,17 +173,24 @@ def chunked_expert_combine(
       order: [T*k] int32 slots sorted by expert (from `sort_slots`).
       group_sizes: [E] int32 slots per expert; slots past sum(group_sizes) are skipped.
       expert_params: pytree of `[E, ...]` stacked expert parameters, or an `ExpertList`.
-      expert_fn: (params of one expert, [n, d]) -> [n, d].
+      expert_fn: (params of one expert, [n, d]) -> [n, d_out] (d_out is d for an FFN expert).
       top_k: k.
       block_size: maximum rows per chunk.
     Returns:
-      [T, d] in x's dtype (accumulated in float32).
+      [T, d_out] in x's dtype (accumulated in float32).
     """
     return _forward(x, slot_weights, order, group_sizes, expert_params, expert_fn, top_k, block_size)[0]
 
 
+def _output_width(expert_fn, params, x) -> int:
+    one = params.experts[0] if isinstance(params, ExpertList) else jax.tree.map(lambda a: a[0], params)
+    spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
+    return jax.eval_shape(expert_fn, jax.tree.map(spec, one), jax.ShapeDtypeStruct((1, x.shape[1]), x.dtype)).shape[-1]
+
+
 def _forward(x, slot_weights, order, group_sizes, params, expert_fn, top_k, block_size):
-    T, d = x.shape
+    T = x.shape[0]
+    d = _output_width(expert_fn, params, x)
     B, sizes = _layout(params, T, block_size)
 
     def branch(size, e, slots, valid):
@@ -207,7 +214,7 @@ def _backward(expert_fn, top_k, block_size, res, dout):
     if isinstance(params, ExpertList):  # gradients of the serving layout: through the stacked one
         dx, dws, _, _, dstacked = _backward(expert_fn, top_k, block_size, (*res[:4], params.stack()), dout)
         return dx, dws, None, None, ExpertList.split(dstacked)
-    T, d = x.shape
+    T, d = x.shape  # the input width (dout is [T, d_out])
     N = order.shape[0]
     B = block_size
     dout = dout.astype(jnp.float32)

@@ -25,6 +25,9 @@ class TrainConfig:
       fresh optimizer (recovery fine-tuning of a merged or compressed model).
     distill_from, distill_weight, distill_temperature: knowledge distillation from another run's
       model: loss = (1 - w) CE + w T^2 KL(teacher_T || student_T) (+ the MoE losses).
+    base_from: fine-tuning with adapters: a run or Hugging Face directory whose model stays
+      frozen; only the adapters of the model config (`LMConfig.adapter`) train, and the run's
+      checkpoints hold them alone (`jmoe finetune`).
     """
 
     steps: int = option(600, ge=1)
@@ -51,6 +54,7 @@ class TrainConfig:
     distill_from: str | None = None
     distill_weight: float = option(0.5, ge=0.0, le=1.0)
     distill_temperature: float = option(1.0, gt=0.0)
+    base_from: str | None = None
 
     def __post_init__(self):
         check_fields(self, "TrainConfig")
@@ -86,5 +90,5 @@ class TrainConfig:
 # Fields of earlier layouts that no longer exist: the expert-parallel exchange now sizes its
 # buffers from the MoE layer's dispatch and its capacity option.
 _RETIRED = ("ep_capacity_factor",)
-_WRITTEN_WHEN_SET = ("init_from", "distill_from", "distill_weight", "distill_temperature")
+_WRITTEN_WHEN_SET = ("init_from", "distill_from", "distill_weight", "distill_temperature", "base_from")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}

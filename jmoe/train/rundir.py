@@ -323,8 +323,9 @@ def load_run(run_dir: str | Path, step: int | None = None):
 
     step: the checkpoint (default the newest complete one). A run that another process is
     writing reads safely: its newest complete checkpoint is restored.
-    Returns (model_cfg, train_cfg, params, router_state, config.json dict, step). Raises
-    TrainError when `run_dir` is not a run, has no such checkpoint, or it does not restore.
+    Returns (model_cfg, train_cfg, params, router_state, config.json dict, step); a run that
+    fine-tunes adapters (`TrainConfig.base_from`) comes back joined with its frozen model.
+    Raises TrainError when `run_dir` is not a run, has no such checkpoint, or it does not restore.
     """
     run = Path(run_dir)
     saved, chosen = find_checkpoint(run, step)
@@ -351,4 +352,13 @@ def load_run(run_dir: str | Path, step: int | None = None):
             if newest <= chosen:
                 raise
             chosen = newest
-    return model_cfg, tc, state["params"], state.get("router_state"), saved, chosen
+    params, router_state = state["params"], state.get("router_state")
+    if tc.base_from:  # a fine-tuning run holds its adapters; the frozen model is read from its source
+        from jmoe.train import finetune
+
+        try:
+            _, base = finetune.load_base(tc.base_from)
+        except (TrainError, ValueError, OSError) as e:
+            raise TrainError(f"{run} fine-tunes {tc.base_from}, which does not load: {e}") from None
+        params, router_state = finetune.join(base, params, router_state)
+    return model_cfg, tc, params, router_state, saved, chosen

@@ -2,7 +2,9 @@
 
 A train state is a dict: "step" and "data_position" (int32 scalars), "params", "opt_state",
 "rng" (PRNG key data) and, when the routers keep state, "router_state". Checkpoints hold
-exactly this tree; `abstract_train_state` gives its shapes without allocating it.
+exactly this tree; `abstract_train_state` gives its shapes without allocating it. A run that
+fine-tunes adapters on a frozen model (`TrainConfig.base_from`) holds only the adapters as
+"params" (and only their state as "router_state"): the frozen model is read from its source.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jmoe.adapters import init_adapter_state, init_adapters
 from jmoe.nn.transformer import LMConfig, init_lm, init_lm_state
 from jmoe.train.config import TrainConfig
 
@@ -36,7 +39,7 @@ def init_train_state(model_cfg: LMConfig, tc: TrainConfig, tx) -> dict:
     "opt_state" (`tx.init`), "rng" (key data), and "router_state" when the routers keep state."""
     key = jax.random.key(tc.seed)
     k_init, k_run = jax.random.split(key)
-    params = init_lm(k_init, model_cfg)
+    params = init_adapters(k_init, model_cfg) if tc.base_from else init_lm(k_init, model_cfg)
     state = {
         "step": jnp.zeros((), jnp.int32),
         "data_position": jnp.zeros((), jnp.int32),
@@ -44,7 +47,7 @@ def init_train_state(model_cfg: LMConfig, tc: TrainConfig, tx) -> dict:
         "opt_state": tx.init(params),
         "rng": jax.random.key_data(k_run),
     }
-    router_state = init_lm_state(model_cfg)
+    router_state = init_adapter_state(model_cfg) if tc.base_from else init_lm_state(model_cfg)
     if router_state:
         state["router_state"] = router_state
     return state

@@ -30,6 +30,7 @@ from jmoe.progress import Progress
 from jmoe.train import rundir
 from jmoe.train.checkpoint import CheckpointStore
 from jmoe.train.config import TrainConfig
+from jmoe.train import finetune
 from jmoe.train.errors import NonFiniteLoss, TrainError
 from jmoe.train.metrics import MetricsLog
 from jmoe.train.plot import plot_run
@@ -133,12 +134,20 @@ def make_train_step(model_cfg: LMConfig, tx, schedule, placement: Placement | No
     counts of the later ones, so without it every micro-batch's activations would have to wait
     for the last forward, the memory of the unsplit step (experiments/bench_grad_accum.py).
     With teacher_cfg the step takes a third argument {"params", "router_state"} of the teacher
-    and trains on (1 - w) CE + w `distillation_loss`.
+    and trains on (1 - w) CE + w `distillation_loss`. Fine-tuning adapters (state["params"]
+    holds `params["adapters"]` alone), the step takes the frozen model {"params",
+    "router_state"} as its fourth argument `base`: gradients, optimizer and router-state
+    updates touch the adapters only.
     """
     ep = placement.ep if placement is not None else None
     moe = model_cfg.moe
 
-    def loss_fn(params, tokens, key, router_state, counts, teacher):
+    def model(params, router_state, base):
+        """The parameters and router state the forward runs with."""
+        return (params, router_state) if base is None else finetune.join(base, params, router_state)
+
+    def loss_fn(params, tokens, key, router_state, counts, teacher, base):
+        params, router_state = model(params, router_state, base)
         logits, aux = lm_apply(params, tokens[:, :-1], model_cfg, state=router_state, key=key, ep=ep,
                                balance_counts=counts)
         ce = cross_entropy(logits, tokens[:, 1:])
@@ -148,12 +157,13 @@ def make_train_step(model_cfg: LMConfig, tx, schedule, placement: Placement | No
         kd = distillation_loss(logits, jax.lax.stop_gradient(t_logits), distill_temperature)
         return (1 - distill_weight) * ce + distill_weight * kd + aux.moe_loss, (ce, aux)
 
-    def step(state, tokens, teacher=None):
+    def step(state, tokens, teacher=None, base=None):
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         router_state = state.get("router_state")
         params = state["params"]
         if grad_accum == 1:
-            (_, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens, key, router_state, None, teacher)
+            (_, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens, key, router_state, None, teacher,
+                                                                                base)
             counts = aux.counts(model_cfg)
             moe_stats = _moe_metrics(aux.moe)
             aux_loss = aux.moe_loss
@@ -162,15 +172,17 @@ def make_train_step(model_cfg: LMConfig, tx, schedule, placement: Placement | No
             keys = jax.random.split(key, grad_accum)
             step_counts = None
             if moe is not None and any(needs_step_counts(model_cfg.moe_for(i)) for i in model_cfg.moe_layers):
-                per_micro = jax.lax.map(
-                    lambda mb: lm_apply(params, mb[:, :-1], model_cfg, state=router_state, ep=ep)[1].counts(model_cfg),
-                    micro,
-                )
+                def counts_of(mb):
+                    p, s = model(params, router_state, base)
+                    return lm_apply(p, mb[:, :-1], model_cfg, state=s, ep=ep)[1].counts(model_cfg)
+
+                per_micro = jax.lax.map(counts_of, micro)
                 step_counts = jax.lax.stop_gradient(jax.tree.map(lambda c: jnp.sum(c, axis=0), per_micro))
 
             def body(acc, inputs):
                 mb, k = inputs
-                (_, (ce, aux)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb, k, router_state, step_counts, teacher)
+                (_, (ce, aux)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb, k, router_state, step_counts, teacher,
+                                                                                base)
                 out = (ce, aux.moe_loss, aux.counts(model_cfg), _moe_metrics(aux.moe))
                 return jax.tree.map(jnp.add, acc, g), out
 
@@ -293,6 +305,7 @@ class _Run:
     metrics: MetricsLog
     primary: bool
     latest: int | None  # the newest checkpoint when the run started (None: none)
+    base: dict | None = None  # the frozen model of a fine-tuning run: {"params", "router_state"}
 
     @property
     def title(self) -> str:
@@ -338,6 +351,7 @@ def train(
             log(f"{out} already finished at step {latest}; nothing to do (raise --steps to train it further)")
             return rundir.read_summary(out)
         teacher_cfg, teacher = _load_teacher(tc)
+        base = _load_base(tc)
         tx, schedule = make_optimizer(tc)
         state_shardings = placement.shardings(abstract_train_state(model_cfg, tc))
         state, start = _start_state(out, model_cfg, tc, placement, latest, tx, state_shardings, log)
@@ -346,7 +360,7 @@ def train(
         if not primary:
             out.mkdir(parents=True, exist_ok=True)
         store = rundir.checkpoint_store(out, keep=tc.keep_ckpts)
-        run = _Run(out, model_cfg, tc, corpus, placement, store, rundir.metrics_log(out), primary, latest)
+        run = _Run(out, model_cfg, tc, corpus, placement, store, rundir.metrics_log(out), primary, latest, base)
         try:
             if primary:
                 run.metrics.truncate_after(start)
@@ -363,7 +377,7 @@ def train(
                     f"({corpus.train.size / 1e6:.1f} MB) for {tc.steps} steps of {tc.batch_size * tc.seq_len} tokens"
                 )
             t_run = time.perf_counter()
-            step_times = _step_loop(run, state, start, end, train_step, teacher, progress)
+            step_times, state = _step_loop(run, state, start, end, train_step, teacher, progress)
         finally:
             store.close()
         if end < tc.steps:
@@ -371,6 +385,8 @@ def train(
             return {"steps": end, "stopped_early": True}
         if not primary:
             return {"steps": tc.steps}
+        if base is not None:
+            finetune.save_adapters(out, state["params"], state.get("router_state"))
         return _write_summary(run, step_times, time.perf_counter() - t_run, log)
     finally:
         if lock is not None:
@@ -402,6 +418,13 @@ def _check_inputs(model_cfg: LMConfig, tc: TrainConfig, out: Path, corpus: Corpu
                              f"the model's ({model_cfg.vocab_size})")
     if tc.distill_from and tc.mesh is not None:
         raise TrainError("distillation runs on one device (--distill-from cannot be combined with --mesh)")
+    if tc.base_from:
+        for name, value in (("--mesh", tc.mesh), ("--distill-from", tc.distill_from), ("--resume-from", tc.init_from)):
+            if value:
+                raise TrainError(f"fine-tuning adapters on a frozen model runs on one device, without {name}")
+        finetune.check_base(model_cfg, tc.base_from)
+    elif model_cfg.adapter is not None:
+        raise TrainError("the model has adapters but no frozen model to train them on (TrainConfig.base_from)")
     corpus = corpus if corpus is not None else load_corpus(tc.data)
     if corpus.train.size < tc.seq_len + 2 or corpus.val.size < tc.seq_len + 2:
         raise TrainError(
@@ -451,6 +474,14 @@ def _load_teacher(tc: TrainConfig) -> tuple[LMConfig | None, dict | None]:
     return teacher_cfg, {"params": t_params, **({"router_state": t_state} if t_state else {})}
 
 
+def _load_base(tc: TrainConfig) -> dict | None:
+    """The frozen model {"params", "router_state"} of a fine-tuning run (checked by
+    `_check_inputs`), or None."""
+    if not tc.base_from:
+        return None
+    return finetune.load_base(tc.base_from)[1]
+
+
 def _start_state(out: Path, model_cfg: LMConfig, tc: TrainConfig, placement: Placement, latest: int | None, tx,
                  state_shardings, log) -> tuple[dict, int]:
     """(state, first step): restored from checkpoint `latest` of the run in `out` when it has
@@ -479,8 +510,9 @@ def _start_from_run(state: dict, run_dir: str, tx, shardings) -> dict:
     return jax.device_put(new, shardings) if shardings is not None else new
 
 
-def _step_loop(run: _Run, state: dict, start: int, end: int, train_step, teacher, progress: bool) -> list[float]:
-    """Steps start..end-1 with their hooks; returns the step times (the first, compiling, left out)."""
+def _step_loop(run: _Run, state: dict, start: int, end: int, train_step, teacher, progress: bool) -> tuple[list[float], dict]:
+    """Steps start..end-1 with their hooks; returns the step times (the first, compiling, left
+    out) and the last state."""
     tc = run.tc
     eval_step = make_eval_step(run.model_cfg, run.placement)
     val = eval_batches(run.corpus.val, tc.eval_batches, tc.batch_size, tc.seq_len)
@@ -493,7 +525,8 @@ def _step_loop(run: _Run, state: dict, start: int, end: int, train_step, teacher
         for step in range(start, end):
             batch = run.placement.batch(train_batch(run.corpus.train, tc.seed, step, tc.batch_size, tc.seq_len))
             t0 = time.perf_counter()
-            state, m = train_step(state, batch) if teacher is None else train_step(state, batch, teacher)
+            extra = () if teacher is None and run.base is None else (teacher, run.base)
+            state, m = train_step(state, batch, *extra)
             m = to_host(m)
             dt = time.perf_counter() - t0
             done = step + 1
@@ -509,7 +542,7 @@ def _step_loop(run: _Run, state: dict, start: int, end: int, train_step, teacher
                 last_good_ckpt = done
     finally:
         bar.close()
-    return step_times
+    return step_times, state
 
 
 def _check_finite(m: dict, done: int, last_good_ckpt: int | None, store: CheckpointStore, bar: Progress) -> None:
@@ -537,7 +570,10 @@ def _log_step(run: _Run, done: int, m: dict, tps: float | None, last_eval: float
 
 def _evaluate_and_log(run: _Run, state: dict, done: int, eval_step, val: np.ndarray) -> float:
     """Validate the state after step `done`, record it and redraw the plot; returns the validation loss."""
-    ev = evaluate(state["params"], state.get("router_state"), run.model_cfg, val, eval_step, run.placement)
+    params, router_state = state["params"], state.get("router_state")
+    if run.base is not None:
+        params, router_state = finetune.join(run.base, params, router_state)
+    ev = evaluate(params, router_state, run.model_cfg, val, eval_step, run.placement)
     if run.primary:
         run.metrics.append({"kind": "eval", "step": done, **ev})
         plot_run(run.metrics.records(), rundir.plot_path(run.out), run.title)
