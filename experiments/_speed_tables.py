@@ -447,6 +447,23 @@ def offload(d: Record) -> list[str]:
     return [what, code(command(d)), result]
 
 
+def adapters(d: Record) -> list[str]:
+    shape = d["meta"]["shape"]
+    rows = {r["adapter"]: r for r in d["rows"]}
+    what = (f"a fine-tuning step of adapters on a frozen SwiGLU FFN on {d['meta']['backend'].upper()} (forward + "
+            f"gradient of the adapters and the input), d={shape['d_model']}, f={shape['d_ff']}, {shape['tokens']:,} "
+            f"tokens, about equal trainable parameters: LoRA rank {shape['num_experts'] * shape['rank']} vs "
+            f"{shape['num_experts']} experts of rank {shape['rank']}")
+    others = ", ".join(f"{n} {rows[n]['ratio_to_lora']:.2f}x ({rows[n]['ratio_min']:.2f}-{rows[n]['ratio_max']:.2f})"
+                       for n in ("mixlora", "smora", "dynmole", "frozen") if n in rows)
+    memory = ", ".join(f"{n} {rows[n]['memory_ratio_to_lora']:.2f}x" for n in ("mixlora", "smora", "dynmole")
+                       if n in rows and rows[n]["memory_ratio_to_lora"] is not None)
+    result = (f"step time over plain LoRA's (median and range of per-round ratios): {others}; scratch memory {memory}. "
+              f"{d['verdict']}: the k experts' activations and the chunked loop's gathers cost more than plain "
+              "LoRA's one extra matmul pair (`results/bench_adapters.json`)")
+    return [what, code(command(d["meta"])), result]
+
+
 ROWS = (  # renderer, results files it reads, what it measures, the commands that write the files
     (before_after, ("bench_before_after",), "the layer and the expert-parallel layer before and after a change",
      ("python experiments/bench_before_after.py --base REV",)),
@@ -469,6 +486,8 @@ ROWS = (  # renderer, results files it reads, what it measures, the commands tha
      ("python experiments/bench_decode_moe.py --only chunks",)),
     (merge, ("bench_merge",), "out-of-core `jmoe merge`", ("python experiments/bench_merge.py",)),
     (offload, ("offload",), "expert offloading on trained models", ("python experiments/offload.py",)),
+    (adapters, ("bench_adapters",), "fine-tuning step of LoRA, MixLoRA, SMoRA and DynMoLE adapters",
+     ("python experiments/bench_adapters.py",)),
 )
 
 

@@ -185,6 +185,28 @@ def quantize(results: Path) -> str:
             + "\n" + table(["claim", "mean ± sd over seeds", "difference a - b", "verdict"], claims))
 
 
+@renderer
+def lora_experts(results: Path) -> str:
+    """LoRA against MixLoRA, SMoRA and DynMoLE on a frozen dense model: per task and the claims."""
+    data = load(results, "lora_experts")
+    tasks, scores = data["tasks"], data["scores"]
+    rows = []
+    for name, per_seed in [("frozen base", data["frozen_base"]), *scores.items()]:
+        cells = [mean_sd(summary_of([s[t] for s in per_seed]), 3) for t in tasks]
+        mean = mean_sd(summary_of([sum(s[t] for t in tasks) / len(tasks) for s in per_seed]), 3)
+        params = f"{data['trainable_params'][name]:,}" if name in data["trainable_params"] else "0"
+        rows.append([name, params, *cells, mean])
+    claims = [[c["claim"], f"{c['a']} {mean_sd(c['a_summary'])} vs {c['b']} {mean_sd(c['b_summary'])}",
+               diff_ci(c["difference"]), f"**{c['verdict']}**"] for c in data["claims"]
+              if c["claim"].startswith(("mean", "validation"))]
+    seeds = ", ".join(str(s) for s in data["seeds"])
+    return (f"`{data['command']}` (base: dense {data['preset']}, {data['base_steps']} steps on the text domains; "
+            f"{data['steps']} fine-tuning steps on the algorithmic tasks; seeds {seeds}; code {data['code_version']}; "
+            f"exact match on {data['examples']} test examples per task):\n\n"
+            + table(["adapter", "trainable params", *tasks, "mean"], rows, "-r" + "r" * (len(tasks) + 1))
+            + "\n" + table(["claim", "mean ± sd over seeds", "difference a - b", "verdict"], claims))
+
+
 def summary_of(values) -> dict:
     """Mean and sample standard deviation (what `mean_sd` shows)."""
     v = [float(x) for x in values]
