@@ -141,6 +141,15 @@ def check_fields(obj, owner: str | None = None) -> None:
         object.__setattr__(obj, f.name, value)
 
 
+def reject_unknown_fields(cls, d, owner: str) -> None:
+    """ValueError unless `d` is a mapping whose keys are all fields of dataclass `cls`."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{owner} must be a mapping of field names to values, got {type(d).__name__}")
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"{owner} has no field(s) {', '.join(sorted(unknown))}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
     """Base of every method's options: typed, range-checked, built from a dict or kwargs.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from jmoe.options import check_fields, option
+from jmoe.options import check_fields, option, reject_unknown_fields
 from jmoe.registry import ADAPTERS
 
 FFN_TARGETS = ("gate", "up", "down")
@@ -102,7 +102,5 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "AdapterConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"AdapterConfig has no field(s) {', '.join(sorted(unknown))}")
+        reject_unknown_fields(cls, d, "AdapterConfig")
         return cls(**d)

@@ -26,7 +26,7 @@ from flax import nnx, struct
 from jmoe import adapters as adapters_lib
 from jmoe.adapters import AdapterAux, AdapterConfig
 from jmoe.config import MoEConfig, canonical_dtype
-from jmoe.options import check_fields, option
+from jmoe.options import check_fields, option, reject_unknown_fields
 from jmoe.experts import ffn, init_ffn
 from jmoe.layer import MoEAux, init_moe, init_moe_state, moe_layer
 from jmoe.registry import ROUTERS
@@ -194,9 +194,7 @@ class LMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LMConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"LMConfig has no field(s) {', '.join(sorted(unknown))}")
+        reject_unknown_fields(cls, d, "LMConfig")
         d = dict(d)
         if d.get("moe") is not None:
             d["moe"] = MoEConfig.from_dict(d["moe"])

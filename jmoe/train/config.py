@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jmoe.options import check_fields, option
+from jmoe.options import check_fields, option, reject_unknown_fields
 from jmoe.parallel.expert_parallel import EP_IMPLS
 
 
@@ -80,10 +80,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        d = {k: v for k, v in d.items() if k not in _RETIRED}
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"TrainConfig has no field(s) {', '.join(sorted(unknown))}")
+        if isinstance(d, dict):
+            d = {k: v for k, v in d.items() if k not in _RETIRED}
+        reject_unknown_fields(cls, d, "TrainConfig")
         return cls(**d)
 
 
