@@ -39,6 +39,7 @@ class AdapterAux:
 
 
 def no_aux() -> AdapterAux:
+    """The `AdapterAux` of an adapter without a router: zeros and no counts."""
     z = jnp.zeros((), jnp.float32)
     return AdapterAux(loss=z, balance_loss=z, entropy=z, experts_per_token=z, counts={})
 

@@ -114,6 +114,8 @@ def init_adapter_state(cfg) -> dict:
 
 
 def update_adapter_state(state, counts, cfg):
+    """One layer's adapter state after a training step with router `counts` (the kind's
+    `update_state`; unchanged for kinds without state)."""
     update = ADAPTERS.get(cfg.adapter.kind).update_state
     return state if update is None else update(state, counts, cfg.adapter)
 
