@@ -66,7 +66,8 @@ def _apply(base, params, x, activation, cfg, *, state=None, key=None):
     impl = cfg.options.impl
     if impl == "auto":
         impl = "chunked" if jax.default_backend() == "cpu" else "grouped"
-    y = (_grouped if impl == "grouped" else _chunked)(base, params, x, activation, cfg, ids, weights, key)
+    order, sizes = sort_slots(ids, jnp.ones(ids.shape, bool), E)  # the token-slots by expert
+    y = (_grouped if impl == "grouped" else _chunked)(base, params, x, activation, cfg, order, sizes, weights, key)
     counts = jnp.zeros((E,), jnp.float32).at[ids.reshape(-1)].add(1.0)
     balance = E * jnp.sum(counts / ids.shape[0] * jnp.mean(probs, axis=0))
     entropy = jnp.mean(-jnp.sum(probs * jnp.log(probs + 1e-20), axis=-1)) / jnp.log(E) if E > 1 else jnp.zeros(())
@@ -75,11 +76,11 @@ def _apply(base, params, x, activation, cfg, *, state=None, key=None):
     return y, aux
 
 
-def _chunked(base, params, x, activation, cfg, ids, weights, key):
+def _chunked(base, params, x, activation, cfg, order, sizes, weights, key):
     """The dropless chunked loop of `jmoe.dispatch.chunked` with each expert's adapted FFN up to
     its hidden activation: a token-slot's row carries [LoRA input, x W_gate, x W_up] (and the
     dropout mask of the down LoRA's input), its expert returns [h, (alpha / r) h A_d B_d]."""
-    E, k, s = cfg.num_experts, cfg.top_k, cfg.scaling
+    k, s = cfg.top_k, cfg.scaling
     act = ACTIVATIONS.get(activation)
     T, d = x.shape
     dt = x.dtype
@@ -112,17 +113,15 @@ def _chunked(base, params, x, activation, cfg, ids, weights, key):
         return jnp.concatenate([h, lora("down", hl)], axis=-1)
 
     experts = {n: v for n, v in params.items() if n != "router"}
-    order, sizes = sort_slots(ids, jnp.ones(ids.shape, bool), E)
     out = chunked_expert_combine(rows, weights.reshape(-1), order, sizes, experts, expert, k, cfg.options.block_size)
     y = out[:, :f] @ base["w_down"].astype(dt)
     return y + out[:, f:] if "down" in params else y
 
 
-def _grouped(base, params, x, activation, cfg, ids, weights, key):
+def _grouped(base, params, x, activation, cfg, order, sizes, weights, key):
     """Token-slots sorted by expert, each LoRA factor a grouped matmul (the dropless path)."""
-    E, k, s = cfg.num_experts, cfg.top_k, cfg.scaling
+    k, s = cfg.top_k, cfg.scaling
     act = ACTIVATIONS.get(activation)
-    order, sizes = sort_slots(ids, jnp.ones(ids.shape, bool), E)
     grouped = partial(lax.ragged_dot, group_sizes=sizes)
     k_in, k_h = jax.random.split(key) if key is not None else (None, None)
 

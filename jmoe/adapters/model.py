@@ -163,6 +163,30 @@ def mean_adapter_loss(auxes: list[AdapterAux]) -> jax.Array:
     return jnp.mean(jnp.stack([a.loss for a in auxes]))
 
 
+def fold_weight_lora(params: dict, cfg) -> dict:
+    """params with every LoRA that is a fixed weight delta folded into its weight, once: the
+    attention weights', the routed experts' (where the params hold them), and with kind "lora"
+    the dense FFNs'. What routes per token (the FFN adapters of the other kinds) stays in
+    `params["adapters"]`. The inference engine serves with this, so a decoding step does not
+    rebuild W + (alpha / r) A B."""
+    a = cfg.adapter
+    if a is None or "adapters" not in params:
+        return params
+    layers, adapters = dict(params["layers"]), {}
+    for layer, ad in params["adapters"].items():
+        p, rest = dict(layers[layer]), dict(ad)
+        if "attn" in rest:
+            p["attn"] = adapted_attention(p["attn"], rest.pop("attn"), a)
+        if "experts" in rest and "experts" in p["moe"]:  # offloaded experts are held elsewhere
+            p["moe"] = {**p["moe"], "experts": adapted_experts(p["moe"]["experts"], rest.pop("experts"), a)}
+        if "ffn" in rest and a.kind == "lora":
+            lora = rest.pop("ffn")
+            p["ffn"] = {**p["ffn"], **{FFN_WEIGHT[n]: _merged(p["ffn"][FFN_WEIGHT[n]], ab, a.scaling)
+                                       for n, ab in lora.items()}}
+        layers[layer], adapters[layer] = p, rest
+    return {**params, "layers": layers, "adapters": adapters}
+
+
 def merge_lora(params: dict, cfg) -> dict:
     """The frozen params with plain LoRA folded into the weights (kind "lora" only): the
     adapted model as an ordinary model, without `params["adapters"]`."""
@@ -171,21 +195,9 @@ def merge_lora(params: dict, cfg) -> dict:
         raise ValueError("merge_lora needs a model with adapters (cfg.adapter and params['adapters'])")
     if a.kind != "lora":
         raise ValueError(f"only plain LoRA merges into the weights; {a.kind!r} routes per token")
-    out = {k: v for k, v in params.items() if k != "adapters"}
-    out["layers"] = dict(params["layers"])
-    for layer, ad in params["adapters"].items():
-        p = dict(out["layers"][layer])
-        if "attn" in ad:
-            p["attn"] = adapted_attention(p["attn"], ad["attn"], a)
-        if "ffn" in ad:
-            p["ffn"] = {**p["ffn"], **{FFN_WEIGHT[n]: _merged(p["ffn"][FFN_WEIGHT[n]], ab, a.scaling)
-                                       for n, ab in ad["ffn"].items()}}
-        if "experts" in ad:
-            p["moe"] = {**p["moe"], "experts": adapted_experts(p["moe"]["experts"], ad["experts"], a)}
-        out["layers"][layer] = p
-    return out
+    return {k: v for k, v in fold_weight_lora(params, cfg).items() if k != "adapters"}
 
 
 __all__ = ["FFN_TARGETS", "adapted_attention", "adapted_experts", "adapted_ffn_layer", "adapter_layers", "check_adapter",
-           "init_adapter_state", "init_adapters", "matrix_shape", "mean_adapter_loss", "merge_lora",
+           "fold_weight_lora", "init_adapter_state", "init_adapters", "matrix_shape", "mean_adapter_loss", "merge_lora",
            "update_adapter_state"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jmoe.adapters import fold_weight_lora
 from jmoe.config import MoEConfig
 from jmoe.dispatch.gather import decode_dispatch
 from jmoe.experts import ExpertList, stacked_experts
@@ -51,7 +52,8 @@ EXPERT_LAYOUTS = ("auto", "stacked", "split")
 
 
 def serving_params(params: dict, cfg: LMConfig, layout: str = "auto") -> dict:
-    """params with every MoE layer's routed experts in the serving layout.
+    """params with every MoE layer's routed experts in the serving layout, and the adapters
+    that are fixed weight deltas folded into their weights (`jmoe.adapters.fold_weight_lora`).
 
     layout: "split" puts them in an `ExpertList` (E separate arrays per layer, a copy made
     once); "stacked" keeps them as they are (or stacks an `ExpertList`); "auto" splits on
@@ -60,6 +62,7 @@ def serving_params(params: dict, cfg: LMConfig, layout: str = "auto") -> dict:
     """
     if layout not in EXPERT_LAYOUTS:
         raise ValueError(f"expert_layout={layout!r} is unknown; known: {', '.join(EXPERT_LAYOUTS)}")
+    params = fold_weight_lora(params, cfg)  # weight-delta adapters once, not at every step
     if layout == "auto":
         layout = "split" if jax.default_backend() == "cpu" else "stacked"
     convert = ExpertList.split if layout == "split" else stacked_experts
