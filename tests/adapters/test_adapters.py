@@ -13,7 +13,7 @@ from jmoe.experts import init_ffn
 from jmoe.nn.transformer import LMConfig, init_lm, init_lm_state, lm_apply, update_lm_state
 from jmoe.registry import ADAPTERS
 from jmoe import MoEConfig
-from tests.util import tree_allclose
+from tests.util import jit_lm_apply, tree_allclose
 
 D, F, T = 8, 12, 6
 SILU = jax.nn.silu
@@ -166,7 +166,7 @@ def test_mixlora_router_renormalises_the_top_k():
 DENSE = LMConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, d_ff=24, max_seq_len=32)
 MOE = DENSE.replace(moe=MoEConfig(num_experts=4, top_k=2, d_model=16, d_ff=8), dense_layers=(0,))
 TOKENS = jax.random.randint(jax.random.key(9), (2, 7), 0, 32)
-apply = jax.jit(lm_apply, static_argnums=2)
+apply = jit_lm_apply
 
 
 @pytest.mark.parametrize("kind,model", [("lora", "dense"), ("mixlora", "dense"), ("dynmole", "dense"), ("smora", "moe")])

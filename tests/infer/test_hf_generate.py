@@ -12,10 +12,10 @@ pytest.importorskip("transformers")
 
 from jmoe.infer import Engine  # noqa: E402
 from jmoe.io import hf  # noqa: E402
-from jmoe.nn import lm_apply  # noqa: E402
 from jmoe.nn.transformer import lm_state_from_params  # noqa: E402
 from tests.infer.test_engine import cached_greedy  # noqa: E402
 from tests.io.test_hf import CONFIGS, build  # noqa: E402
+from tests.util import jit_lm_apply  # noqa: E402
 
 PROMPTS = [[5, 9, 13, 2, 60, 7, 1, 33, 12], [40, 3], [11, 22, 33, 44, 55]]
 NEW = 8
@@ -30,7 +30,7 @@ def test_cached_generation_matches_full_forward_and_transformers(arch, tmp_path)
     toks, logits = cached_greedy(cfg, params, state, PROMPTS, NEW - 1, max_len=32)
     seqs = [p + list(toks[r, : NEW - 1]) for r, p in enumerate(PROMPTS)]
     width = max(map(len, seqs))
-    full, _ = jax.jit(lm_apply, static_argnums=2)(
+    full, _ = jit_lm_apply(
         params, jnp.asarray([s + [0] * (width - len(s)) for s in seqs], jnp.int32), cfg, state=state)
     for r, p in enumerate(PROMPTS):
         np.testing.assert_allclose(logits[r], np.asarray(full[r, len(p) - 1: len(p) - 1 + NEW]), rtol=2e-4, atol=2e-4,

@@ -106,7 +106,7 @@ def test_plain_lora_on_a_hugging_face_model_merges_into_a_directory_transformers
 
     from jmoe.adapters import merge_lora
     from jmoe.io import hf
-    from jmoe.nn import lm_apply
+    from tests.util import jit_lm_apply
 
     torch.manual_seed(0)
     model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -122,7 +122,7 @@ def test_plain_lora_on_a_hugging_face_model_merges_into_a_directory_transformers
     theirs = T.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         want = theirs(torch.tensor(ids)).logits.numpy()
-    got, _ = jax.jit(lm_apply, static_argnums=2)(params, jnp.asarray(ids), cfg)
+    got, _ = jit_lm_apply(params, jnp.asarray(ids), cfg)
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-4)
     with torch.no_grad():
         assert np.abs(model(torch.tensor(ids)).logits.numpy() - want).max() > 1e-3  # the LoRA changed the model
