@@ -2,7 +2,6 @@
 equal the full forward's at every step (batched, different prompt lengths), and greedy
 generation equals transformers' `generate(do_sample=False)` token for token."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
