@@ -298,6 +298,10 @@ def cmd_eval(args) -> int:
     if args.skip_ratio is not None and not run_cfg.moe_layers:
         raise ValueError(f"--skip-ratio: {args.ckpt} has no MoE layers whose experts could be skipped")
     corpus = load_corpus(args.data if args.data is not None else tc.data)
+    if tc.base_from:
+        from jmoe.train.finetune import corpus_for
+
+        corpus = corpus_for(corpus, tc.base_from)
     batches = eval_batches(corpus.val, args.batches, tc.batch_size, tc.seq_len)
     model_cfg, tc, params, router_state, saved, step = load_run(args.ckpt, args.step)
     if args.skip_ratio is not None:
@@ -305,12 +309,14 @@ def cmd_eval(args) -> int:
     if args.data is None and corpus.sha256 != saved.get("data", {}).get("sha256"):
         print("note: the corpus on this machine differs from the one the run was trained on", file=sys.stderr)
     ev = evaluate(params, router_state, model_cfg, batches)
+    ev["val_bpb"] /= corpus.bytes_per_token
     result = {"run": str(args.ckpt), "step": step, "data": corpus.source, **ev}
     if args.json:
         print(json.dumps(result))
         return 0
     print(f"run {args.ckpt} at step {step} on {corpus.source}")
-    print(f"validation loss {ev['val_loss']:.4f} nats/byte, {ev['val_bpb']:.4f} bits/byte")
+    unit = "byte" if corpus.tokenizer is None else "token"
+    print(f"validation loss {ev['val_loss']:.4f} nats/{unit}, {ev['val_bpb']:.4f} bits/byte")
     for li, (layer, load) in enumerate(zip(model_cfg.moe_layers, ev["load"])):
         cells = " ".join(f"{x:.3f}" for x in load)
         print(f"layer {layer} expert load: {cells}  (MaxVio {max(load) * len(load) - 1:.2f})")
@@ -432,6 +438,14 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_moe_build(args) -> int:
+    from jmoe.merge.moe_build import build_moe
+
+    build_moe(args.config, args.out_dir, force=args.force, seed=args.seed, allow_identical=args.allow_identical,
+              log=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)))
+    return 0
+
+
 def cmd_compress(args) -> int:
     from jmoe.merge.experts.run import compress_run
 
@@ -525,10 +539,16 @@ def cmd_finetune(args) -> int:
     from jmoe.train.trainer import train
 
     model_cfg, tc, out = _build_finetune_configs(args)
-    if model_cfg.vocab_size < 256:
-        raise ValueError(f"the training text is bytes (256 ids); the model's vocabulary has {model_cfg.vocab_size}")
     train(model_cfg, tc, out, resume=args.resume, stop_after=args.stop_after, progress=not args.quiet,
           log=lambda m: print(m, flush=True))
+    return 0
+
+
+def cmd_merge_lora(args) -> int:
+    from jmoe.train.finetune import export_merged
+
+    export_merged(args.ckpt, args.out, step=args.step, force=args.force,
+                  log=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)))
     return 0
 
 
@@ -714,6 +734,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--quiet", action="store_true")
     m.set_defaults(func=cmd_merge)
 
+    mb = sub.add_parser("moe-build", help="build an MoE model from dense models (mergekit-moe YAML: base_model, "
+                        "gate_mode, experts with prompts, shared_experts)")
+    mb.add_argument("config", help="YAML file (mergekit-moe schema; gate_mode: hidden, hidden_avg, cheap_embed, random, "
+                                   "uniform_random; architecture: mixtral, qwen2_moe, qwen3_moe, jmoe)")
+    mb.add_argument("out_dir", metavar="OUT", help="output directory: Hugging Face for Hugging Face bases, a run for jmoe bases")
+    mb.add_argument("--seed", type=_int_range(0, 2**32 - 1), default=0, help="seed of random gates and expert noise")
+    mb.add_argument("--allow-identical", action="store_true",
+                    help="build even when every expert is the same model or has the same prompts (upcycling)")
+    mb.add_argument("--force", action="store_true", help="write into a non-empty OUT (files of the same name are replaced)")
+    mb.add_argument("--quiet", action="store_true")
+    mb.set_defaults(func=cmd_moe_build)
+
     pl = sub.add_parser("plan", help="dry run: mesh, parameter shardings and per-device memory of a run on a target topology")
     pl.add_argument("--preset", default="base", help="tiny | small | base (default base)")
     pl.add_argument("--mesh", required=True, help='device mesh of the run, e.g. "data=4,expert=8" (axes: data, fsdp, expert, model)')
@@ -792,6 +824,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--stop-after", type=_int_range(1), metavar="N", help="stop with a checkpoint after N steps")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.set_defaults(func=cmd_finetune)
+
+    ml = sub.add_parser("merge-lora", help="fold the plain LoRA of a fine-tuning run into its model: a Hugging Face "
+                        "directory for a Hugging Face model, a run for a jmoe one")
+    ml.add_argument("--ckpt", required=True, metavar="RUN", help="a jmoe finetune run with --adapter lora")
+    ml.add_argument("--out", required=True, help="the merged model's directory, absent or empty")
+    ml.add_argument("--step", type=_int_range(0), help="checkpoint to merge (default the newest)")
+    ml.add_argument("--force", action="store_true", help="write into a non-empty --out (files of the same name are replaced)")
+    ml.add_argument("--quiet", action="store_true")
+    ml.set_defaults(func=cmd_merge_lora)
 
     q = sub.add_parser("quantize", help="quantize the experts of a run (round to nearest, HQQ, GPTQ, MC-MoE's "
                        "mixed precision)")

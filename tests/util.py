@@ -60,3 +60,27 @@ def _jit_lm_apply():
 
 jit_lm_apply = _jit_lm_apply()
 """`jmoe.nn.lm_apply` compiled (one program per shape and config instead of op-by-op dispatch)."""
+
+
+def write_bpe_tokenizer(directory, texts, *, vocab_size: int = 300, eos: bool = True) -> int:
+    """Train a byte-level BPE tokenizer with "<s>" (id 0, prepended by encode) and "</s>" (id 1)
+    on `texts`, save it as `directory`/tokenizer.json with a tokenizer_config.json, as
+    transformers does; returns its vocabulary size."""
+    import json
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tok.save(str(d / "tokenizer.json"))
+    config = {"bos_token": "<s>", **({"eos_token": "</s>"} if eos else {})}
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    return tok.get_vocab_size()

@@ -27,22 +27,49 @@ class CorpusError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-    """train/val: uint8 arrays of bytes; source: where it came from; sha256 of train+val."""
+    """train/val: uint8 arrays of bytes (or int32 token ids, see `tokenize_corpus`); source:
+    where it came from; sha256 of the text; bytes_per_token: text bytes per validation id (1
+    for bytes), which turns a loss per id into bits per byte; tokenizer: what made the ids."""
 
     train: np.ndarray
     val: np.ndarray
     source: str
     sha256: str
     num_files: int
+    bytes_per_token: float = 1.0
+    tokenizer: str | None = None
 
     def metadata(self) -> dict:
-        return {
-            "source": self.source,
-            "sha256": self.sha256,
-            "num_files": self.num_files,
-            "train_bytes": int(self.train.size),
-            "val_bytes": int(self.val.size),
-        }
+        if self.tokenizer is None:
+            sizes = {"train_bytes": int(self.train.size), "val_bytes": int(self.val.size)}
+        else:
+            sizes = {"tokenizer": self.tokenizer, "train_tokens": int(self.train.size), "val_tokens": int(self.val.size),
+                     "bytes_per_token": self.bytes_per_token}
+        return {"source": self.source, "sha256": self.sha256, "num_files": self.num_files, **sizes}
+
+
+def _encode(tokenizer, data: np.ndarray, chunk_bytes: int = 1 << 20) -> np.ndarray:
+    """The ids of the text `data` (bytes), encoded in pieces of about `chunk_bytes` that end
+    at a line break (so that no word is cut), without special tokens."""
+    raw = data.tobytes()
+    pieces, start = [], 0
+    while start < len(raw):
+        end = raw.find(b"\n", start + chunk_bytes)
+        end = len(raw) if end < 0 else end + 1
+        pieces.append(raw[start:end].decode("utf-8", errors="replace"))
+        start = end
+    encoded = tokenizer.backend.encode_batch(pieces, add_special_tokens=False)
+    return np.concatenate([np.asarray(e.ids, np.int32) for e in encoded] or [np.zeros(0, np.int32)])
+
+
+def tokenize_corpus(corpus: Corpus, tokenizer) -> Corpus:
+    """`corpus` as the token ids of `tokenizer` (a `jmoe.infer.tokenizer.HFTokenizer`): int32
+    train/val arrays, and bytes_per_token measured on the validation text."""
+    if corpus.tokenizer is not None:
+        raise CorpusError(f"the corpus {corpus.source} is already tokenized ({corpus.tokenizer})")
+    train, val = _encode(tokenizer, corpus.train), _encode(tokenizer, corpus.val)
+    return dataclasses.replace(corpus, train=train, val=val, bytes_per_token=corpus.val.size / max(1, val.size),
+                               tokenizer=tokenizer.name)
 
 
 def _is_val(rel_path: str, val_fraction: float) -> bool:

@@ -172,7 +172,11 @@ def _open(path, step, tokenizer) -> ModelSource:
             model_cfg, _, params, router_state, _, at = rundir.load_run(path, chosen)
             return model_cfg, params, router_state or {}, at
 
-        tok = load_tokenizer(None, vocab_size=cfg.vocab_size) if tokenizer else None
+        tok = None
+        if tokenizer:  # a fine-tuning run of a Hugging Face model reads that model's tokenizer
+            base_from = saved.get("train", {}).get("base_from")
+            hf_base = base_from and not rundir.is_run_dir(base_from)
+            tok = load_tokenizer(base_from if hf_base else None, vocab_size=cfg.vocab_size)
         task_experts = None
         if "premoe" in saved:
             from jmoe.merge.experts.premoe import FILE, TaskExperts

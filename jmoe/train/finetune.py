@@ -3,7 +3,9 @@ fine-tuning run's adapters join it.
 
 A fine-tuning run (`TrainConfig.base_from`) trains `params["adapters"]` alone; its
 checkpoints hold the adapters and their optimizer state, and the frozen model is read from
-`base_from` (a jmoe run or a Hugging Face directory), which the run never writes. When it
+`base_from` (a jmoe run or a Hugging Face directory), which the run never writes. The text
+it trains on is bytes for a jmoe model and the ids of the directory's tokenizer.json for a
+Hugging Face one (`corpus_for`). When it
 finishes, the adapters are also written on their own, `adapters.safetensors` in the run
 directory (one tensor per adapter leaf, named by its path).
 """
@@ -44,6 +46,32 @@ def base_config(source: str | Path) -> LMConfig:
             raise TrainError(f"{path}: {e}") from None
     what = "is not a directory" if not path.is_dir() else "is neither a jmoe run nor a Hugging Face model directory"
     raise TrainError(f"the model to fine-tune, {path}, {what}")
+
+
+def base_tokenizer(source: str | Path):
+    """The tokenizer of the frozen model `source`: None for a jmoe run (bytes are its ids), the
+    `HFTokenizer` of a Hugging Face directory's tokenizer.json. TrainError when a Hugging Face
+    directory has none: its ids cannot be made from text without it."""
+    from jmoe.train import rundir
+
+    path = Path(source)
+    if rundir.is_run_dir(path):
+        return None
+    from jmoe.infer.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(path)
+    except ValueError as e:
+        raise TrainError(f"fine-tuning text for {path} is encoded with its tokenizer: {e}") from None
+
+
+def corpus_for(corpus, base_from: str | None):
+    """`corpus` as the ids the model of a run reads: unchanged for byte-level models, encoded
+    with the frozen model's tokenizer when it is a Hugging Face directory."""
+    from jmoe.data import tokenize_corpus
+
+    tokenizer = base_tokenizer(base_from) if base_from else None
+    return corpus if tokenizer is None else tokenize_corpus(corpus, tokenizer)
 
 
 def load_base(source: str | Path) -> tuple[LMConfig, dict]:
@@ -105,3 +133,48 @@ def load_adapters(path: str | Path) -> tuple[dict, dict]:
             node = node.setdefault(k, {})
         node[keys[-1]] = value
     return trees["adapters"], trees["state"]
+
+
+def export_merged(run_dir: str | Path, out: str | Path, *, step: int | None = None, force: bool = False,
+                  log=print) -> Path:
+    """Fold the plain LoRA of the fine-tuning run `run_dir` into its frozen model and write the
+    result to `out`: a Hugging Face directory (the base's architecture, with its tokenizer and
+    generation files) when the frozen model is one, else a jmoe run. Checked before anything
+    is loaded (ValueError, one line); written aside and moved into place at the end."""
+    import shutil
+
+    from jmoe.adapters import merge_lora
+    from jmoe.merge.checkpoints import TOKENIZER_FILES
+    from jmoe.merge.staging import check_output_dir, staged_dir
+    from jmoe.train import rundir
+
+    run = Path(run_dir)
+    if not rundir.is_run_dir(run):
+        raise ValueError(f"{run} is not a jmoe run directory")
+    model_cfg, tc, _ = rundir.read_config(run)
+    if not tc.base_from or model_cfg.adapter is None:
+        raise ValueError(f"{run} is not a fine-tuning run (it has no adapters to merge)")
+    if model_cfg.adapter.kind != "lora":
+        raise ValueError(f"{run} trains {model_cfg.adapter.kind!r} adapters, which route per token; only plain LoRA "
+                         "merges into the weights")
+    out = check_output_dir(out, flag="--out", force=force, force_flag="--force")
+    base = Path(tc.base_from)
+    to_hf = not rundir.is_run_dir(base)
+    cfg, tc, params, router_state, saved, at = rundir.load_run(run, step)
+    log(f"merging the LoRA of {run} (step {at}) into {base}")
+    merged = jax.tree.map(np.asarray, merge_lora(params, cfg))
+    plain = cfg.replace(adapter=None)
+    with staged_dir(out) as tmp:
+        if to_hf:
+            from jmoe.io import hf
+
+            hf.save(tmp, plain, merged)
+            for name in TOKENIZER_FILES + ("generation_config.json",):
+                if (base / name).is_file():
+                    shutil.copy(base / name, tmp / name)
+        else:
+            state = {k: v for k, v in (router_state or {}).items() if not k.startswith("adapter/")}
+            rundir.save_model_run(tmp, plain, tc.replace(base_from=None), merged, state, at, saved.get("data", {}),
+                                  meta={"merged_from": str(run.absolute())}, merged_from=str(run.absolute()))
+    log(f"wrote {out} ({'Hugging Face directory' if to_hf else 'jmoe run'})")
+    return out

@@ -362,3 +362,24 @@ def load_run(run_dir: str | Path, step: int | None = None):
             raise TrainError(f"{run} fine-tunes {tc.base_from}, which does not load: {e}") from None
         params, router_state = finetune.join(base, params, router_state)
     return model_cfg, tc, params, router_state, saved, chosen
+
+
+def save_model_run(run_dir: str | Path, model_cfg: LMConfig, tc: TrainConfig, params: dict, router_state: dict | None,
+                   step: int, data: dict, meta: dict | None = None, **extra) -> None:
+    """Write a run directory that holds `params` (and router state) with a fresh optimizer at
+    `step`: config.json (with the `extra` entries) and one checkpoint (with `meta`). Models
+    made from other models (compressed, merged) are written this way, so that every command
+    reads them as runs."""
+    from jmoe.train.state import init_train_state, make_optimizer
+
+    tx, _ = make_optimizer(tc)
+    state = jax.jit(lambda: init_train_state(model_cfg, tc, tx))()
+    state = dict(state, params=jax.tree.map(jax.numpy.asarray, params), opt_state=tx.init(params))
+    if router_state:
+        state["router_state"] = jax.tree.map(jax.numpy.asarray, router_state)
+    store = checkpoint_store(run_dir, keep=1)
+    try:
+        store.save(step, state, {"step": step, "data_position": step, **(meta or {})})
+    finally:
+        store.close()
+    write_config(run_dir, model_cfg, tc, data, **extra)

@@ -372,9 +372,10 @@ def train(
             )
             end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
             if start == 0:
+                size = f"{corpus.train.size / 1e6:.1f} " + ("MB" if corpus.tokenizer is None else "M tokens")
                 log(
                     f"training {run.title} ({model_cfg.num_params() / 1e6:.2f}M total) on {corpus.source} "
-                    f"({corpus.train.size / 1e6:.1f} MB) for {tc.steps} steps of {tc.batch_size * tc.seq_len} tokens"
+                    f"({size}) for {tc.steps} steps of {tc.batch_size * tc.seq_len} tokens"
                 )
             t_run = time.perf_counter()
             step_times, state = _step_loop(run, state, start, end, train_step, teacher, progress)
@@ -426,11 +427,18 @@ def _check_inputs(model_cfg: LMConfig, tc: TrainConfig, out: Path, corpus: Corpu
     elif model_cfg.adapter is not None:
         raise TrainError("the model has adapters but no frozen model to train them on (TrainConfig.base_from)")
     corpus = corpus if corpus is not None else load_corpus(tc.data)
+    if tc.base_from and corpus.tokenizer is None:
+        corpus = finetune.corpus_for(corpus, tc.base_from)
+    unit = "bytes" if corpus.tokenizer is None else "tokens"
     if corpus.train.size < tc.seq_len + 2 or corpus.val.size < tc.seq_len + 2:
         raise TrainError(
             f"the corpus {corpus.source} is too small for seq_len={tc.seq_len} "
-            f"({corpus.train.size} train / {corpus.val.size} validation bytes)"
+            f"({corpus.train.size} train / {corpus.val.size} validation {unit})"
         )
+    ids = int(corpus.train.max(initial=0)) + 1
+    if ids > model_cfg.vocab_size:
+        raise TrainError(f"the training text has ids up to {ids - 1}, beyond the model's vocabulary of "
+                         f"{model_cfg.vocab_size}")
     return corpus
 
 
@@ -574,6 +582,7 @@ def _evaluate_and_log(run: _Run, state: dict, done: int, eval_step, val: np.ndar
     if run.base is not None:
         params, router_state = finetune.join(run.base, params, router_state)
     ev = evaluate(params, router_state, run.model_cfg, val, eval_step, run.placement)
+    ev["val_bpb"] /= run.corpus.bytes_per_token
     if run.primary:
         run.metrics.append({"kind": "eval", "step": done, **ev})
         plot_run(run.metrics.records(), rundir.plot_path(run.out), run.title)

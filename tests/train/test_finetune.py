@@ -62,6 +62,30 @@ def test_only_the_adapters_train_and_the_run_is_read_like_any_other(base_run, tm
     assert np.isfinite(json.loads(capsys.readouterr().out)["val_loss"])
     assert main(["generate", "--ckpt", str(out), "--prompt", "def ", "--max-new-tokens", "4", "--json", "--quiet"]) == 0
     assert len(json.loads(capsys.readouterr().out.splitlines()[0])["token_ids"]) == 4
+    # MixLoRA routes per token: it has no merged form
+    assert main(["merge-lora", "--ckpt", str(out), "--out", str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err
+    assert "only plain LoRA merges" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "merged").exists()
+
+
+def test_plain_lora_on_a_jmoe_run_merges_into_a_run(base_run, tmp_path, capsys):
+    from tests.util import jit_lm_apply
+
+    out, merged = tmp_path / "ft", tmp_path / "merged"
+    assert main(["finetune", "--ckpt", str(base_run), "--out", str(out), "--adapter", "lora", "--rank", "4",
+                 "--attn-targets", "wq,wo", "--lr", "1e-2", *FT]) == 0
+    assert main(["merge-lora", "--ckpt", str(out), "--out", str(merged), "--quiet"]) == 0
+    cfg, tc, params, state, _, step = load_run(merged)
+    ft_cfg, _, ft_params, ft_state, _, _ = load_run(out)
+    assert cfg.adapter is None and tc.base_from is None and "adapters" not in params and step == 4
+    assert not any(k.startswith("adapter/") for k in state or {})
+    ids = np.random.default_rng(0).integers(0, 256, (2, 16))
+    got, _ = jit_lm_apply(params, ids, cfg, state=state)
+    want, _ = jit_lm_apply(ft_params, ids, ft_cfg, state=ft_state)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    capsys.readouterr()
+    assert main(["merge-lora", "--ckpt", str(out), "--out", str(merged)]) == 2  # taken: refused, untouched
+    assert "not empty" in capsys.readouterr().err
 
 
 def test_an_interrupted_fine_tune_resumes_exactly(base_run, tmp_path):
@@ -99,26 +123,35 @@ def test_a_missing_model_is_refused(tmp_path, capsys):
     assert "the model to fine-tune" in capsys.readouterr().err and not (tmp_path / "ft").exists()
 
 
-def test_plain_lora_on_a_hugging_face_model_merges_into_a_directory_transformers_loads(tmp_path):
+def test_plain_lora_on_a_hugging_face_model_merges_into_a_directory_transformers_loads(tmp_path, capsys):
     torch = pytest.importorskip("torch")
     T = pytest.importorskip("transformers")
     import jax.numpy as jnp
 
-    from jmoe.adapters import merge_lora
-    from jmoe.io import hf
-    from tests.util import jit_lm_apply
+    from jmoe.infer import load
+    from tests.util import jit_lm_apply, write_bpe_tokenizer
 
+    text = "def add(a, b):\n    return a + b\n\nprint(add(1, 2))\n" * 200
+    (tmp_path / "data.txt").write_text(text)
+    V = write_bpe_tokenizer(tmp_path / "llama", [text], vocab_size=300)
     torch.manual_seed(0)
-    model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                             bos_token_id=0, eos_token_id=1))
     model.save_pretrained(tmp_path / "llama")
     out = tmp_path / "ft"
     assert main(["finetune", "--ckpt", str(tmp_path / "llama"), "--out", str(out), "--adapter", "lora", "--rank", "4",
-                 "--attn-targets", "wq,wk,wv,wo", "--lr", "1e-2", *FT]) == 0
+                 "--attn-targets", "wq,wk,wv,wo", "--lr", "1e-2", "--data", str(tmp_path / "data.txt"), *FT]) == 0
+    # the text was read as the ids of the model's own tokenizer, and bits per byte count text bytes
+    data = json.loads((out / "config.json").read_text())["data"]
+    assert data["tokenizer"] == str(tmp_path / "llama") and data["bytes_per_token"] > 1.5
+    ev = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval"][-1]
+    assert ev["val_bpb"] == pytest.approx(ev["val_loss"] / np.log(2) / data["bytes_per_token"])
+    assert load(out).tokenizer.vocab_size == V  # generate and evaluate read the base's tokenizer
     cfg, _, params, _, _, _ = load_run(out)
-    merged = merge_lora(params, cfg)
-    hf.save(tmp_path / "merged", cfg.replace(adapter=None), merged)
-    ids = np.random.default_rng(0).integers(0, 256, (2, 10))
+    assert main(["merge-lora", "--ckpt", str(out), "--out", str(tmp_path / "merged"), "--quiet"]) == 0
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()  # the merged directory is whole
+    ids = np.random.default_rng(0).integers(0, V, (2, 10))
     theirs = T.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         want = theirs(torch.tensor(ids)).logits.numpy()
@@ -126,3 +159,10 @@ def test_plain_lora_on_a_hugging_face_model_merges_into_a_directory_transformers
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-4)
     with torch.no_grad():
         assert np.abs(model(torch.tensor(ids)).logits.numpy() - want).max() > 1e-3  # the LoRA changed the model
+    # without its tokenizer a Hugging Face model's text has no ids: refused before anything is written
+    (tmp_path / "llama" / "tokenizer.json").unlink()
+    capsys.readouterr()
+    assert main(["finetune", "--ckpt", str(tmp_path / "llama"), "--out", str(tmp_path / "ft2"), "--adapter", "lora",
+                 "--data", str(tmp_path / "data.txt"), *FT]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer.json" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "ft2").exists()

@@ -80,7 +80,6 @@ def compress_run(ckpt: str | Path, out: str | Path, *, method: str, target_exper
     """
     from jmoe.data import eval_batches, load_corpus, train_batch
     from jmoe.train import rundir
-    from jmoe.train.state import init_train_state, make_optimizer
     from jmoe.train.trainer import evaluate
 
     spec = check_options(method, rank=rank, sparsity=sparsity, budget=budget, importance=importance, router=router,
@@ -159,20 +158,11 @@ def compress_run(ckpt: str | Path, out: str | Path, *, method: str, target_exper
         **report,
     }
 
-    tx, _ = make_optimizer(tc)
-    state = jax.jit(lambda: init_train_state(new_cfg, tc, tx))()
-    state = dict(state, params=jax.tree.map(jax.numpy.asarray, new), opt_state=tx.init(new))
-    if new_state:
-        state["router_state"] = jax.tree.map(jax.numpy.asarray, new_state)
     with staged_dir(out) as tmp:
         save_stats(routing, tmp / "routing_stats.npz")
-        store = rundir.checkpoint_store(tmp, keep=1)
-        try:
-            store.save(step, state, {"step": step, "data_position": step, "compressed_from": report["source"]})
-        finally:
-            store.close()
-        rundir.write_config(tmp, new_cfg, tc, saved.get("data", {}),
-                            compressed_from={k: report[k] for k in ("source", "step", "method")})
+        rundir.save_model_run(tmp, new_cfg, tc, new, new_state, step, saved.get("data", {}),
+                              meta={"compressed_from": report["source"]},
+                              compressed_from={k: report[k] for k in ("source", "step", "method")})
         if factors is not None:
             _save_factors(factors, tmp / "factors.safetensors")
         report["wall_s"] = time.perf_counter() - t0
