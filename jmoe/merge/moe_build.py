@@ -176,6 +176,25 @@ def parse_build_config(path: str | Path, *, allow_identical: bool = False) -> Bu
                      shared=shared, raw=raw)
 
 
+def upcycle_plan(model: str | Path, num_experts: int, *, top_k: int = 2, noise_scale: float = 0.0) -> BuildPlan:
+    """The plan of sparse upcycling: every expert a copy of the dense `model`'s FFN (plus
+    N(0, noise_scale) noise), under a freshly initialised router (U(-1/sqrt(d), 1/sqrt(d)),
+    a linear layer's default)."""
+    model = Path(model)
+    if not model.is_dir():
+        raise ValueError(f"--upcycle: {model} is not a model directory")
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"--upcycle {num_experts!r} must be an integer >= 1 (the experts per layer)")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"--top-k {top_k!r} must be an integer in [1, {num_experts}] (the experts)")
+    _number(noise_scale, "--noise-scale", 0.0, lo=0.0)
+    spec = ExpertSpec(source=model, noise_scale=float(noise_scale))
+    raw = {"base_model": str(model), "gate_mode": "uniform_random", "experts_per_token": top_k,
+           "experts": [{"source_model": str(model), "noise_scale": float(noise_scale)}] * num_experts}
+    return BuildPlan(base=model, gate_mode="uniform_random", top_k=top_k, dtype=None, architecture=None,
+                     experts=(spec,) * num_experts, shared=None, raw=raw)
+
+
 # ------------------------------------------------------------------ reading the models
 
 
@@ -411,15 +430,17 @@ def _routing_report(params, cfg, tokenizer, specs) -> dict:
     return {"prompts": len(ids), "top1_own_expert": [round(float(np.mean(t == np.asarray(owner))), 4) for t in top1]}
 
 
-def build_moe(config: str | Path, out: str | Path, *, force: bool = False, seed: int = 0,
+def build_moe(config: str | Path | BuildPlan, out: str | Path, *, force: bool = False, seed: int = 0,
               allow_identical: bool = False, log: Callable[[str], None] = print) -> dict:
     """`jmoe moe-build CONFIG OUT`: check everything, read the models, build and write the MoE
-    model (written aside and moved into place at the end). Returns the report, also written
-    to OUT/moe_build_report.json."""
+    model (written aside and moved into place at the end). config: a YAML file or a
+    `BuildPlan` (e.g. `upcycle_plan`). Returns the report, also written to
+    OUT/moe_build_report.json."""
     from jmoe.merge.checkpoints import TOKENIZER_FILES
     from jmoe.merge.staging import check_output_dir, staged_dir
 
-    plan = parse_build_config(config, allow_identical=allow_identical)
+    plan = config if isinstance(config, BuildPlan) else parse_build_config(config, allow_identical=allow_identical)
+    source = str(plan.base.absolute()) if isinstance(config, BuildPlan) else str(Path(config).absolute())
     out = check_output_dir(out, flag="OUT", force=force, force_flag="--force")
     models = check_models(plan)
     base, arch = models["base"], models["arch"]
@@ -475,8 +496,7 @@ def build_moe(config: str | Path, out: str | Path, *, force: bool = False, seed:
 
             _, tc, saved = rundir.read_config(plan.base)
             rundir.save_model_run(tmp, cfg, tc.replace(base_from=None), params, init_lm_state(cfg), 0,
-                                  saved.get("data", {}), meta={"built_from": str(Path(config).absolute())},
-                                  built_from=str(Path(config).absolute()))
+                                  saved.get("data", {}), meta={"built_from": source}, built_from=source)
         (tmp / "moe_build_config.yml").write_text(yaml.safe_dump(plan.raw, sort_keys=False))
         report["wall_s"] = time.perf_counter() - t0
         (tmp / "moe_build_report.json").write_text(json.dumps(report, indent=1))

@@ -240,3 +240,23 @@ def test_an_moe_base_and_broken_yaml_are_refused(tmp_path, capsys):
     assert "not valid YAML" in capsys.readouterr().err
     with pytest.raises(ValueError, match="does not exist"):
         parse_build_config(tmp_path / "none.yml")
+
+
+def test_upcycling_a_hugging_face_llama_gives_a_mixtral_that_computes_it(llamas, tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    T = pytest.importorskip("transformers")
+
+    out = tmp_path / "up"
+    assert main(["moe-build", str(llamas["base"]), str(out), "--upcycle", "4", "--top-k", "2", "--quiet"]) == 0
+    built = T.AutoModelForCausalLM.from_pretrained(out).eval()
+    dense = T.AutoModelForCausalLM.from_pretrained(llamas["base"]).eval()
+    assert type(built).__name__ == "MixtralForCausalLM" and built.config.num_local_experts == 4
+    ids = torch.tensor(np.random.default_rng(2).integers(0, 280, (2, 12)))
+    with torch.no_grad():
+        np.testing.assert_allclose(built(ids).logits.numpy(), dense(ids).logits.numpy(), rtol=1e-4, atol=1e-4)
+    capsys.readouterr()
+    for argv, message in ((["--upcycle", "2", "--top-k", "3"], "--top-k 3 must be an integer in [1, 2]"),
+                          (["--top-k", "2"], "--top-k goes with --upcycle")):
+        assert main(["moe-build", str(llamas["base"]), str(tmp_path / "bad"), *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1 and not (tmp_path / "bad").exists()
