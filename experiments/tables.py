@@ -207,6 +207,27 @@ def lora_experts(results: Path) -> str:
             + "\n" + table(["claim", "mean ± sd over seeds", "difference a - b", "verdict"], claims))
 
 
+@renderer
+def moe_build(results: Path) -> str:
+    """An MoE built from dense fine-tunes (jmoe moe-build) against its specialists and their
+    weight average, before and after a router-only fine-tune."""
+    data = load(results, "moe_build")
+    tasks = data["tasks"]
+    rows = []
+    for name, per_seed in data["scores"].items():
+        cells = [mean_sd(summary_of([s[t] for s in per_seed]), 3) for t in tasks]
+        rows.append([name, *cells, mean_sd(summary_of([sum(s[t] for t in tasks) / len(tasks) for s in per_seed]), 3)])
+    claims = [[c["claim"], f"{c['a']} {mean_sd(c['a_summary'])} vs {c['b']} {mean_sd(c['b_summary'])}",
+               diff_ci(c["difference"]), f"**{c['verdict']}**"] for c in data["claims"]]
+    seeds = ", ".join(str(s) for s in data["seeds"])
+    return (f"`{data['command']}` (base: dense {data['preset']}, {data['base_steps']} steps on the text domains; "
+            f"{data['steps']} steps of full fine-tuning per task; top-{data['top_k']}; {data['router_steps']} steps "
+            f"of router-only fine-tuning on the task mixture; seeds {seeds}; code {data['code_version']}; exact match "
+            f"on {data['examples']} test examples per task; specialists: each task's own fine-tune on that task):\n\n"
+            + table(["model", *tasks, "mean"], rows, "-" + "r" * (len(tasks) + 1))
+            + "\n" + table(["claim", "mean ± sd over seeds", "difference a - b", "verdict"], claims))
+
+
 def summary_of(values) -> dict:
     """Mean and sample standard deviation (what `mean_sd` shows)."""
     v = [float(x) for x in values]

@@ -201,6 +201,7 @@ def _build_train_configs(args):
             "distill_from": None if args.distill_from is None else str(Path(args.distill_from).absolute()),
             "distill_weight": args.distill_weight,
             "distill_temperature": args.distill_temperature,
+            "train_only": args.train_only,
         }.items()
         if v is not None
     }
@@ -620,6 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override any config field (model., moe., train.), or an option of the layer's router, dispatch or balance loss: moe.<method>.<option>")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--resume-from", metavar="DIR", help="start from the model of another run (e.g. one written by 'jmoe compress'), with a fresh optimizer")
+    t.add_argument("--train-only", type=_names, metavar="NAMES", help="train only the parameters under these keys "
+                   "of the parameter tree, e.g. router (the router-only fine-tune of a built MoE); the rest stays as it is")
     t.add_argument("--distill-from", metavar="DIR", help="distil from this run's model (knowledge distillation)")
     t.add_argument("--distill-weight", type=float, help="weight of the distillation loss (default 0.5)")
     t.add_argument("--distill-temperature", type=float, help="softmax temperature of distillation (default 1)")

@@ -177,31 +177,21 @@ def test_a_router_registered_from_outside(scaled_router, tmp_path):
     ],
 )
 def test_set_of_options_checks_before_any_work(sets, message, tmp_path):
-    import argparse
+    from jmoe.cli import _build_train_configs, build_parser
 
-    from jmoe.cli import _build_train_configs
-
-    args = argparse.Namespace(out=str(tmp_path / "r"), resume=False, resume_from=None, preset="tiny", router=None,
-                              dispatch=None, impl=None, num_experts=None, top_k=None, capacity_factor=None, dense=False,
-                              steps=None, batch_size=None, seq_len=None, lr=None, seed=None, data=None, eval_every=None,
-                              ckpt_every=None, keep_ckpts=None, mesh=None, ep_impl=None, distill_from=None,
-                              distill_weight=None, distill_temperature=None, set=[s for s in sets])
+    args = build_parser().parse_args(["train", "--out", str(tmp_path / "r"), "--preset", "tiny",
+                                      *[x for s in sets for x in ("--set", s)]])
     with pytest.raises(ValueError, match=message):
         _build_train_configs(args)
     assert not (tmp_path / "r").exists()
 
 
 def test_set_chooses_a_method_then_its_options(tmp_path):
-    import argparse
+    from jmoe.cli import _build_train_configs, build_parser
 
-    from jmoe.cli import _build_train_configs
-
-    args = argparse.Namespace(out=str(tmp_path / "r"), resume=False, resume_from=None, preset="tiny", router=None,
-                              dispatch="capacity", impl=None, num_experts=None, top_k=None, capacity_factor=3.0,
-                              dense=False, steps=None, batch_size=None, seq_len=None, lr=None, seed=None, data=None,
-                              eval_every=None, ckpt_every=None, keep_ckpts=None, mesh=None, ep_impl=None,
-                              distill_from=None, distill_weight=None, distill_temperature=None,
-                              set=["moe.router=sigmoid_bias", "moe.sigmoid_bias.route_scale=2.5"])
+    args = build_parser().parse_args(["train", "--out", str(tmp_path / "r"), "--preset", "tiny", "--dispatch", "capacity",
+                                      "--capacity-factor", "3.0", "--set", "moe.router=sigmoid_bias",
+                                      "--set", "moe.sigmoid_bias.route_scale=2.5"])
     model, _, _ = _build_train_configs(args)
     assert model.moe.router_options.route_scale == 2.5 and model.moe.dispatch_options.capacity_factor == 3.0
     with pytest.raises(ValueError, match=r"--capacity-factor moe.capacity.\*"):

@@ -28,6 +28,9 @@ class TrainConfig:
     base_from: fine-tuning with adapters: a run or Hugging Face directory whose model stays
       frozen; only the adapters of the model config (`LMConfig.adapter`) train, and the run's
       checkpoints hold them alone (`jmoe finetune`).
+    train_only: names of parameter-tree keys (e.g. ("router",)): only the parameters under
+      such a key train, the others stay bitwise unchanged and take no optimizer state
+      (router-only fine-tuning of a built or merged MoE model). None: everything trains.
     """
 
     steps: int = option(600, ge=1)
@@ -55,8 +58,14 @@ class TrainConfig:
     distill_weight: float = option(0.5, ge=0.0, le=1.0)
     distill_temperature: float = option(1.0, gt=0.0)
     base_from: str | None = None
+    train_only: tuple[str, ...] | None = None
 
     def __post_init__(self):
+        if self.train_only is not None:
+            names = (self.train_only,) if isinstance(self.train_only, str) else self.train_only
+            if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names):
+                raise ValueError(f"TrainConfig.train_only={self.train_only!r} must be a non-empty list of parameter names")
+            object.__setattr__(self, "train_only", tuple(names))
         check_fields(self, "TrainConfig")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"TrainConfig.batch_size={self.batch_size} must be a multiple of grad_accum={self.grad_accum}")
@@ -89,5 +98,5 @@ class TrainConfig:
 # Fields of earlier layouts that no longer exist: the expert-parallel exchange now sizes its
 # buffers from the MoE layer's dispatch and its capacity option.
 _RETIRED = ("ep_capacity_factor",)
-_WRITTEN_WHEN_SET = ("init_from", "distill_from", "distill_weight", "distill_temperature", "base_from")
+_WRITTEN_WHEN_SET = ("init_from", "distill_from", "distill_weight", "distill_temperature", "base_from", "train_only")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}

@@ -28,10 +28,21 @@ def make_optimizer(tc: TrainConfig) -> tuple[optax.GradientTransformation, optax
         end_value=tc.lr * tc.min_lr_ratio,
     )
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    return optax.chain(
+    tx = optax.chain(
         optax.clip_by_global_norm(tc.grad_clip),
         optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=decay_mask),
-    ), schedule
+    )
+    if tc.train_only:  # the rest is frozen: zero updates, no optimizer state
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                                   lambda params: trainable_labels(params, tc.train_only))
+    return tx, schedule
+
+
+def trainable_labels(params, names) -> dict:
+    """"train" for every leaf under a key in `names`, "frozen" for the others."""
+    names = set(names)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "train" if names & {str(getattr(k, "key", k)) for k in path} else "frozen", params)
 
 
 def init_train_state(model_cfg: LMConfig, tc: TrainConfig, tx) -> dict:

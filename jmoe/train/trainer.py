@@ -24,7 +24,7 @@ import optax
 
 from jmoe.data import Corpus, eval_batches, load_corpus, train_batch
 from jmoe.losses import needs_step_counts
-from jmoe.nn.transformer import LMConfig, lm_apply, stack_padded, update_lm_state
+from jmoe.nn.transformer import LMConfig, init_lm, lm_apply, stack_padded, update_lm_state
 from jmoe.parallel import ExpertParallel, batch_sharding, global_array, is_primary, make_mesh, shardings, to_host
 from jmoe.progress import Progress
 from jmoe.train import rundir
@@ -426,6 +426,8 @@ def _check_inputs(model_cfg: LMConfig, tc: TrainConfig, out: Path, corpus: Corpu
         finetune.check_base(model_cfg, tc.base_from)
     elif model_cfg.adapter is not None:
         raise TrainError("the model has adapters but no frozen model to train them on (TrainConfig.base_from)")
+    if tc.train_only:
+        _check_train_only(model_cfg, tc)
     corpus = corpus if corpus is not None else load_corpus(tc.data)
     if tc.base_from and corpus.tokenizer is None:
         corpus = finetune.corpus_for(corpus, tc.base_from)
@@ -440,6 +442,18 @@ def _check_inputs(model_cfg: LMConfig, tc: TrainConfig, out: Path, corpus: Corpu
         raise TrainError(f"the training text has ids up to {ids - 1}, beyond the model's vocabulary of "
                          f"{model_cfg.vocab_size}")
     return corpus
+
+
+def _check_train_only(model_cfg: LMConfig, tc: TrainConfig) -> None:
+    """TrainError unless every name of `tc.train_only` is a key of the model's parameters."""
+    if tc.mesh is not None or tc.base_from:
+        raise TrainError("--train-only runs on one device and trains the model itself (not with --mesh or adapters)")
+    shapes = jax.eval_shape(lambda: init_lm(jax.random.key(0), model_cfg))
+    keys = {str(getattr(k, "key", k)) for path, _ in jax.tree_util.tree_flatten_with_path(shapes)[0] for k in path}
+    keys = {k for k in keys if not k.isdigit()}
+    unknown = [n for n in tc.train_only if n not in keys]
+    if unknown:
+        raise TrainError(f"--train-only {unknown[0]!r} names no parameter of the model; names: {', '.join(sorted(keys))}")
 
 
 def _placement(tc: TrainConfig) -> Placement:

@@ -200,6 +200,24 @@ def test_upcycling_a_jmoe_run_gives_a_run_that_computes_the_dense_model(jmoe_den
     assert main(["eval", "--ckpt", str(out), "--json", "--batches", "1"]) == 0
     assert np.isfinite(json.loads(capsys.readouterr().out)["val_loss"])
 
+    # a router-only fine-tune moves the routers and nothing else
+    tuned = tmp_path / "tuned"
+    flags = ["--steps", "2", "--eval-every", "2", "--ckpt-every", "2", "--quiet", "--lr", "1e-2"]
+    assert main(["train", "--out", str(tmp_path / "bad"), "--resume-from", str(out), "--train-only", "routr", *flags]) == 2
+    assert "--train-only 'routr' names no parameter" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["train", "--out", str(tuned), "--resume-from", str(out), "--train-only", "router", *flags]) == 0
+    _, tc, after, _, _, _ = load_run(tuned)
+    assert tc.train_only == ("router",)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        moved = not np.array_equal(np.asarray(leaf), np.asarray(_at(after, path)))
+        assert moved == ("router" in jax.tree_util.keystr(path)), jax.tree_util.keystr(path)
+
+
+def _at(tree, path):
+    for k in path:
+        tree = tree[k.key]
+    return tree
+
 
 BAD = [
     (dict(bogus=1), "unknown key(s) bogus"),

@@ -18,7 +18,8 @@ FILES = sorted(p.name for p in (Path(__file__).parent / "multidevice").glob("md_
 
 
 def run_on_eight_devices(name: str) -> None:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "python_files=md_*.py",
          f"tests/parallel/multidevice/{name}"],
