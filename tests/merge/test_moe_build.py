@@ -278,3 +278,19 @@ def test_upcycling_a_hugging_face_llama_gives_a_mixtral_that_computes_it(llamas,
         assert main(["moe-build", str(llamas["base"]), str(tmp_path / "bad"), *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
+def test_models_that_disagree_in_shape_are_refused_before_any_work(llamas, tmp_path, capsys):
+    T = pytest.importorskip("transformers")
+
+    other = tmp_path / "wide"
+    T.LlamaForCausalLM(T.LlamaConfig(vocab_size=280, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+                       ).save_pretrained(other)
+    cfg_path = write_config(tmp_path, base_model=str(llamas["base"]),
+                            experts=experts(["code"], llamas) + [{"source_model": str(other), "positive_prompts": ["x"]}])
+    capsys.readouterr()
+    assert main(["moe-build", str(cfg_path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "experts[1].source_model" in err and "d_ff" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
