@@ -5,9 +5,10 @@ W_e = W + (alpha / r) A_e B_e; a softmax router picks k experts per token and re
 their weights. The frozen `x W_gate` and `x W_up` are computed once per token, and because
 W_down is linear, sum_e w_e h_e W_down = (sum_e w_e h_e) W_down runs once per token too. The
 token-slots are sorted by expert and each expert's LoRA factors run on its slots, through the
-dropless machinery of `jmoe.dispatch`: grouped matmuls, or on CPU the chunked loop (option
-`impl`). So the layer costs one frozen FFN plus the k experts' small matmuls and their
-k activations.
+dropless machinery of `jmoe.dispatch`: grouped matmuls, or on CPU the chunked loop; small
+adapters (E * r <= 64) run every expert's A at once and mask each slot to its expert's
+columns instead (option `impl`). So the layer costs one frozen FFN plus the k experts' small
+matmuls and their k activations.
 Auxiliary loss: aux_loss_coef * E * sum_e f_e P_e (Mixtral's, k at balance), with f_e the
 share of tokens routed to e and P_e the mean router probability.
 """
@@ -32,14 +33,17 @@ from jmoe.registry import ACTIVATIONS, ADAPTERS
 @dataclasses.dataclass(frozen=True)
 class MixLoRAOptions(Options):
     """aux_loss_coef: weight of the balance loss. router_init_std: std of the router's
-    normal init. impl: how the experts' LoRA factors run over the token-slots sorted by
-    expert: "grouped" (grouped matmuls, `jax.lax.ragged_dot`), "chunked" (the dropless loop of
-    `jmoe.dispatch.chunked`, which XLA:CPU runs far faster than its grouped matmul), "auto"
-    (chunked on CPU, grouped elsewhere). block_size: rows per chunk of "chunked"."""
+    normal init. impl: how the experts' LoRA factors run: over the token-slots sorted by expert
+    with "grouped" (grouped matmuls, `jax.lax.ragged_dot`) or "chunked" (the dropless loop of
+    `jmoe.dispatch.chunked`, which XLA:CPU runs far faster than its grouped matmul), or
+    "masked": every expert's A at once (one rank E*r matmul, the cost of a plain LoRA of that
+    rank) and each slot's B through its expert's columns, no sorting; "auto": masked while
+    E * r <= 64 (small adapters, where sorting costs more than the matmuls it saves), else
+    chunked on CPU and grouped elsewhere. block_size: rows per chunk of "chunked"."""
 
     aux_loss_coef: float = option(0.01, ge=0.0)
     router_init_std: float = option(0.02, gt=0.0)
-    impl: str = option("auto", choices=("auto", "grouped", "chunked"))
+    impl: str = option("auto", choices=("auto", "grouped", "chunked", "masked"))
     block_size: int = option(256, ge=1)
 
 
@@ -65,15 +69,57 @@ def _apply(base, params, x, activation, cfg, *, state=None, key=None):
     ids, weights, probs = route(params["router"], x, k)
     impl = cfg.options.impl
     if impl == "auto":
-        impl = "chunked" if jax.default_backend() == "cpu" else "grouped"
-    order, sizes = sort_slots(ids, jnp.ones(ids.shape, bool), E)  # the token-slots by expert
-    y = (_grouped if impl == "grouped" else _chunked)(base, params, x, activation, cfg, order, sizes, weights, key)
+        impl = "masked" if E * cfg.rank <= MASKED_MAX_RANK else "chunked" if jax.default_backend() == "cpu" else "grouped"
+    if impl == "masked":
+        y = _masked(base, params, x, activation, cfg, ids, weights, key)
+    else:
+        order, sizes = sort_slots(ids, jnp.ones(ids.shape, bool), E)  # the token-slots by expert
+        y = (_grouped if impl == "grouped" else _chunked)(base, params, x, activation, cfg, order, sizes, weights, key)
     counts = jnp.zeros((E,), jnp.float32).at[ids.reshape(-1)].add(1.0)
     balance = E * jnp.sum(counts / ids.shape[0] * jnp.mean(probs, axis=0))
     entropy = jnp.mean(-jnp.sum(probs * jnp.log(probs + 1e-20), axis=-1)) / jnp.log(E) if E > 1 else jnp.zeros(())
     aux = AdapterAux(loss=cfg.options.aux_loss_coef * balance, balance_loss=balance, entropy=entropy,
                      experts_per_token=jnp.float32(k), counts={"router": counts})
     return y, aux
+
+
+MASKED_MAX_RANK = 64  # "auto" takes the masked path while num_experts * rank is at most this
+
+
+def _masked(base, params, x, activation, cfg, ids, weights, key):
+    """All experts' A factors in one matmul; each token-slot keeps its expert's r columns
+    (a one-hot mask over experts) before the B factors, as one matmul of rank E * r. The down
+    LoRA's output is linear in its slots, so their weighted sum meets B_down once per token."""
+    E, k, r, s = cfg.num_experts, cfg.top_k, cfg.rank, cfg.scaling
+    act = ACTIVATIONS.get(activation)
+    T, dt = x.shape[0], x.dtype
+    k_in, k_h = jax.random.split(key) if key is not None else (None, None)
+    mask = jax.nn.one_hot(ids, E, dtype=dt)[..., None]  # [T, k, E, 1]
+    xs = dropout(x, cfg.dropout, k_in)
+    flat = lambda a: a.reshape(E * r, a.shape[-1])  # B [E, r, f] -> [E * r, f]
+
+    def delta(name):  # [T, k, f]: each slot's (alpha / r) x A_e B_e
+        p = params[name]
+        z = (xs @ jnp.moveaxis(p["A"].astype(dt), 0, 1).reshape(xs.shape[-1], E * r)).reshape(T, 1, E, r)
+        return s * ((mask * z).reshape(T * k, E * r) @ flat(p["B"].astype(dt))).reshape(T, k, -1)
+
+    def projected(name):
+        y = (x @ base[f"w_{name}"].astype(dt))[:, None, :]
+        return y + delta(name) if name in params else y
+
+    up = projected("up")
+    h = act.fn(projected("gate")) * up if act.gated else act.fn(up)  # [T, k or 1, f]
+    h = jnp.broadcast_to(h, (T, k, h.shape[-1]))
+    w = weights.astype(dt)[..., None]  # [T, k, 1]
+    y = jnp.sum(w * h, axis=1) @ base["w_down"].astype(dt)
+    if "down" in params:
+        p = params["down"]
+        hd = dropout(h, cfg.dropout, k_h)
+        f = hd.shape[-1]
+        z = (hd.reshape(T * k, f) @ jnp.moveaxis(p["A"].astype(dt), 0, 1).reshape(f, E * r)).reshape(T, k, E, r)
+        z = jnp.sum(w[..., None] * mask * z, axis=1)  # [T, E, r]: each slot's expert columns, weighted
+        y = y + s * (z.reshape(T, E * r) @ flat(p["B"].astype(dt)))
+    return y
 
 
 def _chunked(base, params, x, activation, cfg, order, sizes, weights, key):

@@ -94,7 +94,8 @@ def naive(kind, cfg, params, base, x, state=None):
 
 
 CASES = [("lora", {}), ("lora", dict(ffn_targets=("up",))), ("mixlora", {}), ("mixlora", dict(top_k=4)),
-         ("mixlora", dict(options=dict(impl="grouped"))), ("mixlora", dict(top_k=3, options=dict(block_size=4))),
+         ("mixlora", dict(options=dict(impl="grouped"))),
+         ("mixlora", dict(top_k=3, options=dict(impl="chunked", block_size=4))),
          ("mixlora", dict(ffn_targets=("gate", "down"))), ("smora", dict(rank=6, top_k=3)),
          ("dynmole", dict(num_experts=3, top_k=1)), ("dynmole", dict(options=dict(entropy_threshold=0.2)))]
 
