@@ -6,7 +6,7 @@ their weights. The frozen `x W_gate` and `x W_up` are computed once per token, a
 W_down is linear, sum_e w_e h_e W_down = (sum_e w_e h_e) W_down runs once per token too. The
 token-slots are sorted by expert and each expert's LoRA factors run on its slots, through the
 dropless machinery of `jmoe.dispatch`: grouped matmuls, or on CPU the chunked loop; small
-adapters (E * r <= 64) run every expert's A at once and mask each slot to its expert's
+adapters (E * r <= 32) run every expert's A at once and mask each slot to its expert's
 columns instead (option `impl`). So the layer costs one frozen FFN plus the k experts' small
 matmuls and their k activations.
 Auxiliary loss: aux_loss_coef * E * sum_e f_e P_e (Mixtral's, k at balance), with f_e the
@@ -38,7 +38,7 @@ class MixLoRAOptions(Options):
     `jmoe.dispatch.chunked`, which XLA:CPU runs far faster than its grouped matmul), or
     "masked": every expert's A at once (one rank E*r matmul, the cost of a plain LoRA of that
     rank) and each slot's B through its expert's columns, no sorting; "auto": masked while
-    E * r <= 64 (small adapters, where sorting costs more than the matmuls it saves), else
+    E * r <= 32 (small adapters, where sorting costs more than the matmuls it saves), else
     chunked on CPU and grouped elsewhere. block_size: rows per chunk of "chunked"."""
 
     aux_loss_coef: float = option(0.01, ge=0.0)
@@ -83,7 +83,7 @@ def _apply(base, params, x, activation, cfg, *, state=None, key=None):
     return y, aux
 
 
-MASKED_MAX_RANK = 64  # "auto" takes the masked path while num_experts * rank is at most this
+MASKED_MAX_RANK = 32  # "auto" takes the masked path while num_experts * rank is at most this
 
 
 def _masked(base, params, x, activation, cfg, ids, weights, key):
