@@ -187,6 +187,8 @@ def test_set_of_options_checks_before_any_work(sets, message, tmp_path):
 
 
 def test_set_chooses_a_method_then_its_options(tmp_path):
+    import argparse
+
     from jmoe.cli import _build_train_configs, build_parser
 
     args = build_parser().parse_args(["train", "--out", str(tmp_path / "r"), "--preset", "tiny", "--dispatch", "capacity",
