@@ -207,12 +207,11 @@ def check_models(plan: BuildPlan) -> dict[str, Any]:
     models of one shape; returns {"base": ModelSource, "arch": output architecture, "sources":
     {path: ModelSource}}. ValueError naming the key otherwise."""
     from jmoe.infer.load import open_model
+    from jmoe.io.hf import DENSE_ARCHITECTURES
     from jmoe.train.rundir import config_diff
 
     base = open_model(plan.base, tokenizer=plan.gate_mode in ("hidden", "hidden_avg", "cheap_embed"))
-    dense = "jmoe" if base.kind == "run" else dict(base.cfg.meta).get("hf_architecture")
-    from jmoe.io.hf import DENSE_ARCHITECTURES
-
+    dense = "jmoe"
     if base.cfg.moe is not None or base.cfg.adapter is not None:
         raise ValueError(f"base_model {plan.base} is not a dense model (it has MoE layers or adapters)")
     if base.kind == "hf":
@@ -390,14 +389,12 @@ def assemble(base_params: dict, base_cfg: LMConfig, moe_cfg: LMConfig, expert_pa
 def _moe_config(base_cfg: LMConfig, base_hf: dict | None, arch: str, num_experts: int, top_k: int, shared: bool,
                 shared_gated: bool, dtype: str) -> tuple[LMConfig, dict | None]:
     """(the MoE model's LMConfig, its Hugging Face config.json or None for a jmoe run)."""
-    from jmoe.config import MoEConfig
     from jmoe.io.hf import ARCHITECTURES
+    from jmoe.merge.experts.upcycle import moe_config_from_dense
 
     if arch == "jmoe":
-        moe = MoEConfig(num_experts=num_experts, top_k=top_k, d_model=base_cfg.d_model, d_ff=base_cfg.d_ff,
-                        activation=base_cfg.activation, router="topk", router_options=dict(renormalize=True),
-                        num_shared_experts=int(shared), d_ff_shared=base_cfg.d_ff if shared else None,
-                        shared_gate=shared_gated)
+        moe = moe_config_from_dense(base_cfg, num_experts, top_k, num_shared_experts=int(shared),
+                                    d_ff_shared=base_cfg.d_ff if shared else None, shared_gate=shared_gated)
         return base_cfg.replace(moe=moe, moe_every=1, dense_layers=(), param_dtype=dtype), None
     hf = {k: v for k, v in base_hf.items() if k not in ("architectures", "auto_map")}
     ff = base_cfg.d_ff

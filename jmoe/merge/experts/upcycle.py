@@ -22,7 +22,9 @@ from jmoe.layer import init_moe
 from jmoe.nn.transformer import LMConfig
 
 
-def _moe_cfg(cfg: LMConfig, num_experts: int, top_k: int, **kw) -> MoEConfig:
+def moe_config_from_dense(cfg: LMConfig, num_experts: int, top_k: int, **kw) -> MoEConfig:
+    """The MoE config of experts shaped like the dense FFN of `cfg` (renormalised top-k unless
+    `kw` picks another router)."""
     if kw.get("router", "topk") == "topk":  # renormalised top-k, as the models it starts from
         kw.setdefault("router_options", dict(renormalize=True))
     return MoEConfig(num_experts=num_experts, top_k=top_k, d_model=cfg.d_model, d_ff=cfg.d_ff,
@@ -37,7 +39,7 @@ def upcycle(params: dict, cfg: LMConfig, *, num_experts: int, top_k: int, key: j
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
     layers = list(range(cfg.n_layers)) if layers is None else sorted(layers)
-    moe_cfg = _moe_cfg(cfg, num_experts, top_k, **moe_options)
+    moe_cfg = moe_config_from_dense(cfg, num_experts, top_k, **moe_options)
     new = dict(params)
     new["layers"] = dict(params["layers"])
     keys = jax.random.split(key, len(layers) * 2)
@@ -70,7 +72,7 @@ def bam(models: Sequence[dict], cfg: LMConfig, *, top_k: int, key: jax.Array, la
             raise ValueError(f"models[{i}] has a different tree than models[0]")
     layers = list(range(cfg.n_layers)) if layers is None else sorted(layers)
     averaged = jax.tree.map(lambda *xs: (sum(jnp.asarray(x, jnp.float32) for x in xs) / n).astype(jnp.asarray(xs[0]).dtype), *models)
-    moe_cfg = _moe_cfg(cfg, n, top_k, **moe_options)
+    moe_cfg = moe_config_from_dense(cfg, n, top_k, **moe_options)
     keys = jax.random.split(key, len(layers))
     new = dict(averaged)
     new["layers"] = dict(averaged["layers"])
