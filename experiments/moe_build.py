@@ -1,19 +1,26 @@
-"""An MoE model built from dense fine-tunes (`jmoe moe-build`), before and after a router-only fine-tune.
+"""An MoE model built from dense fine-tunes (`jmoe moe-build`), before and after a router-only fine-tune; BAM against BTX.
 
 The dense base of lora_experts.py (the `tiny` or `small` preset without MoE layers, trained on
 the evaluation suite's text domains) is fine-tuned in full on each algorithmic task of the
-suite. `jmoe moe-build` then makes the fine-tunes' FFNs the experts of one MoE model:
-attention, norms and embeddings from the base, router rows from the base's hidden states on
-each task's training prompts (mergekit's `hidden` gates), top-2. Scored by exact match on
-each task's test split:
+suite. `jmoe moe-build` then makes the fine-tunes' FFNs the experts of one MoE model, router
+rows from the base's hidden states on each task's training prompts (mergekit's `hidden`
+gates), top-2, in four recipes:
+
+  built          mergekit-moe's: attention, norms and embeddings from the base
+  btx            Branch-Train-MiX's: the same, averaged over the fine-tunes instead
+  bam            BAM's: btx, and each fine-tune's attention an attention expert (soft-routed)
+  bam_shared_kv  bam with the experts' keys and values averaged into shared ones
+
+Scored by exact match on each task's test split:
 
   specialists   each task's own fine-tune, on that task (what the experts know)
   average       the fine-tunes' weights averaged (the merge that needs no router)
-  built         the MoE model as built
-  built+router  the MoE model after a router-only fine-tune on the task mixture
+  built         the mergekit-moe model as built
+  <recipe>+router  each recipe after the same router-only fine-tune on the task mixture
 
 Claims, paired by seed: the router fine-tune improves the built model; the built model beats
-the weight average; and whether the tuned MoE keeps what the specialists know. Writes
+the weight average; whether the tuned MoE keeps what the specialists know; and BAM's: its
+attention experts beat BTX's averaged attention (both router-tuned alike). Writes
 experiments/results/moe_build.{json,png}; runs are cached by configuration and code version.
 
     python experiments/moe_build.py --preset tiny
@@ -43,6 +50,12 @@ from jmoe.train import TrainConfig  # noqa: E402
 from _harness import config_key  # noqa: E402
 
 PROMPTS = 16  # training prompts per task for its router rows
+RECIPES = {
+    "built": {},
+    "btx": {"non_expert_params": "average"},
+    "bam": {"attention_experts": "full", "non_expert_params": "average"},
+    "bam_shared_kv": {"attention_experts": "shared_kv", "non_expert_params": "average"},
+}
 MARGIN = 0.05  # "keeps what the specialists know": mean exact match at most this far below theirs
 
 
@@ -53,10 +66,12 @@ def specialist(base_run: dict, task: str, steps: int, seed: int) -> dict:
     return _zoo.run(f"mb_ft_{task}", base_run["model"], tc, mix_spec(task))
 
 
-def build(base_run: dict, fts: dict[str, dict], seed: int, top_k: int) -> Path:
-    """The MoE model of the fine-tunes (built once per configuration and code version)."""
+def build(base_run: dict, fts: dict[str, dict], seed: int, top_k: int, recipe: str = "built") -> Path:
+    """The MoE model of the fine-tunes in one of the `RECIPES` (built once per configuration
+    and code version)."""
     config = {
         "base_model": str(Path(base_run["dir"]).absolute()), "gate_mode": "hidden", "experts_per_token": top_k,
+        **RECIPES[recipe],
         "experts": [{"source_model": str(Path(r["dir"]).absolute()),
                      "positive_prompts": [ex.prompt for ex in evals.resolve_tasks(task)[0].examples("train", PROMPTS,
                                                                                                      seed=seed)]}
@@ -110,24 +125,25 @@ def main(argv=None):
     base_steps = a.base_steps or preset(a.preset)["train"]["steps"]
     bases = {s: lora_experts.base(a.preset, base_steps, s, text_spec) for s in a.seeds}
     fts = {s: {t.name: specialist(bases[s], t.name, a.steps, s) for t in tasks} for s in a.seeds}
-    built = {s: build(bases[s], fts[s], s, a.top_k) for s in a.seeds}
-    tuned = {s: router_tune(built[s], a.router_steps, s, task_spec) for s in a.seeds}
+    built = {r: {s: build(bases[s], fts[s], s, a.top_k, r) for s in a.seeds} for r in RECIPES}
+    tuned = {r: {s: router_tune(built[r][s], a.router_steps, s, task_spec) for s in a.seeds} for r in RECIPES}
     if a.train_only:
         return
 
     def score(model) -> dict:
         return {x.task: x.value for x in evals.evaluate(model, tasks, examples=a.examples, split="test", seed=0)}
 
-    scores = {k: [] for k in ("specialists", "average", "built", "built+router")}
+    scores = {k: [] for k in ("specialists", "average", "built", *(f"{r}+router" for r in RECIPES))}
     routing = []
     for s in a.seeds:
         own = {t.name: score(open_model(fts[s][t.name]["dir"]).load())[t.name] for t in tasks}
         row = {"specialists": own, "average": score(averaged(list(fts[s].values()))),
-               "built": score(open_model(built[s]).load()), "built+router": score(open_model(tuned[s]["dir"]).load())}
+               "built": score(open_model(built["built"][s]).load()),
+               **{f"{r}+router": score(open_model(tuned[r][s]["dir"]).load()) for r in RECIPES}}
         for k, v in row.items():
             scores[k].append(v)
             print(f"   seed {s} {k}: " + ", ".join(f"{t} {x:.3f}" for t, x in v.items()), flush=True)
-        routing.append(json.loads((built[s] / "moe_build_report.json").read_text())["prompt_routing"])
+        routing.append(json.loads((built["built"][s] / "moe_build_report.json").read_text())["prompt_routing"])
     mean = lambda rows: [float(np.mean([row[t.name] for t in tasks])) for row in rows]
     claims = [
         _zoo.claim("mean exact match: the router-only fine-tune improves the built MoE", "built+router",
@@ -137,11 +153,16 @@ def main(argv=None):
         _zoo.claim(f"mean exact match: the router-tuned MoE within {MARGIN:g} of the specialists on their own tasks",
                    "built+router", mean(scores["built+router"]), "specialists", mean(scores["specialists"]),
                    higher_is_better=True, margin=MARGIN),
+        *(_zoo.claim(f"mean exact match (router-tuned): {r}'s attention experts beat btx's averaged attention", r,
+                     mean(scores[f"{r}+router"]), "btx", mean(scores["btx+router"]), higher_is_better=True)
+          for r in ("bam", "bam_shared_kv")),
+        _zoo.claim("mean exact match (router-tuned): btx's averaged non-expert weights against the base's", "btx",
+                   mean(scores["btx+router"]), "built", mean(scores["built+router"]), higher_is_better=True),
     ]
     _zoo.print_claims(claims)
 
     plt = _zoo.plt()
-    fig, ax = plt.subplots(figsize=(1.6 * (len(tasks) + 1) + 2, 3.6))
+    fig, ax = plt.subplots(figsize=(2.2 * (len(tasks) + 1) + 2, 3.8))
     names = [t.name for t in tasks] + ["mean"]
     width = 0.8 / len(scores)
     for j, (k, rows) in enumerate(scores.items()):
@@ -152,7 +173,7 @@ def main(argv=None):
                                              f"{len(a.seeds)} seeds")
     ax.legend(fontsize=8)
     payload = _zoo.payload("moe_build", a.steps, a.seeds, claims, preset=a.preset, base_steps=base_steps,
-                           router_steps=a.router_steps, top_k=a.top_k, examples=a.examples,
+                           router_steps=a.router_steps, top_k=a.top_k, examples=a.examples, recipes=RECIPES,
                            tasks=[t.name for t in tasks], scores=scores, prompt_routing=routing)
     payload["command"] += f" --preset {a.preset}"
     _zoo.save("moe_build", payload, fig)

@@ -299,10 +299,9 @@ def cmd_eval(args) -> int:
     if args.skip_ratio is not None and not run_cfg.moe_layers:
         raise ValueError(f"--skip-ratio: {args.ckpt} has no MoE layers whose experts could be skipped")
     corpus = load_corpus(args.data if args.data is not None else tc.data)
-    if tc.base_from:
-        from jmoe.train.finetune import corpus_for
+    from jmoe.train.finetune import corpus_for
 
-        corpus = corpus_for(corpus, tc.base_from)
+    corpus = corpus_for(corpus, args.ckpt)  # the ids the run reads (its tokenizer's, or bytes)
     batches = eval_batches(corpus.val, args.batches, tc.batch_size, tc.seq_len)
     model_cfg, tc, params, router_state, saved, step = load_run(args.ckpt, args.step)
     if args.skip_ratio is not None:

@@ -58,6 +58,9 @@ def check_adapter(cfg) -> None:
             raise ValueError(f"AdapterConfig.layers has layer {bad[0]}, but the model has {cfg.n_layers} layers "
                              f"(0..{cfg.n_layers - 1})")
     if a.attn_targets:
+        if cfg.attention.experts:
+            raise ValueError(f"AdapterConfig.attn_targets: this model's attention is {cfg.attention.experts} attention "
+                             "experts, which take no attention LoRA; adapt its FFNs (ffn_targets) only")
         shapes = _attention_shapes(cfg)
         unknown = [t for t in a.attn_targets if t not in shapes]
         if unknown:

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from jmoe.infer.cache import write
 from jmoe.nn.attention import (
-    causal_attend, gqa_projections, mla_keys_values, mla_projections, mla_scale, blockwise_causal_attention,
+    attention_out, attention_qkv, causal_attend, mla_keys_values, mla_projections, mla_scale,
+    blockwise_causal_attention,
 )
 
 
@@ -36,8 +37,8 @@ def prefill_attention(params: dict, x: jax.Array, positions: jax.Array, cfg) -> 
         k, v = mla_keys_values(params, latent, k_rope, cfg)
         heads = blockwise_causal_attention(jnp.concatenate([q_nope, q_rope], axis=-1), k, v, mla_scale(cfg))
         return _project_out(params, heads), {"latent": latent, "k_rope": k_rope}
-    q, k, v = gqa_projections(params, x, positions, cfg)
-    return _project_out(params, causal_attend(q, k, v, cfg.attention.softmax_scale)), {"k": k, "v": v}
+    q, k, v = attention_qkv(params, x, positions, cfg)
+    return attention_out(params, causal_attend(q, k, v, cfg.attention.softmax_scale), x, cfg), {"k": k, "v": v}
 
 
 def _visible(positions: jax.Array, max_len: int) -> jax.Array:
@@ -65,7 +66,7 @@ def cached_attention(params: dict, x: jax.Array, positions: jax.Array, entry: di
         out_latent = jnp.einsum("bhst,btr->bshr", probs, entry["latent"].astype(jnp.float32))
         heads = jnp.einsum("bshr,rhv->bshv", out_latent.astype(dt), w[..., Dn:])
         return _project_out(params, heads), entry
-    q, k, v = gqa_projections(params, x, positions, cfg)
+    q, k, v = attention_qkv(params, x, positions, cfg)
     entry = {"k": write(entry["k"], k, positions), "v": write(entry["v"], v, positions)}
     B, n, H, D = q.shape
     Hkv = k.shape[2]
@@ -75,4 +76,4 @@ def cached_attention(params: dict, x: jax.Array, positions: jax.Array, entry: di
     visible = _visible(positions, logits.shape[-1])[:, :, None]  # [B, 1, 1, n, S]
     probs = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
     heads = jnp.einsum("bhgst,bthd->bshgd", probs, entry["v"].astype(jnp.float32)).reshape(B, n, H, D)
-    return _project_out(params, heads.astype(dt)), entry
+    return attention_out(params, heads.astype(dt), x, cfg), entry

@@ -3,6 +3,7 @@
 One entry per layer, sized for the whole generation up front so that one compiled decode
 step serves every position:
   grouped-query / multi-head attention  {"k": [B, S, Hkv, Dh], "v": [B, S, Hkv, Dh]}
+    (A attention experts: A * Hkv heads, or Hkv when they share keys and values)
   multi-head latent attention (MLA)     {"latent": [B, S, rkv], "k_rope": [B, S, Dr]}
 
 MLA caches only the compressed key/value latent and the shared rotary key, rkv + Dr values
@@ -41,12 +42,20 @@ class KVCache:
         return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(self.layers))
 
 
+def cached_kv_heads(cfg: LMConfig) -> int:
+    """Key/value heads a GQA layer caches: Hkv, or A * Hkv for A attention experts with their
+    own keys and values (Hkv when they share them)."""
+    a = cfg.attention
+    return cfg.kv_heads * (a.experts if a.experts and not a.shared_kv else 1)
+
+
 def values_per_token(cfg: LMConfig) -> int:
-    """Cached values per token per layer: rkv + Dr for MLA, 2 * Hkv * Dh otherwise."""
+    """Cached values per token per layer: rkv + Dr for MLA, 2 * Hkv' * Dh otherwise
+    (`cached_kv_heads`)."""
     a = cfg.attention
     if a.kind == "mla":
         return a.kv_lora_rank + a.qk_rope_head_dim
-    return 2 * cfg.kv_heads * cfg.head_dim
+    return 2 * cached_kv_heads(cfg) * cfg.head_dim
 
 
 def layer_shapes(cfg: LMConfig, batch: int, max_len: int) -> dict[str, tuple[int, ...]]:
@@ -54,7 +63,8 @@ def layer_shapes(cfg: LMConfig, batch: int, max_len: int) -> dict[str, tuple[int
     a = cfg.attention
     if a.kind == "mla":
         return {"latent": (batch, max_len, a.kv_lora_rank), "k_rope": (batch, max_len, a.qk_rope_head_dim)}
-    return {"k": (batch, max_len, cfg.kv_heads, cfg.head_dim), "v": (batch, max_len, cfg.kv_heads, cfg.head_dim)}
+    hkv = cached_kv_heads(cfg)
+    return {"k": (batch, max_len, hkv, cfg.head_dim), "v": (batch, max_len, hkv, cfg.head_dim)}
 
 
 def init_cache(cfg: LMConfig, batch: int, max_len: int, dtype=None) -> KVCache:

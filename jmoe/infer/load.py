@@ -173,10 +173,8 @@ def _open(path, step, tokenizer) -> ModelSource:
             return model_cfg, params, router_state or {}, at
 
         tok = None
-        if tokenizer:  # a fine-tuning run of a Hugging Face model reads that model's tokenizer
-            base_from = saved.get("train", {}).get("base_from")
-            hf_base = base_from and not rundir.is_run_dir(base_from)
-            tok = load_tokenizer(base_from if hf_base else None, vocab_size=cfg.vocab_size)
+        if tokenizer:  # its own, or that of the model it was trained from (a Hugging Face model's)
+            tok = load_tokenizer(rundir.tokenizer_dir(path), vocab_size=cfg.vocab_size)
         task_experts = None
         if "premoe" in saved:
             from jmoe.merge.experts.premoe import FILE, TaskExperts

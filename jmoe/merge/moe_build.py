@@ -10,6 +10,10 @@ YAML:
   experts_per_token: 2            # top-k (default 2)
   dtype: bfloat16                 # output dtype (default the base's)
   architecture: mixtral           # optional: mixtral | qwen2_moe | qwen3_moe | jmoe (default: the base's)
+  attention_experts: full         # optional (BAM): each expert's attention too, as a soft mixture of
+                                  #   attention experts; full | shared_kv (keys and values averaged)
+  non_expert_params: base         # base | average: embeddings and norms (and the attention, without
+                                  #   attention experts) from the base, or averaged over the experts' models
   experts:
     - source_model: DIR
       positive_prompts: ["..."]   # needed by the hidden and cheap_embed gates
@@ -29,8 +33,16 @@ With negative prompts a row is f(positive) - f(negative); rows are then L2-norma
 
 Outputs: Mixtral (Llama or Mistral bases), Qwen2-MoE (Qwen2 bases and one gated shared
 expert), Qwen3-MoE (Qwen3 bases) as Hugging Face directories with the base's tokenizer; a
-jmoe run for a jmoe base (its shared expert is gated when it has prompts, else always on).
+jmoe run for a jmoe base or when asked (`architecture: jmoe`; a Hugging Face base's
+tokenizer is copied into it). Its shared expert is gated when it has prompts, else always on.
 Routing is renormalised softmax top-k in all of them.
+
+BAM (Branch-Attend-Mix): with `attention_experts`, expert e's attention becomes attention
+expert e of a soft mixture (`jmoe.nn.attention_experts`: every token attends with all of
+them, mixed by a softmax router whose rows are the FFN router's), optionally with the experts'
+keys and values averaged into shared ones (`shared_kv`, a KV cache as small as the base's).
+No Hugging Face architecture holds attention experts, so the output is a jmoe run. BAM
+averages the remaining parameters over the experts' models: `non_expert_params: average`.
 """
 
 from __future__ import annotations
@@ -52,11 +64,15 @@ from jmoe.nn.attention import causal_attention
 from jmoe.nn.transformer import LMConfig, attention_block, embed
 
 GATE_MODES = ("hidden", "hidden_avg", "cheap_embed", "random", "uniform_random")
-TOP_KEYS = {"base_model", "gate_mode", "dtype", "experts_per_token", "architecture", "experts", "shared_experts", "name"}
+TOP_KEYS = {"base_model", "gate_mode", "dtype", "experts_per_token", "architecture", "experts", "shared_experts", "name",
+            "attention_experts", "non_expert_params"}
+ATTENTION_EXPERTS = ("full", "shared_kv")
+NON_EXPERT = ("base", "average")
 EXPERT_KEYS = {"source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale"}
 DTYPES = ("float32", "float16", "bfloat16")
 # output architecture -> the dense architectures it is built from
-OUTPUTS = {"mixtral": ("llama", "mistral"), "qwen2_moe": ("qwen2",), "qwen3_moe": ("qwen3",), "jmoe": ("jmoe",)}
+OUTPUTS = {"mixtral": ("llama", "mistral"), "qwen2_moe": ("qwen2",), "qwen3_moe": ("qwen3",),
+           "jmoe": ("jmoe", "llama", "mistral", "qwen2", "qwen3")}
 ALIASES = {"qwen": "qwen2_moe", "qwen3": "qwen3_moe"}  # mergekit's names
 
 
@@ -79,6 +95,8 @@ class BuildPlan:
     experts: tuple[ExpertSpec, ...]
     shared: ExpertSpec | None
     raw: dict
+    attention_experts: str | None = None
+    non_expert: str = "base"
 
 
 def _strings(value, where: str) -> tuple[str, ...]:
@@ -165,6 +183,17 @@ def parse_build_config(path: str | Path, *, allow_identical: bool = False) -> Bu
     k = raw.get("experts_per_token", 2)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(experts):
         raise ValueError(f"{path}: experts_per_token={k!r} must be an integer in [1, {len(experts)}] (the experts)")
+    attention = raw.get("attention_experts")
+    if attention is not None and attention not in ATTENTION_EXPERTS:
+        raise ValueError(f"{path}: attention_experts {attention!r} is not one of {', '.join(ATTENTION_EXPERTS)}")
+    if attention is not None and len(experts) < 2:
+        raise ValueError(f"{path}: attention_experts needs at least two experts")
+    if attention is not None and arch not in (None, "jmoe"):
+        raise ValueError(f"{path}: attention_experts makes a model no Hugging Face architecture holds; set "
+                         f"architecture to jmoe (or leave it out), not {raw['architecture']!r}")
+    non_expert = raw.get("non_expert_params", "base")
+    if non_expert not in NON_EXPERT:
+        raise ValueError(f"{path}: non_expert_params {non_expert!r} is not one of {', '.join(NON_EXPERT)}")
     if not allow_identical and len(experts) > 1:
         if len({e.source.resolve() for e in experts}) == 1 and mode not in ("random", "uniform_random"):
             raise ValueError(f"{path}: every expert is {experts[0].source}: identical experts only differ after "
@@ -173,7 +202,7 @@ def parse_build_config(path: str | Path, *, allow_identical: bool = False) -> Bu
             raise ValueError(f"{path}: every expert has the same prompts, so their router rows are equal "
                              "(pass --allow-identical to build it anyway)")
     return BuildPlan(base=base, gate_mode=mode, top_k=k, dtype=dtype, architecture=arch, experts=experts,
-                     shared=shared, raw=raw)
+                     shared=shared, raw=raw, attention_experts=attention, non_expert=non_expert)
 
 
 def upcycle_plan(model: str | Path, num_experts: int, *, top_k: int = 2, noise_scale: float = 0.0) -> BuildPlan:
@@ -219,7 +248,7 @@ def check_models(plan: BuildPlan) -> dict[str, Any]:
         if dense not in DENSE_ARCHITECTURES:
             raise ValueError(f"base_model {plan.base} is a {dense!r} model; dense bases: {', '.join(DENSE_ARCHITECTURES)}")
     fits = [a for a, ins in OUTPUTS.items() if dense in ins]
-    arch = plan.architecture or fits[0]
+    arch = plan.architecture or ("jmoe" if plan.attention_experts else fits[0])
     if arch not in fits:
         raise ValueError(f"architecture {arch!r} is not built from a {dense} base; it takes {', '.join(OUTPUTS[arch])}")
     if plan.shared is not None and arch in ("mixtral", "qwen3_moe"):
@@ -356,16 +385,31 @@ def _expert_ffn(params: dict, layer: int, spec: ExpertSpec, key) -> dict:
 
 def assemble(base_params: dict, base_cfg: LMConfig, moe_cfg: LMConfig, expert_params: list[dict],
              specs: list[ExpertSpec], rows: np.ndarray, shared: tuple[dict, ExpertSpec] | None,
-             shared_row: np.ndarray | None, seed: int = 0) -> dict:
-    """The MoE params: the base's non-FFN weights, expert e of layer l the FFN of
-    `expert_params[e]`, router columns `rows[l]` [E, d] (and the shared expert and its gate)."""
+             shared_row: np.ndarray | None, seed: int = 0, *, non_expert: str = "base") -> dict:
+    """The MoE params: expert e of layer l the FFN of `expert_params[e]`, router columns
+    `rows[l]` [E, d] (and the shared expert and its gate); with attention experts in
+    `moe_cfg`, attention expert e of layer l the attention of `expert_params[e]` under the
+    same router columns. The other weights are the base's (non_expert="base") or the mean of
+    the experts' models' ("average")."""
     from jmoe.nn import init_lm
+    from jmoe.nn.attention_experts import experts_from_attentions
 
     key = jax.random.key(seed + 1)
-    params = {k: v for k, v in base_params.items() if k != "layers"}
+    sources = [base_params] if non_expert == "base" else expert_params
+
+    def rest(get):
+        return jax.tree.map(lambda *xs: np.mean([np.asarray(x, np.float32) for x in xs], axis=0),
+                            *[get(p) for p in sources])
+
+    attention = moe_cfg.attention
+    params = {k: rest(lambda p: p[k]) for k in base_params if k != "layers"}
     params["layers"] = {}
     for i in range(base_cfg.n_layers):
-        layer = {k: v for k, v in base_params["layers"][str(i)].items() if k != "ffn"}
+        own = ("ffn", "attn") if attention.experts else ("ffn",)
+        layer = {k: rest(lambda p: p["layers"][str(i)][k]) for k in base_params["layers"][str(i)] if k not in own}
+        if attention.experts:
+            layer["attn"] = experts_from_attentions([p["layers"][str(i)]["attn"] for p in expert_params],
+                                                    rows[i].T.copy(), shared_kv=attention.shared_kv)
         ffns = [_expert_ffn(p, i, s, jax.random.fold_in(key, i * 1000 + e))
                 for e, (p, s) in enumerate(zip(expert_params, specs))]
         moe = {"router": {"w": rows[i].T.copy()}, "experts": {n: np.stack([f[n] for f in ffns]) for n in ffns[0]}}
@@ -387,7 +431,7 @@ def assemble(base_params: dict, base_cfg: LMConfig, moe_cfg: LMConfig, expert_pa
 
 
 def _moe_config(base_cfg: LMConfig, base_hf: dict | None, arch: str, num_experts: int, top_k: int, shared: bool,
-                shared_gated: bool, dtype: str) -> tuple[LMConfig, dict | None]:
+                shared_gated: bool, dtype: str, attention_experts: str | None = None) -> tuple[LMConfig, dict | None]:
     """(the MoE model's LMConfig, its Hugging Face config.json or None for a jmoe run)."""
     from jmoe.io.hf import ARCHITECTURES
     from jmoe.merge.experts.upcycle import moe_config_from_dense
@@ -395,7 +439,12 @@ def _moe_config(base_cfg: LMConfig, base_hf: dict | None, arch: str, num_experts
     if arch == "jmoe":
         moe = moe_config_from_dense(base_cfg, num_experts, top_k, num_shared_experts=int(shared),
                                     d_ff_shared=base_cfg.d_ff if shared else None, shared_gate=shared_gated)
-        return base_cfg.replace(moe=moe, moe_every=1, dense_layers=(), param_dtype=dtype), None
+        attention = base_cfg.attention
+        if attention_experts:
+            attention = dataclasses.replace(attention, experts=num_experts, shared_kv=attention_experts == "shared_kv")
+        # meta=(): a dense Hugging Face base's config no longer describes the model
+        return base_cfg.replace(moe=moe, moe_every=1, dense_layers=(), param_dtype=dtype, attention=attention,
+                                meta=()), None
     hf = {k: v for k, v in base_hf.items() if k not in ("architectures", "auto_map")}
     ff = base_cfg.d_ff
     extra = {
@@ -468,13 +517,16 @@ def build_moe(config: str | Path | BuildPlan, out: str | Path, *, force: bool = 
     dtype = plan.dtype or base.cfg.param_dtype
     base_hf = json.loads(dict(base.cfg.meta)["hf_config"]) if base.kind == "hf" else None
     cfg, hf_config = _moe_config(base.cfg, base_hf, arch, len(specs), plan.top_k, plan.shared is not None,
-                                 shared_row is not None, dtype)
-    log(f"assembling {len(specs)} experts per layer, top-{plan.top_k}, as {arch}")
+                                 shared_row is not None, dtype, plan.attention_experts)
+    bam = f" and {len(specs)} attention experts ({plan.attention_experts})" if plan.attention_experts else ""
+    log(f"assembling {len(specs)} experts per layer, top-{plan.top_k}{bam}, as {arch}")
     expert_params = [params_of(s.source) for s in specs]
     shared = (params_of(plan.shared.source), plan.shared) if plan.shared is not None else None
-    params = assemble(base_params, base.cfg, cfg, expert_params, specs, rows, shared, shared_row, seed=seed)
+    params = assemble(base_params, base.cfg, cfg, expert_params, specs, rows, shared, shared_row, seed=seed,
+                      non_expert=plan.non_expert)
     report = {"config": plan.raw, "architecture": arch, "gate_mode": plan.gate_mode, "num_experts": len(specs),
-              "top_k": plan.top_k, "dtype": dtype, "router_condition_numbers": [round(c, 3) for c in conds]}
+              "top_k": plan.top_k, "dtype": dtype, "attention_experts": plan.attention_experts,
+              "non_expert_params": plan.non_expert, "router_condition_numbers": [round(c, 3) for c in conds]}
     if plan.gate_mode in ("hidden", "hidden_avg", "cheap_embed") and base.tokenizer is not None:
         report["prompt_routing"] = _routing_report(params, cfg, base.tokenizer, specs)
         log("prompts routed first to their own expert, per layer: "
@@ -489,11 +541,18 @@ def build_moe(config: str | Path | BuildPlan, out: str | Path, *, force: bool = 
                     shutil.copy(plan.base / name, tmp / name)
         else:
             from jmoe.nn.transformer import init_lm_state
-            from jmoe.train import rundir
+            from jmoe.train import TrainConfig, rundir
 
-            _, tc, saved = rundir.read_config(plan.base)
-            rundir.save_model_run(tmp, cfg, tc.replace(base_from=None), params, init_lm_state(cfg), 0,
-                                  saved.get("data", {}), meta={"built_from": source}, built_from=source)
+            if base.kind == "run":
+                _, tc, data = rundir.read_config(plan.base)
+                tc = tc.replace(base_from=None)
+            else:  # a Hugging Face base: its tokenizer goes with the run
+                tc, data = TrainConfig(seq_len=min(TrainConfig().seq_len, cfg.max_seq_len)), {}
+                for name in TOKENIZER_FILES + ("generation_config.json",):
+                    if (plan.base / name).is_file():
+                        shutil.copy(plan.base / name, tmp / name)
+            rundir.save_model_run(tmp, cfg, tc, params, init_lm_state(cfg), 0, data,
+                                  meta={"built_from": source}, built_from=source)
         (tmp / "moe_build_config.yml").write_text(yaml.safe_dump(plan.raw, sort_keys=False))
         report["wall_s"] = time.perf_counter() - t0
         (tmp / "moe_build_report.json").write_text(json.dumps(report, indent=1))

@@ -128,6 +128,9 @@ def lm_grams(params: dict, cfg, batches: Iterable) -> dict:
     hidden activations), the router, MoE experts ([E, n, n], each over the tokens routed to
     it) and the unembedding.
     """
+    if cfg.attention.kind != "gqa" or cfg.attention.experts:
+        what = "attention experts" if cfg.attention.experts else f"{cfg.attention.kind} attention"
+        raise ValueError(f"Gram matrices are computed for grouped-query attention; this model has {what}")
     total, count = None, 0
     fn = jax.jit(partial(_lm_grams_one, cfg=cfg))
     for tokens in batches:

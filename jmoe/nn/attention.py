@@ -35,6 +35,9 @@ class AttentionConfig:
     rope_interleave: rotate (x0, x1), (x2, x3) ... pairs (DeepSeek) instead of halves.
     q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim: MLA sizes.
     softmax_scale: the logit scale (None: 1/sqrt(query head width)).
+    experts: 0 for one attention; A >= 2 for a soft mixture of A attention experts (BAM): every
+      token attends with all of them, mixed by a softmax router (`jmoe.nn.attention_experts`).
+    shared_kv: the attention experts share one key/value projection (BAM's KV sharing).
     """
 
     kind: str = option("gqa", choices=("gqa", "mla"))
@@ -49,6 +52,8 @@ class AttentionConfig:
     qk_rope_head_dim: int = option(0, ge=0)
     v_head_dim: int = option(0, ge=0)
     softmax_scale: float | None = option(None, gt=0.0)
+    experts: int = option(0, ge=0)
+    shared_kv: bool = False
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):
@@ -56,6 +61,11 @@ class AttentionConfig:
         check_fields(self, "AttentionConfig")
         if self.kind == "mla" and not (self.kv_lora_rank and self.qk_rope_head_dim and self.v_head_dim):
             raise ValueError("MLA needs kv_lora_rank, qk_rope_head_dim and v_head_dim")
+        if self.experts == 1 or (self.experts and self.kind != "gqa"):
+            raise ValueError(f"AttentionConfig.experts={self.experts}: attention experts need experts >= 2 and "
+                             f"kind 'gqa' (got kind {self.kind!r})")
+        if self.shared_kv and not self.experts:
+            raise ValueError("AttentionConfig.shared_kv needs attention experts (experts >= 2)")
 
     @property
     def scaling(self) -> dict:
@@ -64,6 +74,8 @@ class AttentionConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["rope_scaling"] = dict(self.rope_scaling)
+        if not self.experts:  # written only when set, so the configs of one attention read as before
+            del d["experts"], d["shared_kv"]
         return d
 
 
@@ -174,6 +186,10 @@ def init_attention(key, d_model: int, n_heads: int, n_kv_heads: int, d_head: int
                    acfg: AttentionConfig | None = None) -> dict:
     """Parameters of one attention block (see the module docstring for the layouts)."""
     acfg = acfg or AttentionConfig()
+    if acfg.experts:
+        from jmoe.nn.attention_experts import init_attention_experts
+
+        return init_attention_experts(key, d_model, n_heads, n_kv_heads, d_head, dtype, acfg)
     ks = jax.random.split(key, 8)
     if acfg.kind == "mla":
         dqk = acfg.qk_nope_head_dim + acfg.qk_rope_head_dim
@@ -337,21 +353,43 @@ def causal_attend(q: jax.Array, k: jax.Array, v: jax.Array, scale: float | None)
     return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True)
 
 
+def attention_qkv(params: dict, x: jax.Array, positions: jax.Array, cfg) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries, keys and values of grouped-query attention (`gqa_projections`), or of every
+    attention expert as one attention (`jmoe.nn.attention_experts.expert_projections`).
+    x: [B, S, d] -> q [B, S, H', Dh], k and v [B, S, Hkv', Dh]."""
+    if cfg.attention.experts:
+        from jmoe.nn.attention_experts import expert_projections
+
+        return expert_projections(params, x, positions, cfg)
+    return gqa_projections(params, x, positions, cfg)
+
+
+def attention_out(params: dict, heads: jax.Array, x: jax.Array, cfg) -> jax.Array:
+    """The output projection of the heads of `attention_qkv` (for attention experts, the
+    router-weighted sum of theirs). heads: [B, S, H', Dv]; x: [B, S, d] the attention's
+    input -> [B, S, d]."""
+    if cfg.attention.experts:
+        from jmoe.nn.attention_experts import mix_experts
+
+        return mix_experts(params, heads, x, cfg)
+    return jnp.einsum("bshk,hkd->bsd", heads, params["wo"].astype(heads.dtype))
+
+
 def attention_heads(params: dict, x: jax.Array, positions: jax.Array, cfg) -> jax.Array:
     """Per-head outputs of causal attention, before the output projection.
 
     cfg: an LMConfig (its attention, heads, rope and norm settings). x: [B, S, d] ->
-    [B, S, H, Dv].
+    [B, S, H, Dv] ([B, S, A*H, Dv] for A attention experts, see `attention_out`).
     """
     if cfg.attention.kind == "mla":
         q_nope, q_rope, latent, k_rope = mla_projections(params, x, positions, cfg)
         k, v = mla_keys_values(params, latent, k_rope, cfg)
         return blockwise_causal_attention(jnp.concatenate([q_nope, q_rope], axis=-1), k, v, mla_scale(cfg))
-    q, k, v = gqa_projections(params, x, positions, cfg)
+    q, k, v = attention_qkv(params, x, positions, cfg)
     return causal_attend(q, k, v, cfg.attention.softmax_scale)
 
 
 def causal_attention(params: dict, x: jax.Array, positions: jax.Array, cfg) -> jax.Array:
-    """Multi-head causal self-attention (GQA or MLA, per cfg.attention). x: [B, S, d] -> [B, S, d]."""
-    out = attention_heads(params, x, positions, cfg)
-    return jnp.einsum("bshk,hkd->bsd", out, params["wo"].astype(x.dtype))
+    """Multi-head causal self-attention (GQA, MLA or attention experts, per cfg.attention).
+    x: [B, S, d] -> [B, S, d]."""
+    return attention_out(params, attention_heads(params, x, positions, cfg).astype(x.dtype), x, cfg)

@@ -49,25 +49,27 @@ def base_config(source: str | Path) -> LMConfig:
 
 
 def base_tokenizer(source: str | Path):
-    """The tokenizer of the frozen model `source`: None for a jmoe run (bytes are its ids), the
-    `HFTokenizer` of a Hugging Face directory's tokenizer.json. TrainError when a Hugging Face
-    directory has none: its ids cannot be made from text without it."""
+    """The tokenizer of the model `source` (`rundir.tokenizer_dir`): None for byte-level
+    runs (bytes are their ids), else the `HFTokenizer` of its tokenizer.json. TrainError
+    when a Hugging Face directory has none: its ids cannot be made from text without it."""
     from jmoe.train import rundir
 
     path = Path(source)
-    if rundir.is_run_dir(path):
+    found = rundir.tokenizer_dir(path)
+    if found is None and rundir.is_run_dir(path):
         return None
     from jmoe.infer.tokenizer import load_tokenizer
 
     try:
-        return load_tokenizer(path)
+        return load_tokenizer(found or path)
     except ValueError as e:
         raise TrainError(f"fine-tuning text for {path} is encoded with its tokenizer: {e}") from None
 
 
 def corpus_for(corpus, base_from: str | None):
     """`corpus` as the ids the model of a run reads: unchanged for byte-level models, encoded
-    with the frozen model's tokenizer when it is a Hugging Face directory."""
+    with the tokenizer of the model it starts from (`base_from` or `init_from`) when that
+    model has one."""
     from jmoe.data import tokenize_corpus
 
     tokenizer = base_tokenizer(base_from) if base_from else None

@@ -99,6 +99,22 @@ def is_run_dir(path: str | Path) -> bool:
     return (path / CONFIG).is_file() and (path / CHECKPOINTS).is_dir()
 
 
+def tokenizer_dir(path: str | Path, _depth: int = 0) -> Path | None:
+    """Where the tokenizer of the model directory `path` lies, or None for byte-level text.
+
+    A directory with its own tokenizer.json (a Hugging Face model, or a run built from one
+    by `jmoe moe-build`) is its own; a run trained on top of another model (`base_from` for
+    adapters, `init_from` otherwise) reads that model's."""
+    path = Path(path)
+    if (path / "tokenizer.json").is_file():
+        return path
+    if _depth > 16 or not is_run_dir(path):
+        return None
+    train = read_run_config(path).get("train", {})
+    source = train.get("base_from") or train.get("init_from")
+    return tokenizer_dir(source, _depth + 1) if source else None
+
+
 def in_use(path: str | Path) -> bool:
     """Whether `path` already holds (part of) a run, so that a new run must not be written there."""
     path = Path(path)

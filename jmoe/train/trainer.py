@@ -429,8 +429,8 @@ def _check_inputs(model_cfg: LMConfig, tc: TrainConfig, out: Path, corpus: Corpu
     if tc.train_only:
         _check_train_only(model_cfg, tc)
     corpus = corpus if corpus is not None else load_corpus(tc.data)
-    if tc.base_from and corpus.tokenizer is None:
-        corpus = finetune.corpus_for(corpus, tc.base_from)
+    if (tc.base_from or tc.init_from) and corpus.tokenizer is None:
+        corpus = finetune.corpus_for(corpus, tc.base_from or tc.init_from)
     unit = "bytes" if corpus.tokenizer is None else "tokens"
     if corpus.train.size < tc.seq_len + 2 or corpus.val.size < tc.seq_len + 2:
         raise TrainError(

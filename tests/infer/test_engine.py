@@ -30,6 +30,8 @@ MODELS = {
         num_zero_experts=1, num_copy_experts=1, num_constant_experts=1, gating_residual=True))),
     "recurrent": BASE.replace(moe=MOE.replace(router="recurrent", router_options=dict(recurrent_dim=8))),
     "capacity_trained": BASE.replace(moe=MOE.replace(dispatch="capacity", router_options=dict(renormalize=True))),
+    "attention_experts": BASE.replace(attention=AttentionConfig(experts=3, qk_norm="head")),
+    "attention_experts_shared_kv": BASE.replace(attention=AttentionConfig(experts=3, shared_kv=True, qkv_bias=True)),
 }
 PROMPTS = [[3, 5, 7, 9, 11, 2, 4], [1, 2], [40, 41, 42, 43, 44, 45, 46, 47, 1, 2, 3, 4, 5]]
 
@@ -121,6 +123,14 @@ def test_mla_caches_only_the_latent_and_rope_key():
     assert set(cache.layers[0]) == {"latent", "k_rope"}
     gqa = init_cache(BASE, batch=3, max_len=32)
     assert gqa.nbytes == BASE.n_layers * 3 * 32 * 2 * 2 * 4 * 4  # k and v, 2 kv heads of width 4
+
+
+def test_attention_experts_cache_their_own_or_shared_keys_and_values():
+    own, shared = MODELS["attention_experts"], MODELS["attention_experts_shared_kv"]
+    assert values_per_token(own) == 2 * 3 * 2 * 4  # k and v of 3 experts, 2 kv heads of width 4
+    assert values_per_token(shared) == values_per_token(BASE) == 2 * 2 * 4
+    assert init_cache(own, batch=2, max_len=8).layers[0]["k"].shape == (2, 8, 6, 4)
+    assert init_cache(shared, batch=2, max_len=8).nbytes == init_cache(BASE, batch=2, max_len=8).nbytes
 
 
 def test_expert_choice_is_refused():

@@ -294,3 +294,102 @@ def test_models_that_disagree_in_shape_are_refused_before_any_work(llamas, tmp_p
     err = capsys.readouterr().err.strip()
     assert "experts[1].source_model" in err and "d_ff" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ BAM: attention experts too
+
+
+@pytest.fixture(scope="module")
+def bam_llamas(tmp_path_factory):
+    """A tiny Llama base and two 'fine-tunes' whose attention and FFNs both moved."""
+    torch = pytest.importorskip("torch")
+    T = pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("bam")
+    dirs = {}
+    for j, name in enumerate(["base", "code", "prose"]):
+        torch.manual_seed(0)
+        model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=280, hidden_size=32, intermediate_size=48,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                 max_position_embeddings=64, bos_token_id=0, eos_token_id=1))
+        torch.manual_seed(j)
+        with torch.no_grad():
+            for w in model.parameters():
+                w.add_(0.05 * j * torch.randn_like(w))
+        model.save_pretrained(root / name)
+        write_bpe_tokenizer(root / name, TEXTS * 3, vocab_size=280)
+        dirs[name] = root / name
+    return dirs
+
+
+def test_bam_from_hugging_face_fine_tunes_is_a_run_with_their_attention_as_experts(bam_llamas, tmp_path, capsys):
+    from jmoe.io import hf
+    from jmoe.train import load_run
+
+    cfg_path = write_config(tmp_path, base_model=str(bam_llamas["base"]), gate_mode="hidden",
+                            attention_experts="full", non_expert_params="average",
+                            experts=experts(["code", "prose"], bam_llamas))
+    out = tmp_path / "bam"
+    assert main(["moe-build", str(cfg_path), str(out), "--quiet"]) == 0
+    cfg, _, params, _, _, _ = load_run(out)
+    assert cfg.attention.experts == 2 and not cfg.attention.shared_kv and cfg.moe.num_experts == 2
+    srcs = [hf.load(bam_llamas[n])[1] for n in ("code", "prose")]
+    for layer in ("0", "1"):
+        attn = params["layers"][layer]["attn"]
+        for e, src in enumerate(srcs):
+            for name in ("wq", "wk", "wv", "wo"):
+                np.testing.assert_array_equal(attn[name][e], src["layers"][layer]["attn"][name])
+        np.testing.assert_array_equal(attn["router"]["w"], params["layers"][layer]["moe"]["router"]["w"])
+        np.testing.assert_allclose(params["layers"][layer]["attn_norm"]["scale"],
+                                   np.mean([s["layers"][layer]["attn_norm"]["scale"] for s in srcs], axis=0), rtol=1e-6)
+    np.testing.assert_allclose(params["embed"]["w"], np.mean([s["embed"]["w"] for s in srcs], axis=0), rtol=1e-6)
+    # the run reads text with the base's tokenizer: generation, and training on top of it
+    assert (out / "tokenizer.json").is_file()
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", str(out), "--prompt", "def f", "--max-new-tokens", "3", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert len(row["token_ids"]) <= 3
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(TEXTS * 1000))
+    assert main(["eval", "--ckpt", str(out), "--data", str(text), "--json", "--batches", "1"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["val_bpb"] < 0.9 * ev["val_loss"] / np.log(2)  # per text byte: several bytes per token
+    tuned = tmp_path / "tuned"
+    assert main(["train", "--out", str(tuned), "--resume-from", str(out), "--data", str(text), "--steps", "1",
+                 "--eval-every", "1", "--ckpt-every", "1", "--batch-size", "2", "--seq-len", "16", "--quiet",
+                 "--set", "train.eval_batches=1"]) == 0
+    saved = json.loads((tuned / "config.json").read_text())
+    assert saved["data"]["tokenizer"] and saved["data"]["bytes_per_token"] > 1
+
+
+@pytest.mark.parametrize("mode", ["full", "shared_kv"])
+def test_bam_of_copies_of_one_run_computes_it(jmoe_dense_run, tmp_path, mode):
+    from jmoe.infer import values_per_token
+    from jmoe.train import load_run
+
+    base = str(jmoe_dense_run)
+    cfg_path = write_config(tmp_path, base_model=base, gate_mode="random", experts_per_token=2,
+                            attention_experts=mode, experts=[{"source_model": base}] * 3)
+    out = tmp_path / "bam"
+    assert main(["moe-build", str(cfg_path), str(out), "--quiet", "--allow-identical"]) == 0
+    cfg, _, params, state, _, _ = load_run(out)
+    dcfg, _, dparams, _, _, _ = load_run(jmoe_dense_run)
+    assert cfg.attention.experts == 3 and cfg.attention.shared_kv == (mode == "shared_kv")
+    assert values_per_token(cfg) == values_per_token(dcfg) * (1 if mode == "shared_kv" else 3)
+    ids = np.random.default_rng(0).integers(0, 256, (2, 16))
+    got, _ = jit_lm_apply(params, ids, cfg, state=state)
+    want, _ = jit_lm_apply(dparams, ids, dcfg)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(attention_experts="all"), "attention_experts 'all' is not one of full, shared_kv"),
+    (dict(attention_experts="full", architecture="mixtral"), "set architecture to jmoe"),
+    (dict(non_expert_params="mean"), "non_expert_params 'mean' is not one of base, average"),
+])
+def test_bad_bam_configurations_are_refused(jmoe_dense_run, tmp_path, capsys, change, message):
+    base = str(jmoe_dense_run)
+    cfg_path = write_config(tmp_path, base_model=base, gate_mode="random",
+                            experts=[{"source_model": base}] * 2, **change)
+    assert main(["moe-build", str(cfg_path), str(tmp_path / "out"), "--allow-identical"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -187,6 +187,9 @@ def save(path: str | Path, cfg: LMConfig, params: dict, *, max_shard_size: int |
     are written once per router output, and per-layer MoE configs must agree (a model pruned
     or router-merged to different expert counts per layer has no Hugging Face form).
     """
+    if cfg.attention.experts:
+        raise ValueError(f"this model has {cfg.attention.experts} attention experts per layer, which no Hugging Face "
+                         "architecture holds; keep it as a jmoe run")
     cfg, params = _uniform_moe(cfg, params)
     meta = dict(cfg.meta)
     base = json.loads(meta["hf_config"]) if "hf_config" in meta else {}
