@@ -28,14 +28,13 @@ def experts(names, dirs, **extra):
     return [{"source_model": str(dirs[n]), "positive_prompts": PROMPTS[n], **extra.get(n, {})} for n in names]
 
 
-@pytest.fixture(scope="module")
-def llamas(tmp_path_factory):
-    """A tiny Llama base and three 'fine-tunes' of it (the base with other FFNs)."""
+def tiny_llamas(root, names, moved):
+    """Tiny Llamas made from one seed, the first the base; in model j > 0 every weight whose
+    name `moved` accepts gets + 0.05 N(0, 1) (seed j), like a fine-tune of the base."""
     torch = pytest.importorskip("torch")
     T = pytest.importorskip("transformers")
-    root = tmp_path_factory.mktemp("dense")
     dirs = {}
-    for j, name in enumerate(["base", "code", "prose", "sql"]):
+    for j, name in enumerate(names):
         torch.manual_seed(0)
         model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=280, hidden_size=32, intermediate_size=48,
                                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -43,14 +42,20 @@ def llamas(tmp_path_factory):
         if j:
             torch.manual_seed(j)
             with torch.no_grad():
-                for layer in model.model.layers:
-                    for lin in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-                        lin.weight.add_(0.05 * torch.randn_like(lin.weight))
+                for n, w in model.named_parameters():
+                    if moved(n):
+                        w.add_(0.05 * torch.randn_like(w))
         d = root / name
         model.save_pretrained(d)
         assert write_bpe_tokenizer(d, TEXTS * 3, vocab_size=280) <= 280
         dirs[name] = d
     return dirs
+
+
+@pytest.fixture(scope="module")
+def llamas(tmp_path_factory):
+    """A tiny Llama base and three 'fine-tunes' of it (the base with other FFNs)."""
+    return tiny_llamas(tmp_path_factory.mktemp("dense"), ["base", "code", "prose", "sql"], lambda n: ".mlp." in n)
 
 
 def test_router_rows_are_mergekits_and_the_mixtral_loads_in_transformers(llamas, tmp_path):
@@ -301,24 +306,8 @@ def test_models_that_disagree_in_shape_are_refused_before_any_work(llamas, tmp_p
 
 @pytest.fixture(scope="module")
 def bam_llamas(tmp_path_factory):
-    """A tiny Llama base and two 'fine-tunes' whose attention and FFNs both moved."""
-    torch = pytest.importorskip("torch")
-    T = pytest.importorskip("transformers")
-    root = tmp_path_factory.mktemp("bam")
-    dirs = {}
-    for j, name in enumerate(["base", "code", "prose"]):
-        torch.manual_seed(0)
-        model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=280, hidden_size=32, intermediate_size=48,
-                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                                 max_position_embeddings=64, bos_token_id=0, eos_token_id=1))
-        torch.manual_seed(j)
-        with torch.no_grad():
-            for w in model.parameters():
-                w.add_(0.05 * j * torch.randn_like(w))
-        model.save_pretrained(root / name)
-        write_bpe_tokenizer(root / name, TEXTS * 3, vocab_size=280)
-        dirs[name] = root / name
-    return dirs
+    """A tiny Llama base and two 'fine-tunes' whose every weight moved, attention included."""
+    return tiny_llamas(tmp_path_factory.mktemp("bam"), ["base", "code", "prose"], lambda n: True)
 
 
 def test_bam_from_hugging_face_fine_tunes_is_a_run_with_their_attention_as_experts(bam_llamas, tmp_path, capsys):
