@@ -391,6 +391,7 @@ def assemble(base_params: dict, base_cfg: LMConfig, moe_cfg: LMConfig, expert_pa
     `moe_cfg`, attention expert e of layer l the attention of `expert_params[e]` under the
     same router columns. The other weights are the base's (non_expert="base") or the mean of
     the experts' models' ("average")."""
+    from jmoe.merge.experts.upcycle import average_trees
     from jmoe.nn import init_lm
     from jmoe.nn.attention_experts import experts_from_attentions
 
@@ -398,8 +399,7 @@ def assemble(base_params: dict, base_cfg: LMConfig, moe_cfg: LMConfig, expert_pa
     sources = [base_params] if non_expert == "base" else expert_params
 
     def rest(get):
-        return jax.tree.map(lambda *xs: np.mean([np.asarray(x, np.float32) for x in xs], axis=0),
-                            *[get(p) for p in sources])
+        return average_trees([get(p) for p in sources])
 
     attention = moe_cfg.attention
     params = {k: rest(lambda p: p[k]) for k in base_params if k != "layers"}

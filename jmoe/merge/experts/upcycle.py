@@ -6,8 +6,9 @@ upcycle: sparse upcycling (Komatsuzaki et al., 2022): every dense FFN becomes an
   until training moves the copies apart.
 bam: Branch-Attend-Mix style (Zhang et al., 2024): several dense fine-tunes of one seed model
   become one MoE model whose experts are their FFNs; every other weight (attention, norms,
-  embeddings) is the average of the fine-tunes. BAM's soft mixture of attention experts is
-  not reproduced: attention is averaged.
+  embeddings) is the average of the fine-tunes (`average_trees`). BAM's soft mixture of
+  attention experts, the fine-tunes' attention kept as experts, is built by `jmoe moe-build`
+  (`attention_experts`, see `jmoe.merge.moe_build` and `jmoe.nn.attention_experts`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ def moe_config_from_dense(cfg: LMConfig, num_experts: int, top_k: int, **kw) -> 
         kw.setdefault("router_options", dict(renormalize=True))
     return MoEConfig(num_experts=num_experts, top_k=top_k, d_model=cfg.d_model, d_ff=cfg.d_ff,
                      activation=cfg.activation, **kw)
+
+
+def average_trees(trees: Sequence) -> dict:
+    """The leaf-wise mean of trees of equal structure, computed in float32 and returned in the
+    first tree's dtypes."""
+    return jax.tree.map(lambda *xs: (sum(jnp.asarray(x, jnp.float32) for x in xs) / len(xs)).astype(
+        jnp.asarray(xs[0]).dtype), *trees)
 
 
 def upcycle(params: dict, cfg: LMConfig, *, num_experts: int, top_k: int, key: jax.Array, noise: float = 0.0,
@@ -71,7 +79,7 @@ def bam(models: Sequence[dict], cfg: LMConfig, *, top_k: int, key: jax.Array, la
         if jax.tree.structure(m) != structure:
             raise ValueError(f"models[{i}] has a different tree than models[0]")
     layers = list(range(cfg.n_layers)) if layers is None else sorted(layers)
-    averaged = jax.tree.map(lambda *xs: (sum(jnp.asarray(x, jnp.float32) for x in xs) / n).astype(jnp.asarray(xs[0]).dtype), *models)
+    averaged = average_trees(models)
     moe_cfg = moe_config_from_dense(cfg, n, top_k, **moe_options)
     keys = jax.random.split(key, len(layers))
     new = dict(averaged)
