@@ -38,10 +38,19 @@ class CheckpointStore:
             max_to_keep=None if read_only else keep, create=create and not read_only, enable_async_checkpointing=False
         )
         self.read_only = read_only
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
-        )
+        # A reader lists the steps while the run's writer may delete its oldest ones: a step
+        # that vanishes between listing and reading is listed again.
+        for attempt in range(20):
+            try:
+                self._manager = ocp.CheckpointManager(
+                    self.directory, options=options,
+                    item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+                )
+                break
+            except FileNotFoundError as e:
+                if not read_only or attempt == 19:
+                    raise CheckpointError(f"cannot list the checkpoints in {self.directory}: {e.strerror or e} "
+                                          f"({e.filename})") from None
 
     def steps(self) -> list[int]:
         """The complete checkpoints' steps, oldest first (steps being written are not listed)."""

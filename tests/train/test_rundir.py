@@ -89,6 +89,34 @@ def test_checkpoint_then_load_run(tmp_path):
         rundir.load_run(tmp_path, 5)
 
 
+def test_a_step_removed_while_listing_is_listed_again(tmp_path, monkeypatch):
+    """A reader lists the checkpoints while the writer deletes its oldest: the step that vanished
+    between listing and reading its metadata is dropped, not an error."""
+    import shutil
+
+    from jmoe.train import checkpoint
+
+    tx, _ = make_optimizer(TRAIN)
+    state = init_train_state(MODEL, TRAIN, tx)
+    store = rundir.checkpoint_store(tmp_path, keep=3)
+    try:
+        for step in (1, 2):
+            store.save(step, state, {"step": step, "data_position": step})
+    finally:
+        store.close()
+    real, calls = checkpoint.ocp.CheckpointManager, []
+
+    def racing(directory, **kw):  # the writer removes step 1 while this reader lists it
+        calls.append(directory)
+        if len(calls) == 1:
+            shutil.rmtree(tmp_path / "checkpoints" / "1")
+            raise FileNotFoundError(2, "No such file or directory", str(tmp_path / "checkpoints" / "1"))
+        return real(directory, **kw)
+
+    monkeypatch.setattr(checkpoint.ocp, "CheckpointManager", racing)
+    assert rundir.checkpoint_steps(tmp_path) == [2] and len(calls) == 2
+
+
 def test_load_run_without_checkpoints(tmp_path):
     rundir.write_config(tmp_path, MODEL, TRAIN, DATA)
     with pytest.raises(TrainError, match="has no checkpoints"):
