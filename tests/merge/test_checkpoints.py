@@ -72,6 +72,8 @@ CASES = {
                     lambda b, ms: merge.breadcrumbs(b, ms, density=0.7, gamma=0.05)),
     "sce": ("parameters_top: {select_topk: 0.5}", lambda b, ms: merge.sce(b, ms, select_topk=0.5)),
     "model_stock": ("", lambda b, ms: merge.model_stock(b, ms)),
+    "tsvm": ("parameters: {weight: 0.7}\nparameters_top: {sv_reduction: 0.25}",
+             lambda b, ms: merge.tsvm(b, ms, weights=0.7, sv_reduction=0.25)),
 }
 
 
@@ -170,6 +172,8 @@ def test_slices_build_a_deeper_model(models, tmp_path):
         ("merge_method: linear\nmodels: [{model: nowhere}]", "does not exist"),
         ("merge_method: linear\nmodels: [{model: org/model@main}]", "not supported"),
         ("merge_method: ties\nbase_model: base\nmodels: [{model: ft0, parameters: {density: 1.5}}]", "density=1.5"),
+        ("merge_method: tsvm\nbase_model: base\nmodels: [{model: ft0}]\nparameters: {sv_reduction: 0}",
+         "sv_reduction=0 must be in (0, 1]"),
     ],
 )
 def test_bad_configs_are_one_line_errors(models, tmp_path, capsys, yaml_text, message):
