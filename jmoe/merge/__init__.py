@@ -10,7 +10,9 @@ Helpers: `map_merge` and `task_vector_merge` (the shared pipeline, see `jmoe.mer
 has filters and per-layer parameters.
 """
 
-from jmoe.merge import masks, methods, task_singular, weighted  # noqa: F401  (register their methods)
+from jmoe.merge import (  # noqa: F401  (register their methods)
+    importance_fusion, masks, methods, reinforced, spherical, task_singular, weighted,
+)
 from jmoe.merge.masks import tall_masks
 from jmoe.merge.methods import global_magnitude_thresholds, map_merge, task_vector_merge
 from jmoe.merge.registry import MERGE_METHODS, MergeMethod, Param, merge_method, register_merge_method

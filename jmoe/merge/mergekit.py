@@ -151,7 +151,7 @@ def parse_config(config: str | Path | dict, root: Path | None = None) -> MergePl
             raise MergeError(f"{key}={raw[key]!r} must be one of {', '.join(sorted(DTYPES))}")
     params = _check_params(raw.get("parameters"), spec, "parameters")
     base = _model_path(raw["base_model"], root, "base_model") if raw.get("base_model") else None
-    if spec.base and base is None:
+    if spec.base and not spec.optional_base and base is None:
         raise MergeError(f"merge_method {method!r} needs base_model")
     if ("models" in raw) == ("slices" in raw):
         raise MergeError("give exactly one of models or slices")

@@ -191,7 +191,8 @@ class MergeMethod:
     fn: the function. params: every keyword-only parameter of `fn`, in order. inputs: its
     positional parameters ("base", "models"; "models", "fishers"; ...). mergekit: readable
     from merge configurations (the out-of-core engine). num_models: the exact number of models besides
-    the base, when fixed. ignored: configuration keys accepted without effect.
+    the base, when fixed. ignored: configuration keys accepted without effect. optional_base:
+    the function takes a base first but accepts None (a configuration may leave out base_model).
     """
 
     name: str
@@ -201,6 +202,7 @@ class MergeMethod:
     mergekit: bool = False
     num_models: int | None = None
     ignored: tuple[str, ...] = ()
+    optional_base: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
@@ -210,7 +212,7 @@ class MergeMethod:
 
     @classmethod
     def of(cls, fn: Callable[..., Any], *params: Param, name: str | None = None, mergekit: bool = False,
-           num_models: int | None = None, ignored: tuple[str, ...] = ()) -> "MergeMethod":
+           num_models: int | None = None, ignored: tuple[str, ...] = (), optional_base: bool = False) -> "MergeMethod":
         """The record of `fn`: its keyword-only parameters with their defaults, described
         further by `params` (each must name one of them)."""
         name = name or fn.__name__
@@ -245,8 +247,10 @@ class MergeMethod:
         if mergekit and unreadable:
             raise ValueError(f"merge method {name!r}: required parameter {unreadable[0]!r} must be readable from a "
                              f"configuration (describe it with Param) for mergekit=True")
+        if optional_base and positional[0].name != "base":
+            raise ValueError(f"merge method {name!r}: optional_base needs a function that takes a base first")
         return cls(name, fn, table, tuple(p.name for p in positional), mergekit=mergekit,
-                   num_models=num_models, ignored=tuple(ignored))
+                   num_models=num_models, ignored=tuple(ignored), optional_base=optional_base)
 
     @property
     def base(self) -> bool:
@@ -301,19 +305,21 @@ MERGE_METHODS: MethodTable[MergeMethod] = MethodTable("merge method")
 
 
 def register_merge_method(fn: Callable[..., Any], *params: Param, name: str | None = None, mergekit: bool = False,
-                          num_models: int | None = None, ignored: tuple[str, ...] = ()) -> MergeMethod:
+                          num_models: int | None = None, ignored: tuple[str, ...] = (),
+                          optional_base: bool = False) -> MergeMethod:
     """Register `fn` as a merge method (see the module docstring); returns its record.
     `MERGE_METHODS.remove(name)` unregisters it."""
     return MERGE_METHODS.add(MergeMethod.of(fn, *params, name=name, mergekit=mergekit, num_models=num_models,
-                                            ignored=ignored))
+                                            ignored=ignored, optional_base=optional_base))
 
 
 def merge_method(*params: Param, name: str | None = None, mergekit: bool = False, num_models: int | None = None,
-                 ignored: tuple[str, ...] = ()):
+                 ignored: tuple[str, ...] = (), optional_base: bool = False):
     """Decorator form of `register_merge_method`; returns the function unchanged."""
 
     def deco(fn):
-        register_merge_method(fn, *params, name=name, mergekit=mergekit, num_models=num_models, ignored=ignored)
+        register_merge_method(fn, *params, name=name, mergekit=mergekit, num_models=num_models, ignored=ignored,
+                              optional_base=optional_base)
         return fn
 
     return deco

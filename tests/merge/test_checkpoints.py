@@ -72,6 +72,8 @@ CASES = {
                     lambda b, ms: merge.breadcrumbs(b, ms, density=0.7, gamma=0.05)),
     "sce": ("parameters_top: {select_topk: 0.5}", lambda b, ms: merge.sce(b, ms, select_topk=0.5)),
     "model_stock": ("", lambda b, ms: merge.model_stock(b, ms)),
+    "multislerp": ("parameters: {weight: 0.5}", lambda b, ms: merge.multislerp(b, ms, weights=0.5)),
+    "ramplus_tl": ("parameters_top: {r: 0.3}", lambda b, ms: merge.ramplus_tl(b, ms, r=0.3)),
     "tsvm": ("parameters: {weight: 0.7}\nparameters_top: {sv_reduction: 0.25}",
              lambda b, ms: merge.tsvm(b, ms, weights=0.7, sv_reduction=0.25)),
 }
@@ -97,6 +99,20 @@ def test_out_of_core_equals_in_memory(models, tmp_path, method):
     assert len(list(out.glob("*.safetensors"))) > 1 and (out / "model.safetensors.index.json").exists()
     assert (out / "tokenizer.json").exists() and (out / "mergekit_config.yml").exists()
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == LAYERS
+
+
+def test_two_model_methods_with_and_without_a_base(models, tmp_path):
+    root, base, ft = models
+    runs = {"nuslerp": (f"models: [{{model: {root / 'ft0'}, parameters: {{weight: 1.0}}}}, "
+                        f"{{model: {root / 'ft1'}, parameters: {{weight: 3.0}}}}]\nparameters: {{nuslerp_flatten: false}}",
+                        lambda: merge.nuslerp(None, [as_jax(ft[0]), as_jax(ft[1])], weights=[1.0, 3.0], flatten=False)),
+            "arcee_fusion": (f"base_model: {root / 'base'}\nmodels: [{{model: {root / 'ft2'}}}]",
+                             lambda: merge.arcee_fusion(as_jax(base), [as_jax(ft[2])]))}
+    for method, (yaml_text, reference) in runs.items():
+        (tmp_path / method).mkdir()
+        rc, out = run(root, tmp_path / method, f"merge_method: {method}\n{yaml_text}\n")
+        assert rc == 0
+        assert_equal_trees(out, reference(), rtol=1e-5)
 
 
 def test_gradients_filters_and_dtype(models, tmp_path):
