@@ -554,6 +554,48 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def cmd_extract_lora(args) -> int:
+    from jmoe.io.safetensors import SafetensorsError, load_safetensors
+    from jmoe.merge.extract_lora import extract_lora, plan_extraction, write_adapter
+    from jmoe.merge.staging import check_output_dir, staged_dir
+    from jmoe.progress import Progress
+
+    if args.rank < 1:
+        raise ValueError(f"--rank {args.rank} must be at least 1")
+    models = {}
+    for flag, path in (("FINETUNED", args.finetuned), ("BASE", args.base)):
+        if not Path(path).is_dir():
+            raise ValueError(f"{flag} {path!r} is not a directory")
+        try:
+            models[flag] = load_safetensors(path)
+        except SafetensorsError as e:
+            raise ValueError(f"{flag}: {e}") from None
+    out = check_output_dir(args.out, flag="OUT", force=args.force, force_flag="--force")
+    plan_extraction(models["FINETUNED"], models["BASE"])  # names and shapes checked before any SVD
+    total = len(models["FINETUNED"])
+    bar = Progress(total, enabled=not args.quiet, every=max(1, total // 20))
+    done = iter(range(1, total + 1))
+    try:
+        tensors, config, report = extract_lora(models["FINETUNED"], models["BASE"], rank=args.rank,
+                                               skip_undecomposable=args.skip_undecomposable,
+                                               on_tensor=lambda name: bar.update(next(done), {"tensor": name}))
+    finally:
+        bar.close()
+    with staged_dir(out) as tmp:
+        write_adapter(tmp, tensors, config, report, Path(args.finetuned).absolute(), Path(args.base).absolute())
+    if report["rows_truncated"]:
+        print(f"note: the fine-tune's extra rows of {', '.join(report['rows_truncated'])} are not in the adapter "
+              "(the base has fewer)", file=sys.stderr)
+    if report["not_in_adapter"]:
+        print(f"note: {len(report['not_in_adapter'])} tensors are not in the adapter (not module weights, or "
+              f"--skip-undecomposable): {', '.join(report['not_in_adapter'][:5])}"
+              f"{' ...' if len(report['not_in_adapter']) > 5 else ''}", file=sys.stderr)
+    if not args.quiet:
+        print(f"wrote {out}: rank-{report['rank']} LoRA of {report['matrices']} matrices, "
+              f"{report['adapter_params']:,} parameters ({len(report['saved_whole'])} saved whole)")
+    return 0
+
+
 def cmd_merge_lora(args) -> int:
     from jmoe.train.finetune import export_merged
 
@@ -841,6 +883,18 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--stop-after", type=_int_range(1), metavar="N", help="stop with a checkpoint after N steps")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.set_defaults(func=cmd_finetune)
+
+    el = sub.add_parser("extract-lora", help="the difference between a fine-tuned Hugging Face model and its base "
+                        "as a PEFT LoRA adapter (truncated SVD per weight matrix; mergekit-extract-lora)")
+    el.add_argument("finetuned", metavar="FINETUNED", help="the fine-tuned model's directory (safetensors)")
+    el.add_argument("base", metavar="BASE", help="the base model's directory (safetensors)")
+    el.add_argument("out", metavar="OUT", help="the adapter's directory, absent or empty")
+    el.add_argument("--rank", type=int, default=32, help="the LoRA rank (at most; smaller matrices keep their full rank)")
+    el.add_argument("--skip-undecomposable", action="store_true",
+                    help="leave out changed weights that are not matrices (norms) instead of saving them whole")
+    el.add_argument("--force", action="store_true", help="write into a non-empty OUT (files of the same name are replaced)")
+    el.add_argument("--quiet", action="store_true")
+    el.set_defaults(func=cmd_extract_lora)
 
     ml = sub.add_parser("merge-lora", help="fold the plain LoRA of a fine-tuning run into its model: a Hugging Face "
                         "directory for a Hugging Face model, a run for a jmoe one")
