@@ -11,8 +11,9 @@ has filters and per-layer parameters.
 """
 
 from jmoe.merge import (  # noqa: F401  (register their methods)
-    importance_fusion, masks, methods, reinforced, spherical, task_singular, weighted,
+    entropy_merging, importance_fusion, masks, methods, reinforced, spherical, task_singular, weighted,
 )
+from jmoe.merge.entropy_merging import prediction_entropy
 from jmoe.merge.masks import tall_masks
 from jmoe.merge.methods import global_magnitude_thresholds, map_merge, task_vector_merge
 from jmoe.merge.registry import MERGE_METHODS, MergeMethod, Param, merge_method, register_merge_method
@@ -30,6 +31,7 @@ _HELPERS = [
     "lm_grams",
     "map_merge",
     "merge_method",
+    "prediction_entropy",
     "register_merge_method",
     "tall_masks",
     "task_vector_merge",

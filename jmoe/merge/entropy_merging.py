@@ -1,0 +1,108 @@
+"""AdaMerging (Yang et al., ICLR 2024; reference code EnnengYang/AdaMerging): task-arithmetic
+coefficients learned on unlabeled inputs of the tasks by minimising the entropy of the merged
+model's predictions.
+
+merged = base + sum_i lambda_i * (m_i - base), with
+  granularity="task"   one lambda per task (task-wise AdaMerging),
+  granularity="layer"  one lambda per task and parameter tensor (layer-wise AdaMerging; the
+                       reference's "layer" is each parameter tensor of the model).
+The lambdas start at `prior` (0.3), are clipped to [0, 1] where they are used, and are
+trained with Adam (lr 1e-3, the reference's 500 steps) on objective(merged params, batch),
+summed over one batch per task per step: for language models the mean entropy of the
+next-token distribution where the caller's mask says (`prediction_entropy`). The step is
+jit-compiled once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jmoe.merge.registry import Param, merge_method
+from jmoe.merge.tree import MergeError, check_compatible, check_models
+
+
+def _granularity(value) -> str | None:
+    return None if value in ("task", "layer") else "must be 'task' or 'layer'"
+
+
+def prediction_entropy(logits: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Mean entropy (nats) of softmax(logits [..., V]) over the positions where `mask` [...]
+    is true (all positions without a mask)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    if mask is None:
+        return jnp.mean(ent)
+    m = mask.astype(jnp.float32)
+    return jnp.sum(ent * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def merge_with(base, deltas, lambdas, granularity: str):
+    """base + sum_i clip(lambda_i, 0, 1) * delta_i, leaf by leaf (floating leaves only)."""
+    lam = jnp.clip(lambdas, 0.0, 1.0)  # [T] or [leaves, T]
+    leaves, treedef = jax.tree.flatten(base)
+    dl = [jax.tree.leaves(d) for d in deltas]
+    out = []
+    for j, b in enumerate(leaves):
+        if not jnp.issubdtype(jnp.asarray(b).dtype, jnp.floating):
+            out.append(b)
+            continue
+        row = lam if granularity == "task" else lam[j]
+        mixed = sum(row[i] * dl[i][j].astype(jnp.float32) for i in range(len(deltas)))
+        out.append((b.astype(jnp.float32) + mixed).astype(b.dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+@merge_method(Param("granularity", valid=_granularity), Param("steps", convert=int), Param("lr", convert=float),
+              Param("prior", convert=float))
+def adamerging(base, models, batches: Sequence[Sequence[Any]], *, objective: Callable[[Any, Any], jax.Array],
+               granularity: str = "layer", steps: int = 500, lr: float = 1e-3, prior: float = 0.3,
+               log: Callable[[int, float], None] | None = None, return_lambdas: bool = False):
+    """AdaMerging (see the module docstring).
+
+    objective(params, batch) -> scalar to minimise (e.g. `prediction_entropy` of the model's
+    logits on an unlabeled batch); batches: one sequence of batches per task (step s uses
+    batch s mod len of each task's). log(step, loss) is called every step. Returns the merged tree
+    (and the clipped lambdas, [T] or [leaves, T], with return_lambdas).
+    """
+    check_models(models)
+    if base is None:
+        raise MergeError("base is required for adamerging (it learns coefficients of the task vectors m_i - base)")
+    check_compatible(base, models, [f"models[{i}]" for i in range(len(models))])
+    problem = _granularity(granularity)
+    if problem:
+        raise MergeError(f"adamerging: granularity={granularity!r} {problem}")
+    if not isinstance(batches, (list, tuple)) or len(batches) != len(models) or not all(len(b) for b in batches):
+        raise MergeError(f"adamerging needs batches: one non-empty sequence of unlabeled batches per model "
+                         f"({len(models)}), got {type(batches).__name__}"
+                         f"{' of ' + str(len(batches)) if isinstance(batches, (list, tuple)) else ''}")
+    if steps < 0 or lr <= 0:
+        raise MergeError(f"adamerging: steps={steps} must be >= 0 and lr={lr} > 0")
+    T = len(models)
+    deltas = [jax.tree.map(lambda m, b: (jnp.asarray(m, jnp.float32) - jnp.asarray(b, jnp.float32))
+                           if jnp.issubdtype(jnp.asarray(b).dtype, jnp.floating) else jnp.zeros(()), m, base)
+              for m in models]
+    n_leaves = len(jax.tree.leaves(base))
+    lambdas = jnp.full((T,) if granularity == "task" else (n_leaves, T), prior, jnp.float32)
+    opt = optax.adam(lr, b1=0.9, b2=0.999)
+    state = opt.init(lambdas)
+
+    def loss_fn(lam, step_batches):
+        params = merge_with(base, deltas, lam, granularity)
+        return sum(objective(params, b) for b in step_batches)
+
+    @jax.jit
+    def step(lam, state, step_batches):
+        loss, grad = jax.value_and_grad(loss_fn)(lam, step_batches)
+        updates, state = opt.update(grad, state, lam)
+        return optax.apply_updates(lam, updates), state, loss
+
+    for s in range(steps):
+        lambdas, state, loss = step(lambdas, state, [b[s % len(b)] for b in batches])
+        if log is not None:
+            log(s, float(loss))
+    merged = merge_with(base, deltas, lambdas, granularity)
+    return (merged, jnp.clip(lambdas, 0.0, 1.0)) if return_lambdas else merged
