@@ -59,11 +59,13 @@ RECIPES = {
 MARGIN = 0.05  # "keeps what the specialists know": mean exact match at most this far below theirs
 
 
-def specialist(base_run: dict, task: str, steps: int, seed: int) -> dict:
+def specialist(base_run: dict, task: str, steps: int, seed: int, name: str | None = None) -> dict:
+    """The base fine-tuned in full on `task` (a task name, or names joined by commas: their
+    equal mixture); `name` names the run directory (default mb_ft_<task>)."""
     tc = TrainConfig(steps=steps, batch_size=16, seq_len=min(128, base_run["model"].max_seq_len), lr=1e-3,
                      warmup_steps=20, weight_decay=0.0, eval_every=steps, ckpt_every=steps, eval_batches=4, seed=seed,
                      init_from=str(Path(base_run["dir"]).absolute()))
-    return _zoo.run(f"mb_ft_{task}", base_run["model"], tc, mix_spec(task))
+    return _zoo.run(name or f"mb_ft_{task}", base_run["model"], tc, mix_spec(task))
 
 
 def build(base_run: dict, fts: dict[str, dict], seed: int, top_k: int, recipe: str = "built") -> Path:

@@ -228,6 +228,27 @@ def moe_build(results: Path) -> str:
             + "\n" + table(["claim", "mean ± sd over seeds", "difference a - b", "verdict"], claims))
 
 
+@renderer
+def merging_benchmark(results: Path) -> str:
+    """Multi-task merging of language models: the normalised score of every method per task and
+    its mean, and the claims."""
+    data = load(results, "merging_benchmark")
+    tasks, norm = data["tasks"], data["normalized"]
+    rows = []
+    for name, per_seed in norm.items():
+        cells = [mean_sd(summary_of([s[t] for s in per_seed]), 2) for t in tasks]
+        rows.append([name, *cells, mean_sd(summary_of(data["mean_normalized"][name]), 3)])
+    claims = [[c["claim"], f"{c['a']} {mean_sd(c['a_summary'], 3)} vs {c['b']} {mean_sd(c['b_summary'], 3)}",
+               diff_ci(c["difference"], 3), f"**{c['verdict']}**"] for c in data["claims"]]
+    seeds = ", ".join(str(s) for s in data["seeds"])
+    return (f"`{data['command']}` (base: dense {data['preset']}, {data['base_steps']} steps on the text domains; "
+            f"{data['steps']} steps of full fine-tuning per task; seeds {seeds}; code {data['code_version']}; "
+            f"{data['examples']} test examples per algorithmic task, {data['windows']} windows per text domain; "
+            "normalised score: merged / the task's own fine-tune, own / merged in bits per byte):\n\n"
+            + table(["model", *tasks, "mean"], rows, "-" + "r" * (len(tasks) + 1))
+            + "\n" + table(["claim", "mean ± sd over seeds", "difference a - b", "verdict"], claims))
+
+
 def summary_of(values) -> dict:
     """Mean and sample standard deviation (what `mean_sd` shows)."""
     v = [float(x) for x in values]

@@ -1,0 +1,188 @@
+"""Multi-task model merging of language models, judged as FusionBench judges merges of CLIP models.
+
+The dense base of lora_experts.py (the `small` preset without MoE layers, or `tiny`'s with
+--preset tiny), trained on the evaluation suite's text domains, is fine-tuned in full on each
+task of the suite, one fine-tune per task: the five algorithmic tasks (the same runs as
+moe_build.py's specialists) and the three text domains. The eight fine-tunes are then merged
+into one model by each method, with its paper's defaults:
+
+  average            the fine-tunes' weights averaged (linear)
+  task_arithmetic    base + 0.3 * the summed task vectors (FusionBench's scaling factor)
+  ties               TIES: top-20% of each task vector, sign election, disjoint mean, lambda 1
+  tsvm               TSV-M: each task vector cut to its top 1/8 singular vectors, whitened, alpha 1
+  adamerging_task    AdaMerging, one coefficient per task, learned by entropy minimisation
+  adamerging_layer   AdaMerging, one coefficient per task and parameter tensor
+                     (both: prior 0.3, Adam lr 1e-3, 500 steps, 2 x 16 unlabeled train inputs
+                     per task per step: prompts without answers, text windows)
+
+and scored on every task's test split (exact match, or bits per byte), against the base, each
+task's own fine-tune ("individual", the upper bound of a merge) and one fine-tune on the
+mixture of all eight tasks ("multitask"). A merge's normalised score on a task is its metric
+over the individual fine-tune's (own / merged for bits per byte, where lower is better); the
+table reports the mean over tasks. Claims, paired by seed (the issue's goals): TIES beats task
+arithmetic; AdaMerging beats TIES; TSV-M beats task arithmetic. Writes
+experiments/results/merging_benchmark.{json,png}; runs and scores are cached by configuration
+and code version, so a stopped run resumes (train in slices with --train-only).
+
+    python experiments/merging_benchmark.py --preset tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _zoo  # noqa: E402
+import lora_experts  # noqa: E402
+import moe_build  # noqa: E402
+
+from jmoe import evals, merge  # noqa: E402
+from jmoe.evals.mixture import mix_spec  # noqa: E402
+from jmoe.infer.load import Model, open_model  # noqa: E402
+from jmoe.merge import bench  # noqa: E402
+from jmoe.nn import preset  # noqa: E402
+
+from _harness import cached  # noqa: E402
+
+ADAMERGING = dict(steps=500, lr=1e-3, prior=0.3)
+METHODS = {
+    "average": ("linear", {}),
+    "task_arithmetic": ("task_arithmetic", {"lam": 0.3}),
+    "ties": ("ties", {"density": 0.2, "lam": 1.0}),
+    "tsvm": ("tsvm", {"lam": 1.0}),
+    "adamerging_task": ("adamerging", {"granularity": "task", **ADAMERGING}),
+    "adamerging_layer": ("adamerging", {"granularity": "layer", **ADAMERGING}),
+}
+UNLABELED = 32  # unlabeled inputs per task for AdaMerging (two batches of 16)
+
+
+def merged_model(method: str, base: Model, fts: list[Model], tasks, seed: int, log) -> tuple[Model, dict]:
+    """The merge of the fine-tunes by one of `METHODS`, with what it learned (AdaMerging's
+    coefficients) and how long it took."""
+    name, params = METHODS[method]
+    t0 = time.perf_counter()
+    info = {}
+    if name == "adamerging":
+        batches = [bench.unlabeled_batches(t, base.tokenizer, n=UNLABELED, seed=seed) for t in tasks]
+        losses = []
+        params_out, lam = merge.adamerging(base.params, [m.params for m in fts], batches,
+                                           objective=bench.entropy_objective(base.cfg, base.state),
+                                           log=lambda s, loss: losses.append(loss), return_lambdas=True, **params)
+        info = {"entropy_first": losses[0], "entropy_last": losses[-1],
+                "lambdas_mean_per_task": np.asarray(lam).reshape(-1, len(tasks)).mean(0).round(4).tolist()}
+    else:
+        params_out = bench.merge_models(name, base.params, [m.params for m in fts], **params)
+    info["seconds"] = round(time.perf_counter() - t0, 1)
+    log(f"   {method}: merged in {info['seconds']} s")
+    return Model(cfg=base.cfg, params=params_out, state=base.state, tokenizer=base.tokenizer, source=method), info
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="small", choices=["tiny", "small"])
+    ap.add_argument("--base-steps", type=int, help="steps of the base (default: the preset's)")
+    ap.add_argument("--steps", type=int, default=300, help="steps of each task's full fine-tune")
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(_zoo.SEEDS))
+    ap.add_argument("--examples", type=int, default=200, help="test examples per algorithmic task")
+    ap.add_argument("--windows", type=int, default=32, help="test windows per text domain")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--adamerging-steps", type=int, default=ADAMERGING["steps"], help="AdaMerging's steps (a smoke run: few)")
+    ap.add_argument("--train-only", action="store_true", help="train (or reuse) the runs, write no results")
+    a = ap.parse_args(argv)
+    for m in ("adamerging_task", "adamerging_layer"):
+        METHODS[m][1]["steps"] = a.adamerging_steps
+    if len(a.seeds) < 2:
+        ap.error("--seeds needs at least two seeds for an interval")
+    log = lambda m: print(m, flush=True)
+    suite = evals.resolve_tasks("all")
+    texts = [t for t in suite if t.kind == "bits_per_byte"]
+    kinds = {t.name: t.kind for t in suite}
+    text_spec = mix_spec(",".join(t.name for t in texts))
+    base_steps = a.base_steps or preset(a.preset)["train"]["steps"]
+    bases = {s: lora_experts.base(a.preset, base_steps, s, text_spec) for s in a.seeds}
+    fts = {s: {t.name: moe_build.specialist(bases[s], t.name, a.steps, s) for t in suite} for s in a.seeds}
+    multi = {s: moe_build.specialist(bases[s], ",".join(t.name for t in suite), a.steps, s, name="mb_ft_multitask")
+             for s in a.seeds}
+    if a.train_only:
+        return
+
+    def score(model, key: dict, tasks=suite) -> dict:
+        def run():
+            res = evals.evaluate(model, tasks, examples=a.examples, max_windows=a.windows, split="test", seed=0)
+            return {x.task: x.value for x in res}
+
+        return cached(_zoo.RUNS, "merge_bench_score", {"examples": a.examples, "windows": a.windows,
+                                                        "tasks": [t.name for t in tasks], **key}, run)
+
+    rows = {k: [] for k in ("base", "individual", "multitask", *a.methods)}
+    learned = {m: [] for m in a.methods}
+    for s in a.seeds:
+        base = open_model(bases[s]["dir"]).load()
+        models = [open_model(fts[s][t.name]["dir"]).load() for t in suite]
+        rows["base"].append(score(base, {"model": bases[s]["dir"]}))
+        rows["individual"].append({t.name: score(m, {"model": fts[s][t.name]["dir"]}, [t])[t.name]
+                                   for t, m in zip(suite, models)})
+        rows["multitask"].append(score(open_model(multi[s]["dir"]).load(), {"model": multi[s]["dir"]}))
+        for method in a.methods:
+            key = {"merge": method, "params": METHODS[method], "models": [fts[s][t.name]["dir"] for t in suite],
+                   "base": bases[s]["dir"], "seed": s}
+
+            def run(method=method):
+                model, info = merged_model(method, base, models, suite, s, log)
+                res = evals.evaluate(model, suite, examples=a.examples, max_windows=a.windows, split="test", seed=0)
+                return {"scores": {x.task: x.value for x in res}, "info": info}
+
+            out = cached(_zoo.RUNS, "merge_bench_merge", {"examples": a.examples, "windows": a.windows, **key}, run)
+            rows[method].append(out["scores"])
+            learned[method].append(out["info"])
+        for k, v in rows.items():
+            log(f"   seed {s} {k}: " + ", ".join(f"{t} {x:.3f}" for t, x in v[-1].items()))
+    names = [t.name for t in suite]
+    normalized = {k: [bench.normalized_scores(r, own, kinds) for r, own in zip(rs, rows["individual"])]
+                  for k, rs in rows.items()}
+    # a task whose own fine-tune scores 0 has no normalised score; the mean is over the others
+    undefined = sorted({f"{t} (seed {s})" for s, own in zip(a.seeds, rows["individual"]) for t in names if own[t] == 0})
+    mean_norm = {k: [float(np.nanmean([n[t] for t in names])) for n in ns] for k, ns in normalized.items()}
+    claims = []
+    pairs = [("ties", "task_arithmetic"), ("adamerging_task", "ties"), ("adamerging_layer", "ties"),
+             ("tsvm", "task_arithmetic"), ("task_arithmetic", "average")]
+    for x, y in pairs:
+        if x in mean_norm and y in mean_norm:
+            claims.append(_zoo.claim(f"mean normalised score over {len(names)} tasks: {x} beats {y}", x, mean_norm[x],
+                                     y, mean_norm[y], higher_is_better=True))
+    _zoo.print_claims(claims)
+
+    plt = _zoo.plt()
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 4.2), gridspec_kw={"width_ratios": [1, 2.2]})
+    order = ["base", *a.methods, "multitask", "individual"]
+    vals = np.asarray([mean_norm[k] for k in order])
+    ax.barh(np.arange(len(order)), vals.mean(1), xerr=vals.std(1), capsize=2,
+            color=["#999"] + ["#4c72b0"] * len(a.methods) + ["#55a868", "#55a868"])
+    ax.set_yticks(np.arange(len(order)), order)
+    ax.invert_yaxis()
+    ax.set(xlabel="mean normalised score (merged / own fine-tune)", title=f"{len(names)} tasks, {len(a.seeds)} seeds")
+    grid = np.asarray([[np.nanmean([n[t] for n in normalized[k]]) for t in names] for k in order])
+    im = bx.imshow(grid, cmap="viridis", aspect="auto", vmin=0, vmax=max(1.0, float(np.nanmax(grid, initial=0.0))))
+    bx.set_xticks(np.arange(len(names)), names, rotation=30, ha="right")
+    bx.set_yticks(np.arange(len(order)), order)
+    for i in range(len(order)):
+        for j in range(len(names)):
+            bx.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="k" if grid[i, j] > 0.6 else "w")
+    fig.colorbar(im, ax=bx, fraction=0.03)
+    bx.set_title("normalised score per task")
+    payload = _zoo.payload("merging_benchmark", a.steps, a.seeds, claims, preset=a.preset, base_steps=base_steps,
+                           examples=a.examples, windows=a.windows, methods={m: METHODS[m] for m in a.methods},
+                           tasks=names, kinds=kinds, scores=rows, normalized=normalized, mean_normalized=mean_norm,
+                           learned=learned, undefined_normalized=undefined)
+    payload["command"] += f" --preset {a.preset}"
+    _zoo.save("merging_benchmark", payload, fig)
+
+
+if __name__ == "__main__":
+    main()
