@@ -11,7 +11,7 @@ has filters and per-layer parameters.
 """
 
 from jmoe.merge import (  # noqa: F401  (register their methods)
-    entropy_merging, importance_fusion, masks, methods, reinforced, spherical, task_singular, weighted,
+    entropy_merging, importance_fusion, masks, methods, reinforced, spherical, task_singular, variation, weighted,
 )
 from jmoe.merge.entropy_merging import prediction_entropy
 from jmoe.merge.masks import tall_masks

@@ -74,6 +74,7 @@ CASES = {
     "model_stock": ("", lambda b, ms: merge.model_stock(b, ms)),
     "multislerp": ("parameters: {weight: 0.5}", lambda b, ms: merge.multislerp(b, ms, weights=0.5)),
     "ramplus_tl": ("parameters_top: {r: 0.3}", lambda b, ms: merge.ramplus_tl(b, ms, r=0.3)),
+    "varm": ("parameters_top: {temperature: 0.5}", lambda b, ms: merge.varm(b, ms, temperature=0.5)),
     "tsvm": ("parameters: {weight: 0.7}\nparameters_top: {sv_reduction: 0.25}",
              lambda b, ms: merge.tsvm(b, ms, weights=0.7, sv_reduction=0.25)),
 }

@@ -1,5 +1,6 @@
 """multislerp, nuslerp, arcee_fusion, ram and ramplus_tl against numpy transcriptions of
-mergekit's formulas (mergekit/merge_methods/{multislerp,nuslerp,arcee_fusion,ram}.py)."""
+mergekit's formulas (mergekit/merge_methods/{multislerp,nuslerp,arcee_fusion,ram}.py), and
+varm against FuseChat's VaRM scripts."""
 
 import jax
 import jax.numpy as jnp
@@ -161,3 +162,26 @@ def test_optional_base_in_a_configuration(tmp_path):
         parse_config("merge_method: ram\nmodels: [{model: a}, {model: b}]", root=tmp_path)
     with pytest.raises(MergeError, match="exactly 2 models"):
         parse_config("merge_method: nuslerp\nmodels: [{model: a, parameters: {weight: 1}}]", root=tmp_path)
+
+
+def reference_varm(tensors, base, variation="square", temp=None):
+    """FuseChat's VaRM at matrix granularity, from its analysis (variation per parameter) and
+    merge (weights normalised or softmaxed, uniform when a model left the matrix unchanged)."""
+    d = [t - base for t in tensors]
+    v = np.array([np.sum(x ** 2 if variation == "square" else np.abs(x)) / x.size for x in d])
+    w = np.exp(v / temp) / np.exp(v / temp).sum() if temp else v / v.sum()
+    if np.any(v == 0):
+        w = np.ones(len(tensors)) / len(tensors)
+    return sum(wi * t for wi, t in zip(w, tensors))
+
+
+@pytest.mark.parametrize("variation, temperature", [("square", None), ("abs", None), ("square", 0.05)])
+def test_varm(variation, temperature):
+    models = [dict(m, b=BASE["b"].copy()) if i == 2 else m for i, m in enumerate(MODELS)]  # one model leaves b alone
+    out = merge.varm(J(BASE), [J(m) for m in models], variation=variation, temperature=temperature)
+    for k in BASE:
+        want = reference_varm([m[k].astype(np.float64) for m in models], BASE[k].astype(np.float64), variation,
+                              temperature)
+        np.testing.assert_allclose(out[k], want, rtol=1e-5, atol=1e-6, err_msg=k)
+    with pytest.raises(MergeError, match="variation"):
+        merge.varm(J(BASE), [J(m) for m in MODELS], variation="cube")
