@@ -298,16 +298,33 @@ def _mutual_information(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sum(joint[nz] * np.log2(joint[nz] / (pa @ pb)[nz])))
 
 
+def dense_base_args(ap, *, preset: str, steps: int, steps_help: str, examples_help: str = "test examples per task"):
+    """The options of the experiments built on a dense base and its fine-tunes (lora_experts,
+    moe_build, merging_benchmark): --preset, --base-steps, --steps, --seeds, --examples,
+    --train-only. Parse with `parse_seeded`."""
+    ap.add_argument("--preset", default=preset, choices=["tiny", "small"])
+    ap.add_argument("--base-steps", type=int, help="steps of the base (default: the preset's)")
+    ap.add_argument("--steps", type=int, default=steps, help=steps_help)
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    ap.add_argument("--examples", type=int, default=200, help=examples_help)
+    ap.add_argument("--train-only", action="store_true", help="train (or reuse) the runs, write no results")
+
+
+def parse_seeded(ap, argv=None):
+    """ap.parse_args(argv), refusing fewer than two seeds (no interval)."""
+    a = ap.parse_args(argv)
+    if len(a.seeds) < 2:
+        ap.error("--seeds needs at least two seeds for an interval")
+    return a
+
+
 def args(argv=None, default_steps=600):
     import argparse
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=default_steps)
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
-    a = ap.parse_args(argv)
-    if len(a.seeds) < 2:
-        ap.error("--seeds needs at least two seeds for an interval")
-    return a
+    return parse_seeded(ap, argv)
 
 
 def main(argv=None):

@@ -71,16 +71,9 @@ def trainable(kind: str, model) -> int:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="small", choices=["tiny", "small"])
-    ap.add_argument("--base-steps", type=int, help="steps of the base (default: the preset's)")
-    ap.add_argument("--steps", type=int, default=600, help="fine-tuning steps")
-    ap.add_argument("--seeds", type=int, nargs="+", default=list(_zoo.SEEDS))
-    ap.add_argument("--examples", type=int, default=200, help="test examples per task")
+    _zoo.dense_base_args(ap, preset="small", steps=600, steps_help="fine-tuning steps")
     ap.add_argument("--adapters", nargs="+", default=list(ADAPTERS), choices=list(ADAPTERS))
-    ap.add_argument("--train-only", action="store_true", help="train (or reuse) the runs, write no results")
-    a = ap.parse_args(argv)
-    if len(a.seeds) < 2:
-        ap.error("--seeds needs at least two seeds for an interval")
+    a = _zoo.parse_seeded(ap, argv)
     suite = evals.resolve_tasks("all")
     texts = [t for t in suite if t.kind == "bits_per_byte"]
     tasks = [t for t in suite if t.kind == "exact_match"]

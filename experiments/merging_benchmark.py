@@ -84,20 +84,14 @@ def merged_model(method: str, base: Model, fts: list[Model], tasks, seed: int, l
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="small", choices=["tiny", "small"])
-    ap.add_argument("--base-steps", type=int, help="steps of the base (default: the preset's)")
-    ap.add_argument("--steps", type=int, default=300, help="steps of each task's full fine-tune")
-    ap.add_argument("--seeds", type=int, nargs="+", default=list(_zoo.SEEDS))
-    ap.add_argument("--examples", type=int, default=200, help="test examples per algorithmic task")
+    _zoo.dense_base_args(ap, preset="small", steps=300, steps_help="steps of each task's full fine-tune",
+                         examples_help="test examples per algorithmic task")
     ap.add_argument("--windows", type=int, default=32, help="test windows per text domain")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--adamerging-steps", type=int, default=ADAMERGING["steps"], help="AdaMerging's steps (a smoke run: few)")
-    ap.add_argument("--train-only", action="store_true", help="train (or reuse) the runs, write no results")
-    a = ap.parse_args(argv)
+    a = _zoo.parse_seeded(ap, argv)
     for m in ("adamerging_task", "adamerging_layer"):
         METHODS[m][1]["steps"] = a.adamerging_steps
-    if len(a.seeds) < 2:
-        ap.error("--seeds needs at least two seeds for an interval")
     log = lambda m: print(m, flush=True)
     suite = evals.resolve_tasks("all")
     texts = [t for t in suite if t.kind == "bits_per_byte"]

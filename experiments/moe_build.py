@@ -109,17 +109,10 @@ def averaged(fts: list[dict]) -> Model:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="tiny", choices=["tiny", "small"])
-    ap.add_argument("--base-steps", type=int, help="steps of the base (default: the preset's)")
-    ap.add_argument("--steps", type=int, default=300, help="steps of each task's full fine-tune")
+    _zoo.dense_base_args(ap, preset="tiny", steps=300, steps_help="steps of each task's full fine-tune")
     ap.add_argument("--router-steps", type=int, default=100, help="steps of the router-only fine-tune")
     ap.add_argument("--top-k", type=int, default=2)
-    ap.add_argument("--seeds", type=int, nargs="+", default=list(_zoo.SEEDS))
-    ap.add_argument("--examples", type=int, default=200, help="test examples per task")
-    ap.add_argument("--train-only", action="store_true", help="train (or reuse) the runs, write no results")
-    a = ap.parse_args(argv)
-    if len(a.seeds) < 2:
-        ap.error("--seeds needs at least two seeds for an interval")
+    a = _zoo.parse_seeded(ap, argv)
     suite = evals.resolve_tasks("all")
     texts = [t for t in suite if t.kind == "bits_per_byte"]
     tasks = [t for t in suite if t.kind == "exact_match"]

@@ -556,7 +556,7 @@ def cmd_finetune(args) -> int:
 
 def cmd_extract_lora(args) -> int:
     from jmoe.io.safetensors import SafetensorsError, load_safetensors
-    from jmoe.merge.extract_lora import extract_lora, plan_extraction, write_adapter
+    from jmoe.merge.extract_lora import extract_lora, write_adapter
     from jmoe.merge.staging import check_output_dir, staged_dir
     from jmoe.progress import Progress
 
@@ -571,7 +571,6 @@ def cmd_extract_lora(args) -> int:
         except SafetensorsError as e:
             raise ValueError(f"{flag}: {e}") from None
     out = check_output_dir(args.out, flag="OUT", force=args.force, force_flag="--force")
-    plan_extraction(models["FINETUNED"], models["BASE"])  # names and shapes checked before any SVD
     total = len(models["FINETUNED"])
     bar = Progress(total, enabled=not args.quiet, every=max(1, total // 20))
     done = iter(range(1, total + 1))
