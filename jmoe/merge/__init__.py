@@ -7,7 +7,9 @@ its parameters against the table, then runs the function. A new method is one fu
 one registration (`merge_method` / `register_merge_method`, see `jmoe.merge.registry`).
 Helpers: `map_merge` and `task_vector_merge` (the shared pipeline, see `jmoe.merge.methods`),
 `global_magnitude_thresholds`, `tall_masks`, `diagonal_fisher`, `lm_grams`; `jmoe.merge.tree`
-has filters and per-layer parameters.
+has filters and per-layer parameters. Methods whose result is another architecture are
+functions of the models' configuration and data: `wemoe` (FFNs upscaled into a routed mixture
+of task vectors).
 """
 
 from jmoe.merge import (  # noqa: F401  (register their methods)
@@ -18,6 +20,7 @@ from jmoe.merge.masks import tall_masks
 from jmoe.merge.methods import global_magnitude_thresholds, map_merge, task_vector_merge
 from jmoe.merge.registry import MERGE_METHODS, MergeMethod, Param, merge_method, register_merge_method
 from jmoe.merge.tree import MergeError, Selector
+from jmoe.merge.we_moe import wemoe
 from jmoe.merge.weighted import diagonal_fisher, lm_grams
 
 _HELPERS = [
@@ -35,6 +38,7 @@ _HELPERS = [
     "register_merge_method",
     "tall_masks",
     "task_vector_merge",
+    "wemoe",
 ]
 
 

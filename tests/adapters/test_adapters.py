@@ -89,6 +89,16 @@ def naive(kind, cfg, params, base, x, state=None):
                             for e in range(cfg.num_experts))
                 return v @ W + delta
             return _naive_ffn(base, xt, proj)
+        elif kind == "wemoe":
+            r = params["router"]
+            if "weights" in r:
+                w = r["weights"]
+            elif "w" in r:
+                w = xt @ r["w"] + r["b"]
+            else:
+                w = jnp.maximum(xt @ r["w1"] + r["b1"], 0.0) @ r["w2"] + r["b2"]
+            merged = lambda n, W: W + sum(w[e] * params[n][e] for e in range(cfg.num_experts)) if n in params else W
+            return _naive_ffn(base, xt, lambda n, v, W: v @ merged(n, W))
 
     return jax.vmap(token)(x)
 
@@ -97,7 +107,9 @@ CASES = [("lora", {}), ("lora", dict(ffn_targets=("up",))), ("mixlora", {}), ("m
          ("mixlora", dict(options=dict(impl="grouped"))),
          ("mixlora", dict(top_k=3, options=dict(impl="chunked", block_size=4))),
          ("mixlora", dict(ffn_targets=("gate", "down"))), ("smora", dict(rank=6, top_k=3)),
-         ("dynmole", dict(num_experts=3, top_k=1)), ("dynmole", dict(options=dict(entropy_threshold=0.2)))]
+         ("dynmole", dict(num_experts=3, top_k=1)), ("dynmole", dict(options=dict(entropy_threshold=0.2))),
+         ("wemoe", dict(num_experts=3)), ("wemoe", dict(ffn_targets=("up", "down"), options=dict(router_hidden_layers=1))),
+         ("wemoe", dict(options=dict(router_hidden_layers=0)))]
 
 
 @pytest.mark.parametrize("kind,kw", CASES)
@@ -170,7 +182,8 @@ TOKENS = jax.random.randint(jax.random.key(9), (2, 7), 0, 32)
 apply = jit_lm_apply
 
 
-@pytest.mark.parametrize("kind,model", [("lora", "dense"), ("mixlora", "dense"), ("dynmole", "dense"), ("smora", "moe")])
+@pytest.mark.parametrize("kind,model", [("lora", "dense"), ("mixlora", "dense"), ("dynmole", "dense"), ("smora", "moe"),
+                                        ("wemoe", "dense")])
 def test_fresh_adapters_leave_the_model_unchanged(kind, model):
     base_cfg = DENSE if model == "dense" else MOE
     cfg = base_cfg.replace(adapter=_cfg(kind, attn_targets=("wq", "wo"), rank=2, top_k=2, moe_mode="shared"))
