@@ -17,14 +17,17 @@ into one model by each method, with its paper's defaults:
   wemoe              WEMoE: task arithmetic (0.3) with every FFN upscaled into the task vectors
                      mixed per token by a router (two-layer, starting at 0.3), the routers
                      trained by entropy minimisation on the same inputs (Adam lr 1e-4, 1000 steps)
+  twin_merging       Twin-Merging: task arithmetic (0.3) as the shared model, each fine-tune's FFNs
+                     minus it at rank 8 as exclusive parts, mixed per token by softmax routers
+                     trained to recognise the task of the same inputs (Adam lr 5e-4, 300 steps)
 
 and scored on every task's test split (exact match, or bits per byte), against the base, each
 task's own fine-tune ("individual", the upper bound of a merge) and one fine-tune on the
 mixture of all eight tasks ("multitask"). A merge's normalised score on a task is its metric
 over the individual fine-tune's (own / merged for bits per byte, where lower is better); the
 table reports the mean over tasks. Claims, paired by seed (the issue's goals): TIES beats task
-arithmetic; AdaMerging beats TIES; TSV-M beats task arithmetic; WEMoE beats TIES and
-layer-wise AdaMerging. Writes
+arithmetic; AdaMerging beats TIES; TSV-M beats task arithmetic; WEMoE and Twin-Merging beat
+TIES and layer-wise AdaMerging. Writes
 experiments/results/merging_benchmark.{json,png}; runs and scores are cached by configuration
 and code version, so a stopped run resumes (train in slices with --train-only).
 
@@ -55,6 +58,7 @@ from _harness import cached  # noqa: E402
 
 ADAMERGING = dict(steps=500, lr=1e-3, prior=0.3)
 WEMOE = dict(steps=1000, lr=1e-4, init_lambda=0.3, router_hidden_layers=2)
+TWIN = dict(steps=300, lr=5e-4, lam=0.3, rank=8)
 METHODS = {
     "average": ("linear", {}),
     "task_arithmetic": ("task_arithmetic", {"lam": 0.3}),
@@ -63,23 +67,25 @@ METHODS = {
     "adamerging_task": ("adamerging", {"granularity": "task", **ADAMERGING}),
     "adamerging_layer": ("adamerging", {"granularity": "layer", **ADAMERGING}),
     "wemoe": ("wemoe", WEMOE),
+    "twin_merging": ("twin_merging", TWIN),
 }
+ROUTED = {"wemoe": merge.wemoe, "twin_merging": merge.twin_merging}  # models of their own architecture
 UNLABELED = 32  # unlabeled inputs per task for AdaMerging (two batches of 16)
 
 
 def merged_model(method: str, base: Model, fts: list[Model], tasks, seed: int, log) -> tuple[Model, dict]:
     """The merge of the fine-tunes by one of `METHODS`, with what it learned (AdaMerging's
-    coefficients, the entropy before and after) and how long it took."""
+    coefficients, the training loss before and after) and how long it took."""
     name, params = METHODS[method]
     t0 = time.perf_counter()
     info = {}
     cfg = base.cfg
     unlabeled = lambda: [bench.unlabeled_batches(t, base.tokenizer, n=UNLABELED, seed=seed) for t in tasks]
     losses = []
-    if name == "wemoe":
-        cfg, params_out = merge.wemoe(base.cfg, base.params, [m.params for m in fts], unlabeled(), state=base.state,
-                                      seed=seed, log=lambda s, loss: losses.append(loss), **params)
-        info = {"entropy_first": losses[0], "entropy_last": losses[-1]} if losses else {}
+    if name in ROUTED:
+        cfg, params_out = ROUTED[name](base.cfg, base.params, [m.params for m in fts], unlabeled(), state=base.state,
+                                       seed=seed, log=lambda s, loss: losses.append(loss), **params)
+        info = {"loss_first": losses[0], "loss_last": losses[-1]} if losses else {}
     elif name == "adamerging":
         params_out, lam = merge.adamerging(base.params, [m.params for m in fts], unlabeled(),
                                            objective=bench.entropy_objective(base.cfg, base.state),
@@ -101,10 +107,12 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--adamerging-steps", type=int, default=ADAMERGING["steps"], help="AdaMerging's steps (a smoke run: few)")
     ap.add_argument("--wemoe-steps", type=int, default=WEMOE["steps"], help="WEMoE's router steps (a smoke run: few)")
+    ap.add_argument("--twin-steps", type=int, default=TWIN["steps"], help="Twin-Merging's router steps (a smoke run: few)")
     a = _zoo.parse_seeded(ap, argv)
     for m in ("adamerging_task", "adamerging_layer"):
         METHODS[m][1]["steps"] = a.adamerging_steps
     METHODS["wemoe"][1]["steps"] = a.wemoe_steps
+    METHODS["twin_merging"][1]["steps"] = a.twin_steps
     log = lambda m: print(m, flush=True)
     suite = evals.resolve_tasks("all")
     texts = [t for t in suite if t.kind == "bits_per_byte"]
@@ -158,7 +166,8 @@ def main(argv=None):
     claims = []
     pairs = [("ties", "task_arithmetic"), ("adamerging_task", "ties"), ("adamerging_layer", "ties"),
              ("tsvm", "task_arithmetic"), ("task_arithmetic", "average"),
-             ("wemoe", "ties"), ("wemoe", "adamerging_layer")]
+             ("wemoe", "ties"), ("wemoe", "adamerging_layer"), ("twin_merging", "ties"),
+             ("twin_merging", "adamerging_layer")]
     for x, y in pairs:
         if x in mean_norm and y in mean_norm:
             claims.append(_zoo.claim(f"mean normalised score over {len(names)} tasks: {x} beats {y}", x, mean_norm[x],

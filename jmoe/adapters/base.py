@@ -29,6 +29,8 @@ class AdapterAux:
     entropy: scalar mean normalised router entropy (0 without a router).
     experts_per_token: scalar mean number of experts (or ranks) a token used.
     counts: {name: [C] selections per expert or rank} of each router (state updates).
+    router_logits: [T, E] each token's router logits, for kinds whose router is trained
+      against outside labels (twin: the task of each input); None for the others.
     """
 
     loss: jax.Array
@@ -36,6 +38,7 @@ class AdapterAux:
     entropy: jax.Array
     experts_per_token: jax.Array
     counts: dict
+    router_logits: jax.Array | None = None
 
 
 def no_aux() -> AdapterAux:

@@ -20,7 +20,8 @@ class AdapterConfig:
     kind: the adapter (`jmoe.registry.ADAPTERS`): "lora", "mixlora" (top-k LoRA experts on
       the FFN), "smora" (each rank of one LoRA is an expert), "dynmole" (LoRA experts per
       projection with Tsallis-entropy hybrid routing), "wemoe" (fine-tunes' task vectors mixed
-      per token, built by `jmoe.merge.wemoe`).
+      per token, built by `jmoe.merge.wemoe`), "twin" (their low-rank exclusive knowledge mixed
+      by a softmax router, built by `jmoe.merge.twin_merging`).
     rank: r, the rank of each LoRA (SMoRA: the total number of rank experts).
     alpha: LoRA scale numerator (None: 2 * rank); the delta is (alpha / r) B A x, SMoRA's
       (alpha / top_k) B diag(g) A x.

@@ -18,8 +18,9 @@ A causal language model cannot look ahead, so here each token takes its own weig
 the reference's rule on a one-token sequence, and it makes the layer run unchanged under
 KV-cached decoding. With `batch_reduce` the weights are averaged over every token of the call
 and the FFN is merged once (the reference's mode while its routers train, E times cheaper). Because each projection is linear in its weight,
-x W(x) = x W + sum_e r_e(x) (x tau_e) = x W + [r_1(x) x, ..., r_E(x) x] [tau_1; ...; tau_E]:
-one matmul of width E * d_in per projection, exactly the per-token merged weight.
+x W(x) = x W + sum_e r_e(x) (x tau_e): the inputs scaled by each weight, side by side, times the
+task vectors stacked: one matmul of width E * d_in per projection, exactly the per-token merged
+weight.
 
 `jmoe.merge.wemoe` builds these adapters from a base and its fine-tunes and trains only the
 routers, on unlabeled inputs (entropy minimisation); a fresh adapter has zero task vectors.

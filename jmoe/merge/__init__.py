@@ -9,7 +9,8 @@ Helpers: `map_merge` and `task_vector_merge` (the shared pipeline, see `jmoe.mer
 `global_magnitude_thresholds`, `tall_masks`, `diagonal_fisher`, `lm_grams`; `jmoe.merge.tree`
 has filters and per-layer parameters. Methods whose result is another architecture are
 functions of the models' configuration and data: `wemoe` (FFNs upscaled into a routed mixture
-of task vectors).
+of task vectors) and `twin_merging` (a shared merge plus each fine-tune's low-rank exclusive
+knowledge, mixed by routers); `jmoe.merge.routed` has what they share.
 """
 
 from jmoe.merge import (  # noqa: F401  (register their methods)
@@ -20,6 +21,7 @@ from jmoe.merge.masks import tall_masks
 from jmoe.merge.methods import global_magnitude_thresholds, map_merge, task_vector_merge
 from jmoe.merge.registry import MERGE_METHODS, MergeMethod, Param, merge_method, register_merge_method
 from jmoe.merge.tree import MergeError, Selector
+from jmoe.merge.twin_merging import twin_merging
 from jmoe.merge.we_moe import wemoe
 from jmoe.merge.weighted import diagonal_fisher, lm_grams
 
@@ -38,6 +40,7 @@ _HELPERS = [
     "register_merge_method",
     "tall_masks",
     "task_vector_merge",
+    "twin_merging",
     "wemoe",
 ]
 

@@ -24,20 +24,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Sequence
 
-import jax
-import jax.numpy as jnp
-import optax
-
-from jmoe.adapters import AdapterConfig, init_adapters
-from jmoe.adapters.base import ffn_shapes
-from jmoe.adapters.config import FFN_TARGETS, FFN_WEIGHT
-from jmoe.merge.tree import MergeError, check_compatible, check_models
-
-
-def _check_batches(batches, n: int, method: str) -> None:
-    if not isinstance(batches, (list, tuple)) or len(batches) != n or not all(len(b) for b in batches):
-        got = f"a {type(batches).__name__}" + (f" of {len(batches)}" if isinstance(batches, (list, tuple)) else "")
-        raise MergeError(f"{method} needs batches: one non-empty sequence of unlabeled batches per model ({n}), got {got}")
+from jmoe.merge.routed import check_inputs, stacked_deltas, train_routers, upscale
 
 
 def wemoe(cfg, base: dict, models: Sequence[dict], batches: Sequence[Sequence[Any]], *, state: dict | None = None,
@@ -50,57 +37,13 @@ def wemoe(cfg, base: dict, models: Sequence[dict], batches: Sequence[Sequence[An
     from jmoe.merge.bench import entropy_objective
     from jmoe.merge.methods import task_arithmetic
 
-    check_models(models)
-    if cfg.adapter is not None:
-        raise MergeError(f"wemoe: the models carry {cfg.adapter.kind} adapters; merge models without adapters")
-    check_compatible(base, models, [f"models[{i}]" for i in range(len(models))])
-    _check_batches(batches, len(models), "wemoe")
-    if steps < 0 or lr <= 0:
-        raise MergeError(f"wemoe: steps={steps} must be >= 0 and lr={lr} > 0")
-    dense = tuple(i for i in range(cfg.n_layers) if not cfg.is_moe_layer(i))
-    if not dense:
-        raise MergeError("wemoe upscales dense FFN layers, and this model has none (every layer is an MoE layer)")
-    try:
-        acfg = AdapterConfig(kind="wemoe", num_experts=len(models), layers=dense, ffn_targets=FFN_TARGETS,
-                             options={"router_hidden_layers": router_hidden_layers, "init_lambda": init_lambda})
-    except ValueError as e:
-        raise MergeError(f"wemoe: {e}") from None
-    wcfg = dataclasses.replace(cfg, adapter=acfg)
-
-    params = dict(task_arithmetic(base, list(models), lam=init_lambda))
-    adapters = init_adapters(jax.random.key(seed), wcfg)
-    layers = dict(params["layers"])
-    projections = ffn_shapes(cfg.d_model, cfg.d_ff, cfg.activation, FFN_TARGETS)
-    for i in dense:
-        name = str(i)
-        b_ffn = base["layers"][name]["ffn"]
-        layers[name] = {**layers[name], "ffn": b_ffn}
-        ffn = dict(adapters[name]["ffn"])
-        for proj in projections:
-            w = FFN_WEIGHT[proj]
-            ffn[proj] = jnp.stack([jnp.asarray(m["layers"][name]["ffn"][w], jnp.float32)
-                                   - jnp.asarray(b_ffn[w], jnp.float32) for m in models]).astype(b_ffn[w].dtype)
-        adapters[name] = {**adapters[name], "ffn": ffn}
-    params["layers"] = layers
-
-    train_cfg = wcfg.replace(adapter=acfg.replace(options=dataclasses.replace(acfg.options, batch_reduce=True)))
-    objective = entropy_objective(train_cfg, state)
-    routers = {n: a["ffn"]["router"] for n, a in adapters.items()}
-
-    def with_routers(r):
-        return {**params, "adapters": {n: {**a, "ffn": {**a["ffn"], "router": r[n]}} for n, a in adapters.items()}}
-
-    opt = optax.adam(lr)
-    opt_state = opt.init(routers)
-
-    @jax.jit
-    def step(r, opt_state, step_batches):
-        loss, grad = jax.value_and_grad(lambda r: sum(objective(with_routers(r), b) for b in step_batches))(r)
-        updates, opt_state = opt.update(grad, opt_state, r)
-        return optax.apply_updates(r, updates), opt_state, loss
-
-    for s in range(steps):
-        routers, opt_state, loss = step(routers, opt_state, [b[s % len(b)] for b in batches])
-        if log is not None:
-            log(s, float(loss))
-    return wcfg, with_routers(routers)
+    check_inputs("wemoe", cfg, base, models, batches, steps, lr)
+    shared = task_arithmetic(base, list(models), lam=init_lambda)
+    opts = {"router_hidden_layers": router_hidden_layers, "init_lambda": init_lambda}
+    wcfg, params = upscale("wemoe", cfg, shared, base, dict(kind="wemoe", num_experts=len(models), options=opts),
+                           lambda layer, proj, w: stacked_deltas(models, base, layer, w).astype(
+                               base["layers"][layer]["ffn"][w].dtype), seed)
+    a = wcfg.adapter
+    objective = entropy_objective(wcfg.replace(adapter=a.replace(options=dataclasses.replace(a.options, batch_reduce=True))),
+                                  state)
+    return wcfg, train_routers(params, lambda p, b, t: objective(p, b), batches, steps=steps, lr=lr, log=log)

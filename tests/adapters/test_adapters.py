@@ -99,6 +99,12 @@ def naive(kind, cfg, params, base, x, state=None):
                 w = jnp.maximum(xt @ r["w1"] + r["b1"], 0.0) @ r["w2"] + r["b2"]
             merged = lambda n, W: W + sum(w[e] * params[n][e] for e in range(cfg.num_experts)) if n in params else W
             return _naive_ffn(base, xt, lambda n, v, W: v @ merged(n, W))
+        elif kind == "twin":
+            r = params["router"]
+            p = jax.nn.softmax(jax.nn.leaky_relu(xt @ r["w1"] + r["b1"]) @ r["w2"] + r["b2"])
+            merged = lambda n, W: (W + sum(p[e] * params[n]["A"][e] @ params[n]["B"][e] for e in range(cfg.num_experts))
+                                   if n in params else W)
+            return _naive_ffn(base, xt, lambda n, v, W: v @ merged(n, W))
 
     return jax.vmap(token)(x)
 
@@ -109,7 +115,8 @@ CASES = [("lora", {}), ("lora", dict(ffn_targets=("up",))), ("mixlora", {}), ("m
          ("mixlora", dict(ffn_targets=("gate", "down"))), ("smora", dict(rank=6, top_k=3)),
          ("dynmole", dict(num_experts=3, top_k=1)), ("dynmole", dict(options=dict(entropy_threshold=0.2))),
          ("wemoe", dict(num_experts=3)), ("wemoe", dict(ffn_targets=("up", "down"), options=dict(router_hidden_layers=1))),
-         ("wemoe", dict(options=dict(router_hidden_layers=0)))]
+         ("wemoe", dict(options=dict(router_hidden_layers=0))), ("twin", {}),
+         ("twin", dict(num_experts=2, rank=3, ffn_targets=("gate", "down"), options=dict(router_hidden=1)))]
 
 
 @pytest.mark.parametrize("kind,kw", CASES)
@@ -183,7 +190,7 @@ apply = jit_lm_apply
 
 
 @pytest.mark.parametrize("kind,model", [("lora", "dense"), ("mixlora", "dense"), ("dynmole", "dense"), ("smora", "moe"),
-                                        ("wemoe", "dense")])
+                                        ("wemoe", "dense"), ("twin", "dense")])
 def test_fresh_adapters_leave_the_model_unchanged(kind, model):
     base_cfg = DENSE if model == "dense" else MOE
     cfg = base_cfg.replace(adapter=_cfg(kind, attn_targets=("wq", "wo"), rank=2, top_k=2, moe_mode="shared"))

@@ -1,0 +1,105 @@
+"""What the merges into routed models share (`wemoe`, `twin_merging`): fine-tunes of one base
+become a model whose dense FFNs carry the fine-tunes' task-specific weights as the experts of
+an adapter (`jmoe.adapters`), mixed per token by a router per layer, and only the routers are
+trained, on a little data of the tasks.
+
+  check_inputs    the models, their shapes and the data, each problem one MergeError
+  upscale         the merged model with each dense FFN's adapter filled from the fine-tunes
+  train_routers   Adam on the routers only, jit-compiled once
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jmoe.adapters import AdapterConfig, init_adapters
+from jmoe.adapters.base import ffn_shapes
+from jmoe.adapters.config import FFN_TARGETS, FFN_WEIGHT
+from jmoe.merge.tree import MergeError, check_compatible, check_models
+
+
+def check_inputs(method: str, cfg, base: dict, models: Sequence[dict], batches, steps: int, lr: float) -> tuple[int, ...]:
+    """The dense layers of LMConfig `cfg` (the ones to upscale), after checking the models
+    (same tree as the base, no adapters), the batches (one non-empty sequence per model) and
+    the training settings."""
+    check_models(models)
+    if cfg.adapter is not None:
+        raise MergeError(f"{method}: the models carry {cfg.adapter.kind} adapters; merge models without adapters")
+    check_compatible(base, models, [f"models[{i}]" for i in range(len(models))])
+    if not isinstance(batches, (list, tuple)) or len(batches) != len(models) or not all(len(b) for b in batches):
+        got = f"a {type(batches).__name__}" + (f" of {len(batches)}" if isinstance(batches, (list, tuple)) else "")
+        raise MergeError(f"{method} needs batches: one non-empty sequence of batches per model ({len(models)}), "
+                         f"got {got}")
+    if steps < 0 or lr <= 0:
+        raise MergeError(f"{method}: steps={steps} must be >= 0 and lr={lr} > 0")
+    dense = tuple(i for i in range(cfg.n_layers) if not cfg.is_moe_layer(i))
+    if not dense:
+        raise MergeError(f"{method} upscales dense FFN layers, and this model has none (every layer is an MoE layer)")
+    return dense
+
+
+def upscale(method: str, cfg, shared: dict, ffn_base: dict, adapter: dict, experts: Callable, seed: int = 0):
+    """(LMConfig with the adapter, params): `shared` (the merged tree) whose dense FFNs take
+    their weights from `ffn_base` (a tree like it) and an adapter `AdapterConfig(**adapter)`
+    on every dense layer and FFN projection, freshly initialised, with each projection's
+    experts replaced by experts(layer name, projection, weight name)."""
+    dense = tuple(i for i in range(cfg.n_layers) if not cfg.is_moe_layer(i))
+    try:
+        acfg = AdapterConfig(layers=dense, ffn_targets=FFN_TARGETS, **adapter)
+        wcfg = dataclasses.replace(cfg, adapter=acfg)
+    except ValueError as e:
+        raise MergeError(f"{method}: {e}") from None
+    params = dict(shared)
+    adapters = init_adapters(jax.random.key(seed), wcfg)
+    layers = dict(params["layers"])
+    for i in dense:
+        name = str(i)
+        layers[name] = {**layers[name], "ffn": ffn_base["layers"][name]["ffn"]}
+        ffn = dict(adapters[name]["ffn"])
+        for proj in ffn_shapes(cfg.d_model, cfg.d_ff, cfg.activation, FFN_TARGETS):
+            ffn[proj] = experts(name, proj, FFN_WEIGHT[proj])
+        adapters[name] = {**adapters[name], "ffn": ffn}
+    return wcfg, {**params, "layers": layers, "adapters": adapters}
+
+
+def with_routers(params: dict, routers: dict) -> dict:
+    """params with each adapted layer's router replaced from {layer: router}."""
+    return {**params, "adapters": {n: {**a, "ffn": {**a["ffn"], "router": routers[n]}}
+                                   for n, a in params["adapters"].items()}}
+
+
+def train_routers(params: dict, loss: Callable[[dict, Any, int], jax.Array], batches: Sequence[Sequence[Any]], *,
+                  steps: int, lr: float, log: Callable[[int, float], None] | None = None) -> dict:
+    """params with the routers trained by Adam(lr) for `steps` steps on
+    sum over tasks t of loss(params, batch of task t, t); step s uses batch s mod len of each
+    task's. Everything else stays as it is. log(step, loss) is called every step."""
+    routers = {n: a["ffn"]["router"] for n, a in params["adapters"].items()}
+    opt = optax.adam(lr)
+    opt_state = opt.init(routers)
+
+    def total(r, step_batches):
+        p = with_routers(params, r)
+        return sum(loss(p, b, t) for t, b in enumerate(step_batches))
+
+    @jax.jit
+    def step(r, opt_state, step_batches):
+        value, grad = jax.value_and_grad(total)(r, step_batches)
+        updates, opt_state = opt.update(grad, opt_state, r)
+        return optax.apply_updates(r, updates), opt_state, value
+
+    for s in range(steps):
+        routers, opt_state, value = step(routers, opt_state, [b[s % len(b)] for b in batches])
+        if log is not None:
+            log(s, float(value))
+    return with_routers(params, routers)
+
+
+def stacked_deltas(models: Sequence[dict], ref: dict, layer: str, weight: str) -> jax.Array:
+    """[T, ...] each model's FFN weight minus ref's (float32), of one layer."""
+    w0 = jnp.asarray(ref["layers"][layer]["ffn"][weight], jnp.float32)
+    return jnp.stack([jnp.asarray(m["layers"][layer]["ffn"][weight], jnp.float32) - w0 for m in models])
