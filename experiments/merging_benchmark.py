@@ -14,6 +14,12 @@ into one model by each method, with its paper's defaults:
   adamerging_layer   AdaMerging, one coefficient per task and parameter tensor
                      (both: prior 0.3, Adam lr 1e-3, 500 steps, 2 x 16 unlabeled train inputs
                      per task per step: prompts without answers, text windows)
+  concrete_ta        CONCRETE: a mask shared by the tasks, learned through a concrete relaxation
+                     (temperature 0.5, Adam lr 1e-3) by entropy minimisation, on task arithmetic (0.3)
+  concrete_adamerging  the same mask meta-learned through one step of layer-wise AdaMerging,
+                     then layer-wise AdaMerging on the masked task vectors
+                     (both at AdaMerging's budget of 500 entropy gradients: 500 mask steps,
+                     or 250 meta-learning steps of two, then 500 AdaMerging steps)
   wemoe              WEMoE: task arithmetic (0.3) with every FFN upscaled into the task vectors
                      mixed per token by a router (two-layer, starting at 0.3), the routers
                      trained by entropy minimisation on the same inputs (Adam lr 1e-4, 1000 steps)
@@ -26,7 +32,8 @@ task's own fine-tune ("individual", the upper bound of a merge) and one fine-tun
 mixture of all eight tasks ("multitask"). A merge's normalised score on a task is its metric
 over the individual fine-tune's (own / merged for bits per byte, where lower is better); the
 table reports the mean over tasks. Claims, paired by seed (the issue's goals): TIES beats task
-arithmetic; AdaMerging beats TIES; TSV-M beats task arithmetic; WEMoE and Twin-Merging beat
+arithmetic; AdaMerging beats TIES; TSV-M beats task arithmetic; CONCRETE beats what it masks
+(task arithmetic, layer-wise AdaMerging); WEMoE and Twin-Merging beat
 TIES and layer-wise AdaMerging. Writes
 experiments/results/merging_benchmark.{json,png}; runs and scores are cached by configuration
 and code version, so a stopped run resumes (train in slices with --train-only).
@@ -41,6 +48,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -59,6 +67,9 @@ from _harness import cached  # noqa: E402
 ADAMERGING = dict(steps=500, lr=1e-3, prior=0.3)
 WEMOE = dict(steps=1000, lr=1e-4, init_lambda=0.3, router_hidden_layers=2)
 TWIN = dict(steps=300, lr=5e-4, lam=0.3, rank=8)
+# CONCRETE at AdaMerging's budget of entropy gradients: 500 mask steps (Concrete Task
+# Arithmetic), or 250 meta-learning steps of two passes each and then 500 AdaMerging steps
+CONCRETE = dict(lr=1e-3, temperature=0.5, lam=0.3)
 METHODS = {
     "average": ("linear", {}),
     "task_arithmetic": ("task_arithmetic", {"lam": 0.3}),
@@ -66,6 +77,9 @@ METHODS = {
     "tsvm": ("tsvm", {"lam": 1.0}),
     "adamerging_task": ("adamerging", {"granularity": "task", **ADAMERGING}),
     "adamerging_layer": ("adamerging", {"granularity": "layer", **ADAMERGING}),
+    "concrete_ta": ("concrete", {"adamerging": None, "steps": 500, **CONCRETE}),
+    "concrete_adamerging": ("concrete", {"adamerging": "layer", "steps": 250, "adamerging_steps": 500,
+                                         "adamerging_lr": 1e-3, **CONCRETE}),
     "wemoe": ("wemoe", WEMOE),
     "twin_merging": ("twin_merging", TWIN),
 }
@@ -92,6 +106,13 @@ def merged_model(method: str, base: Model, fts: list[Model], tasks, seed: int, l
                                            log=lambda s, loss: losses.append(loss), return_lambdas=True, **params)
         info = {"entropy_first": losses[0], "entropy_last": losses[-1],
                 "lambdas_mean_per_task": np.asarray(lam).reshape(-1, len(tasks)).mean(0).round(4).tolist()}
+    elif name == "concrete":
+        params_out, keep = merge.concrete(base.params, [m.params for m in fts], unlabeled(),
+                                          objective=bench.entropy_objective(base.cfg, base.state), seed=seed,
+                                          log=lambda s, loss: losses.append(loss), return_mask=True, **params)
+        probs = np.concatenate([np.asarray(k).reshape(-1) for k in jax.tree.leaves(keep)])
+        info = {"entropy_first": losses[0], "entropy_last": losses[-1],
+                "kept_share": float(np.mean(probs > 0.5))} if losses else {}
     else:
         params_out = bench.merge_models(name, base.params, [m.params for m in fts], **params)
     info["seconds"] = round(time.perf_counter() - t0, 1)
@@ -106,11 +127,16 @@ def main(argv=None):
     ap.add_argument("--windows", type=int, default=32, help="test windows per text domain")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--adamerging-steps", type=int, default=ADAMERGING["steps"], help="AdaMerging's steps (a smoke run: few)")
+    ap.add_argument("--concrete-steps", type=int, default=None,
+                    help="CONCRETE's mask steps and AdaMerging steps (a smoke run: few)")
     ap.add_argument("--wemoe-steps", type=int, default=WEMOE["steps"], help="WEMoE's router steps (a smoke run: few)")
     ap.add_argument("--twin-steps", type=int, default=TWIN["steps"], help="Twin-Merging's router steps (a smoke run: few)")
     a = _zoo.parse_seeded(ap, argv)
     for m in ("adamerging_task", "adamerging_layer"):
         METHODS[m][1]["steps"] = a.adamerging_steps
+    if a.concrete_steps is not None:
+        METHODS["concrete_ta"][1]["steps"] = a.concrete_steps
+        METHODS["concrete_adamerging"][1].update(steps=a.concrete_steps, adamerging_steps=a.concrete_steps)
     METHODS["wemoe"][1]["steps"] = a.wemoe_steps
     METHODS["twin_merging"][1]["steps"] = a.twin_steps
     log = lambda m: print(m, flush=True)
@@ -166,6 +192,7 @@ def main(argv=None):
     claims = []
     pairs = [("ties", "task_arithmetic"), ("adamerging_task", "ties"), ("adamerging_layer", "ties"),
              ("tsvm", "task_arithmetic"), ("task_arithmetic", "average"),
+             ("concrete_ta", "task_arithmetic"), ("concrete_adamerging", "adamerging_layer"),
              ("wemoe", "ties"), ("wemoe", "adamerging_layer"), ("twin_merging", "ties"),
              ("twin_merging", "adamerging_layer")]
     for x, y in pairs:

@@ -5,7 +5,9 @@ table `MERGE_METHODS` (`MERGE_METHODS.names()`; e.g. linear, slerp, task_arithme
 dare_ties, della, model_stock, fisher, regmean, pcb, consensus, layer_swap). Calling one checks
 its parameters against the table, then runs the function. A new method is one function plus
 one registration (`merge_method` / `register_merge_method`, see `jmoe.merge.registry`).
-Helpers: `map_merge` and `task_vector_merge` (the shared pipeline, see `jmoe.merge.methods`),
+Methods that learn from unlabeled inputs of the tasks (in memory, with an objective such as
+`prediction_entropy`): adamerging, concrete. Helpers: `map_merge` and `task_vector_merge` (the
+shared pipeline, see `jmoe.merge.methods`),
 `global_magnitude_thresholds`, `tall_masks`, `diagonal_fisher`, `lm_grams`; `jmoe.merge.tree`
 has filters and per-layer parameters. Methods whose result is another architecture are
 functions of the models' configuration and data: `wemoe` (FFNs upscaled into a routed mixture
@@ -14,7 +16,8 @@ knowledge, mixed by routers); `jmoe.merge.routed` has what they share.
 """
 
 from jmoe.merge import (  # noqa: F401  (register their methods)
-    entropy_merging, importance_fusion, masks, methods, reinforced, spherical, task_singular, variation, weighted,
+    concrete_subspace, entropy_merging, importance_fusion, masks, methods, reinforced, spherical, task_singular,
+    variation, weighted,
 )
 from jmoe.merge.entropy_merging import prediction_entropy
 from jmoe.merge.masks import tall_masks

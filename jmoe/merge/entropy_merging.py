@@ -40,6 +40,22 @@ def prediction_entropy(logits: jax.Array, mask: jax.Array | None = None) -> jax.
     return jnp.sum(ent * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
+def check_inputs(method: str, base, models, batches, steps: int, lr: float) -> None:
+    """Checks what a method that learns from unlabeled inputs takes: the models and the base
+    (the same trees), one non-empty sequence of batches per model and the training settings;
+    each problem one MergeError naming `method`."""
+    check_models(models)
+    if base is None:
+        raise MergeError(f"base is required for {method} (it learns from the task vectors m_i - base)")
+    check_compatible(base, models, [f"models[{i}]" for i in range(len(models))])
+    if not isinstance(batches, (list, tuple)) or len(batches) != len(models) or not all(len(b) for b in batches):
+        raise MergeError(f"{method} needs batches: one non-empty sequence of unlabeled batches per model "
+                         f"({len(models)}), got {type(batches).__name__}"
+                         f"{' of ' + str(len(batches)) if isinstance(batches, (list, tuple)) else ''}")
+    if steps < 0 or lr <= 0:
+        raise MergeError(f"{method}: steps={steps} must be >= 0 and lr={lr} > 0")
+
+
 def merge_with(base, deltas, lambdas, granularity: str):
     """base + sum_i clip(lambda_i, 0, 1) * delta_i, leaf by leaf (floating leaves only)."""
     lam = jnp.clip(lambdas, 0.0, 1.0)  # [T] or [leaves, T]
@@ -68,19 +84,10 @@ def adamerging(base, models, batches: Sequence[Sequence[Any]], *, objective: Cal
     batch s mod len of each task's). log(step, loss) is called every step. Returns the merged tree
     (and the clipped lambdas, [T] or [leaves, T], with return_lambdas).
     """
-    check_models(models)
-    if base is None:
-        raise MergeError("base is required for adamerging (it learns coefficients of the task vectors m_i - base)")
-    check_compatible(base, models, [f"models[{i}]" for i in range(len(models))])
+    check_inputs("adamerging", base, models, batches, steps, lr)
     problem = _granularity(granularity)
     if problem:
         raise MergeError(f"adamerging: granularity={granularity!r} {problem}")
-    if not isinstance(batches, (list, tuple)) or len(batches) != len(models) or not all(len(b) for b in batches):
-        raise MergeError(f"adamerging needs batches: one non-empty sequence of unlabeled batches per model "
-                         f"({len(models)}), got {type(batches).__name__}"
-                         f"{' of ' + str(len(batches)) if isinstance(batches, (list, tuple)) else ''}")
-    if steps < 0 or lr <= 0:
-        raise MergeError(f"adamerging: steps={steps} must be >= 0 and lr={lr} > 0")
     T = len(models)
     deltas = [jax.tree.map(lambda m, b: (jnp.asarray(m, jnp.float32) - jnp.asarray(b, jnp.float32))
                            if jnp.issubdtype(jnp.asarray(b).dtype, jnp.floating) else jnp.zeros(()), m, base)
