@@ -27,6 +27,8 @@ from jmoe.merge.registry import REQUIRED, UNSET, MergeMethod, Param
 from jmoe.merge.select import StreamingKth
 from jmoe.merge.staging import staged_dir
 from jmoe.merge.tree import LAYER, MergeError, layer_of, resolve_at
+from jmoe.merge.vocab import Vocabulary, is_embedding
+from jmoe.merge.vocab import build as build_vocabulary
 from jmoe.progress import Progress
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -200,12 +202,14 @@ def run_merge(plan: MergePlan, out_dir: str | Path, *, max_shard_size: int | str
     t0 = time.perf_counter()
     ckpts = {p: Checkpoint(p) for p in plan.model_dirs()}
     tasks, layers = plan_tensors(plan, ckpts)
-    for task in tasks:  # every input must exist, with matching shapes
+    vocab = build_vocabulary(plan.tokenizer_source, plan.base, plan.model_dirs()) if plan.tokenizer_source else None
+    for task in tasks:  # every input must exist, with matching shapes (past the vocabulary's rows, when it is rebuilt)
         shapes = set()
+        rows = vocab is not None and is_embedding(task.out_name)
         for name, src, _ in task.inputs:
             if name not in ckpts[src.model]:
                 raise MergeError(f"{src.model}: tensor {name!r} is missing")
-            shapes.add(ckpts[src.model].shape(name))
+            shapes.add(ckpts[src.model].shape(name)[1:] if rows else ckpts[src.model].shape(name))
         if len(shapes) > 1:
             raise MergeError(f"tensor {task.out_name!r} has different shapes across models: {sorted(shapes)}")
     key = jax.random.key(seed)
@@ -216,7 +220,7 @@ def run_merge(plan: MergePlan, out_dir: str | Path, *, max_shard_size: int | str
         thresholds = _global_thresholds(plan, tasks, ckpts, log)
     with staged_dir(out) as tmp:
         files, bytes_read, layers = _write_merge(plan, tasks, ckpts, layers, tmp, key, thresholds, max_shard_size,
-                                                 progress, t0)
+                                                 progress, t0, vocab)
     _remove_stale_shards(out, {f.name for f in files})
     seconds = time.perf_counter() - t0
     summary = {"tensors": len(tasks), "bytes_read": bytes_read, "seconds": seconds,
@@ -233,8 +237,9 @@ def _remove_stale_shards(out: Path, written: set[str]) -> None:
             f.unlink()
 
 
-def _write_merge(plan, tasks, ckpts, layers, out, key, thresholds, max_shard_size, progress, t0):
-    """Merge every task into `out`; returns (files written, bytes read, layers)."""
+def _write_merge(plan, tasks, ckpts, layers, out, key, thresholds, max_shard_size, progress, t0, vocab=None):
+    """Merge every task into `out`; returns (files written, bytes read, layers). vocab: the
+    output `Vocabulary` of tokenizer_source, whose rows the embedding tensors take first."""
     writer = ShardedWriter(out, max_shard_size=max_shard_size, metadata={"merged_by": "jmoe", "merge_method": plan.method})
     bar = Progress(len(tasks), enabled=progress, every=max(1, len(tasks) // 20))
     bytes_read = 0
@@ -253,6 +258,8 @@ def _write_merge(plan, tasks, ckpts, layers, out, key, thresholds, max_shard_siz
             if plan.base is not None and plan.spec.base and base_array is None:
                 base_array = ckpts[plan.base][task.inputs[0][0]]
                 bytes_read += base_array.nbytes
+            if vocab is not None and is_embedding(task.out_name):
+                arrays, base_array = _on_vocabulary(vocab, task, arrays, base_array, plan.base)
             first = base_array if base_array is not None else next(iter(arrays.values()))
             if not np.issubdtype(first.dtype, np.floating):
                 result = first
@@ -266,11 +273,21 @@ def _write_merge(plan, tasks, ckpts, layers, out, key, thresholds, max_shard_siz
     finally:
         bar.close()
     files = writer.close()
-    _copy_side_files(plan, out, layers, out_dtype)
+    _copy_side_files(plan, out, layers, out_dtype, vocab)
     return files, bytes_read, layers
 
 
-def _copy_side_files(plan: MergePlan, out: Path, layers: int, out_dtype) -> None:
+def _on_vocabulary(vocab: Vocabulary, task: _Task, arrays: dict, base_array, base: Path | None):
+    """(arrays, base_array) of an embedding tensor with the rows of the output vocabulary."""
+    by_model = {task.inputs[i][1].model: a for i, a in arrays.items()}
+    if base_array is not None:
+        by_model[base] = base_array
+    moved = vocab.permute(by_model)
+    return ({i: moved[task.inputs[i][1].model] for i in arrays},
+            moved[base] if base_array is not None else None)
+
+
+def _copy_side_files(plan: MergePlan, out: Path, layers: int, out_dtype, vocab: Vocabulary | None = None) -> None:
     ref = plan.base or (plan.slices[0].sources[0].model if plan.slices else plan.models[0].model)
     cfg_path = ref / "config.json"
     if cfg_path.exists():
@@ -281,14 +298,18 @@ def _copy_side_files(plan: MergePlan, out: Path, layers: int, out_dtype) -> None
                     cfg[key] = layers
         if out_dtype is not None:
             cfg["torch_dtype"] = jnp.dtype(out_dtype).name
+        if vocab is not None:
+            cfg["vocab_size"] = vocab.size
         (out / "config.json").write_text(json.dumps(cfg, indent=2))
     if (ref / "generation_config.json").exists():
         shutil.copy(ref / "generation_config.json", out / "generation_config.json")
     tok = plan.tokenizer_source
-    tok_dir = ref if tok in (None, "base") else Path(tok)
+    tok_dir = ref if tok in (None, "base", "union") else Path(tok)
     for f in TOKENIZER_FILES:
         if (tok_dir / f).exists():
             shutil.copy(tok_dir / f, out / f)
+    if vocab is not None:
+        vocab.tokenizer.save(str(out / "tokenizer.json"))
     import yaml
 
     (out / "mergekit_config.yml").write_text(yaml.safe_dump(plan.raw, sort_keys=False))

@@ -9,7 +9,9 @@ Accepted keys (anything else is an error naming it):
   parameters        method parameters (values, layer gradients, or [{filter, value}] lists)
   dtype, out_dtype  float32 | float16 | bfloat16 (compute is float32; output dtype: out_dtype,
                     else dtype, else the base tensor's)
-  tokenizer_source  "base" or a model directory (tokenizer files to copy)
+  tokenizer_source  "base", "union" or a model directory: the output's vocabulary, every
+                    model's embedding rows moved to it by token (`jmoe.merge.vocab`); without
+                    it the base's tokenizer files are copied and the vocabularies must agree
   name              ignored
 
 Parameters resolve per tensor, as mergekit does: the model's own `parameters`, then the
@@ -201,10 +203,11 @@ def parse_config(config: str | Path | dict, root: Path | None = None) -> MergePl
     if spec.num_models is not None and slices is None and len(others) != spec.num_models:
         raise MergeError(f"{method} over models takes {_exactly(spec.num_models, 'model', spec.base)}")
     tok = raw.get("tokenizer_source")
-    if tok not in (None, "base") and not isinstance(tok, str):
-        raise MergeError(f"tokenizer_source={tok!r} must be 'base' or a model directory")
-    if tok == "union":
-        raise MergeError("tokenizer_source: 'union' is not supported (use 'base' or a model directory)")
+    if tok is not None:
+        if not isinstance(tok, str):
+            raise MergeError(f"tokenizer_source={tok!r} must be 'base', 'union' or a model directory")
+        if tok not in ("base", "union"):
+            tok = str(_model_path(tok, root, "tokenizer_source"))
     plan = MergePlan(method, base, slices, models, params, raw.get("dtype"), raw.get("out_dtype"), tok, raw)
     _check_required(plan)
     return plan

@@ -1,0 +1,142 @@
+"""`tokenizer_source` of a merge configuration: the output vocabulary (base, union, a model's)
+and every model's embedding rows moved to it by token, as mergekit does."""
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tokenizers")
+from tokenizers import AddedToken, Tokenizer  # noqa: E402
+from tokenizers.models import WordLevel  # noqa: E402
+from tokenizers.pre_tokenizers import Whitespace  # noqa: E402
+
+from jmoe import merge  # noqa: E402
+from jmoe.cli import main  # noqa: E402
+from jmoe.io import load_safetensors, save_safetensors  # noqa: E402
+
+D = 4
+VOCABS = {  # normal tokens, then special added tokens
+    "base": (["<unk>", "a", "b", "c"], ["<s>"]),
+    "ft0": (["<unk>", "a", "b", "c"], ["<s>"]),
+    "ft1": (["<unk>", "c", "a", "e"], ["<s>", "<t>"]),
+    "ft2": (["<unk>", "b", "e", "z"], ["<s>"]),
+}
+
+
+def make(dir_, name, seed):
+    words, special = VOCABS[name]
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    tok.add_special_tokens([AddedToken(s, special=True) for s in special])
+    dir_.mkdir()
+    tok.save(str(dir_ / "tokenizer.json"))
+    v = len(words) + len(special)
+    rng = np.random.default_rng(seed)
+    tree = {"model.embed_tokens.weight": rng.standard_normal((v, D)).astype(np.float32),
+            "lm_head.weight": rng.standard_normal((v, D)).astype(np.float32),
+            "model.layers.0.mlp.up_proj.weight": rng.standard_normal((6, D)).astype(np.float32)}
+    save_safetensors(tree, dir_)
+    (dir_ / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1,
+                                                  "vocab_size": v}))
+    tokens = words + special
+    return {"tree": tree, "row": {t: i for i, t in enumerate(tokens)}}
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vocab")
+    return root, {n: make(root / n, n, i) for i, n in enumerate(VOCABS)}
+
+
+def expected_rows(zoo_models, names, out_tokens, base=None):
+    """Each model's embedding on out_tokens, by mergekit's rules written out token by token."""
+    out = {}
+    for tensor in ("model.embed_tokens.weight", "lm_head.weight"):
+        for n in names:
+            rows = []
+            for t in out_tokens:
+                m = zoo_models[n]
+                if t in m["row"]:
+                    rows.append(m["tree"][tensor][m["row"][t]])
+                    continue
+                have = [k for k in names if t in zoo_models[k]["row"]]
+                if len(have) == 1:
+                    src = have
+                elif base is not None and t in zoo_models[base]["row"]:
+                    src = [base]
+                else:
+                    src = have
+                rows.append(np.mean([zoo_models[k]["tree"][tensor][zoo_models[k]["row"][t]] for k in src], 0)
+                            if src else np.zeros(D, np.float32))
+            out[(n, tensor)] = np.stack(rows)
+    return out
+
+
+def run(root, tmp_path, text):
+    cfg = tmp_path / "merge.yml"
+    cfg.write_text(text)
+    out = tmp_path / "out"
+    return main(["merge", str(cfg), str(out), "--quiet"]), out
+
+
+def test_union_with_a_base(zoo, tmp_path):
+    root, models = zoo
+    models_yaml = ", ".join(f"{{model: {root}/{n}, parameters: {{weight: 1}}}}" for n in ("ft0", "ft1"))
+    rc, out = run(root, tmp_path, f"merge_method: task_arithmetic\nbase_model: {root}/base\nmodels: [{models_yaml}]\n"
+                                  f"parameters: {{lambda: 0.5}}\ntokenizer_source: union\n")
+    assert rc == 0
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    # the base's vocabulary, then ft1's token e, then ft1's added token <t>
+    assert tok.encode("a e <t> b").ids == [1, 5, 6, 2]
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 7
+    tokens = ["<unk>", "a", "b", "c", "<s>", "e", "<t>"]
+    want = expected_rows(models, ["base", "ft0", "ft1"], tokens, base="base")
+    got = load_safetensors(out, lazy=False)
+    for tensor in ("model.embed_tokens.weight", "lm_head.weight"):
+        b = {"w": want[("base", tensor)]}
+        merged = merge.task_arithmetic(b, [{"w": want[("ft0", tensor)]}, {"w": want[("ft1", tensor)]}], lam=0.5)["w"]
+        np.testing.assert_allclose(got[tensor], merged, rtol=1e-6, atol=1e-6)
+    # ft1 lacks b: it takes the base's row, so its task vector there is zero
+    np.testing.assert_allclose(want[("ft1", "lm_head.weight")][2], models["base"]["tree"]["lm_head.weight"][2])
+
+
+def test_union_without_a_base_averages_and_base_and_model_sources(zoo, tmp_path):
+    root, models = zoo
+    names = ["ft0", "ft1", "ft2"]
+    body = "merge_method: linear\nmodels: [" + ", ".join(f"{{model: {root}/{n}, parameters: {{weight: 1}}}}"
+                                                         for n in names) + "]\n"
+    for source, tokens in [("union", ["<unk>", "a", "b", "c", "<s>", "e", "z", "<t>"]),
+                           ("base", ["<unk>", "a", "b", "c", "<s>"]),
+                           (f"{root}/ft2", ["<unk>", "b", "e", "z", "<s>"])]:
+        sub = tmp_path / source.replace("/", "_")
+        sub.mkdir()
+        rc, out = run(root, sub, body + f"tokenizer_source: {source}\n")
+        assert rc == 0
+        tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+        assert [tok.token_to_id(t) for t in tokens] == list(range(len(tokens)))
+        want = expected_rows(models, names, tokens)
+        got = load_safetensors(out, lazy=False)
+        for tensor in ("model.embed_tokens.weight", "lm_head.weight"):
+            np.testing.assert_allclose(got[tensor], np.mean([want[(n, tensor)] for n in names], 0), rtol=1e-6,
+                                       atol=1e-6)
+        np.testing.assert_allclose(got["model.layers.0.mlp.up_proj.weight"],
+                                   np.mean([models[n]["tree"]["model.layers.0.mlp.up_proj.weight"] for n in names], 0),
+                                   rtol=1e-6)
+    # ft0 lacks e, which ft1 and ft2 have: without a base it takes their mean
+    e = np.mean([models["ft1"]["tree"]["lm_head.weight"][3], models["ft2"]["tree"]["lm_head.weight"][2]], 0)
+    np.testing.assert_allclose(expected_rows(models, names, ["e"])[("ft0", "lm_head.weight")][0], e)
+
+
+def test_bad_tokenizer_sources_are_one_line_errors(zoo, tmp_path, capsys):
+    root, _ = zoo
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text("{}")
+    for source, message in [(f"{tmp_path}/nowhere", "does not exist"), (str(broken), "not a readable tokenizer"),
+                            ("[1]", "must be 'base', 'union' or a model directory")]:
+        rc, out = run(root, tmp_path, f"merge_method: linear\nmodels: [{{model: {root}/ft0, parameters: {{weight: 1}}}}, "
+                                      f"{{model: {root}/ft1, parameters: {{weight: 1}}}}]\ntokenizer_source: {source}\n")
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and message in err and len(err.splitlines()) == 1, err
+        assert not out.exists()
