@@ -432,9 +432,43 @@ def cmd_merge(args) -> int:
         raise ValueError(f"merge configuration {str(config)!r} does not exist")
     parse_size(args.max_shard_size)
     plan = parse_config(config)
+    search_flags = [f for f, v in (("--tasks", args.tasks), ("--search-evals", args.search_evals), ("--sigma", args.sigma),
+                                   ("--popsize", args.popsize)) if v is not None]
+    if search_flags and not args.search:
+        raise ValueError(f"{', '.join(search_flags)} only apply with --search")
+    if args.search:
+        return _merge_search(args, config, plan)
     out = check_output_dir(args.out_dir, flag="OUT_DIR", force=args.force, force_flag="--force")
     run_merge(plan, out, max_shard_size=args.max_shard_size, seed=args.seed, progress=not args.quiet,
               log=lambda m: print(m, flush=True))
+    return 0
+
+
+def _merge_search(args, config: Path, plan) -> int:
+    import yaml
+
+    from jmoe import evals
+    from jmoe.infer.load import open_model
+    from jmoe.merge.search import evaluator, knobs, search
+    from jmoe.merge.staging import check_output_dir
+
+    if not args.tasks:
+        raise ValueError("--search needs --tasks (the evaluation suite's tasks to score candidates on)")
+    tasks = evals.resolve_tasks(args.tasks)
+    if not knobs(plan.raw):
+        raise ValueError(f"{config}: the configuration has no numeric parameters to search")
+    # the merged models must be readable as models with a tokenizer: checked on the first input
+    ref = open_model(plan.model_dirs()[0])
+    if ref.tokenizer is None:
+        raise ValueError(f"{plan.model_dirs()[0]} has no tokenizer: --search scores merges on text tasks")
+    out = check_output_dir(args.out_dir, flag="OUT_DIR", force=args.force, force_flag="--force")
+    result = search(config, out, evaluate=evaluator(tasks, examples=args.examples, max_windows=args.max_windows,
+                                                     seed=args.seed),
+                    max_evals=40 if args.search_evals is None else args.search_evals,
+                    sigma=0.2 if args.sigma is None else args.sigma, popsize=args.popsize, seed=args.seed,
+                    merge_seed=args.seed, log=(lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr,
+                                                                                                   flush=True)))
+    print(yaml.safe_dump(result["best"], sort_keys=False), end="")
     return 0
 
 
@@ -785,6 +819,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--force", action="store_true",
                    help="write into a non-empty OUT_DIR (the merged checkpoint replaces the one there; other files stay)")
     m.add_argument("--quiet", action="store_true")
+    m.add_argument("--search", action="store_true",
+                   help="search the configuration's numeric parameters with CMA-ES for the best score on --tasks; "
+                        "OUT_DIR gets the best merge, best_config.yml (also printed) and search.jsonl")
+    m.add_argument("--tasks", help="with --search: evaluation tasks to score candidates on (all, or names)")
+    m.add_argument("--search-evals", type=_int_range(1), help="with --search: candidates to evaluate (default 40)")
+    m.add_argument("--sigma", type=_float_range(0.0, open_lo=True), help="with --search: CMA-ES step size on the "
+                   "[0, 1] scale of each parameter's range (default 0.2)")
+    m.add_argument("--popsize", type=_int_range(2), help="with --search: CMA-ES population (default: cma's)")
+    m.add_argument("--examples", type=_int_range(1), default=32, help="with --search: examples per algorithmic task")
+    m.add_argument("--max-windows", type=_int_range(1), default=16, help="with --search: windows per text domain")
     m.set_defaults(func=cmd_merge)
 
     mb = sub.add_parser("moe-build", help="build an MoE model from dense models (mergekit-moe YAML: base_model, "
