@@ -47,6 +47,9 @@ def supported_methods() -> list[str]:
 
 def method_of(name) -> MergeMethod:
     """The table row of merge_method `name`; MergeError listing the supported ones otherwise."""
+    if isinstance(name, str) and name in MERGE_METHODS and not MERGE_METHODS.get(name).mergekit:
+        raise MergeError(f"merge_method {name!r} merges in memory only (it needs data or whole models, not one tensor "
+                         f"at a time): call jmoe.merge.{name}; a configuration takes {', '.join(supported_methods())}")
     if name not in MERGE_METHODS or not MERGE_METHODS.get(name).mergekit:
         raise MergeError(f"merge_method {name!r} is not supported; supported: {', '.join(supported_methods())}")
     return MERGE_METHODS.get(name)

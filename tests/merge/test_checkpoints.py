@@ -183,6 +183,8 @@ def test_slices_build_a_deeper_model(models, tmp_path):
     "yaml_text, message",
     [
         ("merge_method: frankenstein\nbase_model: base\nmodels: [{model: ft0}]", "merge_method 'frankenstein' is not supported"),
+        ("merge_method: adamerging\nbase_model: base\nmodels: [{model: ft0}]", "'adamerging' merges in memory only"),
+        ("merge_method: concrete\nbase_model: base\nmodels: [{model: ft0}]", "call jmoe.merge.concrete"),
         ("merge_method: ties\nbase_model: base\nmodels: [{model: ft0}]\nchat_template: x", "unsupported key(s) chat_template"),
         ("merge_method: ties\nbase_model: base\nmodels: [{model: ft0, parameters: {t: 0.5}}]", "parameter(s) t are not used"),
         ("merge_method: ties\nmodels: [{model: ft0}]", "needs base_model"),

@@ -111,7 +111,7 @@ def test_registration_errors_and_methods_outside_configurations(tmp_path):
     assert "toy_bad" not in MERGE_METHODS
     # in the table, but not tensor by tensor: jmoe merge refuses it by name
     assert "fisher" in MERGE_METHODS and "fisher" not in supported_methods()
-    with pytest.raises(MergeError, match="merge_method 'fisher' is not supported"):
+    with pytest.raises(MergeError, match="merge_method 'fisher' merges in memory only"):
         parse_config({"merge_method": "fisher", "models": [{"model": str(tmp_path)}]})
 
 
