@@ -12,7 +12,8 @@ shared pipeline, see `jmoe.merge.methods`),
 has filters and per-layer parameters. Methods whose result is another architecture are
 functions of the models' configuration and data: `wemoe` (FFNs upscaled into a routed mixture
 of task vectors) and `twin_merging` (a shared merge plus each fine-tune's low-rank exclusive
-knowledge, mixed by routers); `jmoe.merge.routed` has what they share.
+knowledge, mixed by routers); `jmoe.merge.routed` has what they share. `pleas` merges two
+models from different initialisations into a wider one (permutations and least squares).
 """
 
 from jmoe.merge import (  # noqa: F401  (register their methods)
@@ -24,6 +25,7 @@ from jmoe.merge.masks import tall_masks
 from jmoe.merge.methods import global_magnitude_thresholds, map_merge, task_vector_merge
 from jmoe.merge.registry import MERGE_METHODS, MergeMethod, Param, merge_method, register_merge_method
 from jmoe.merge.tree import MergeError, Selector
+from jmoe.merge.pleas import pleas
 from jmoe.merge.twin_merging import twin_merging
 from jmoe.merge.we_moe import wemoe
 from jmoe.merge.weighted import diagonal_fisher, lm_grams
@@ -39,6 +41,7 @@ _HELPERS = [
     "lm_grams",
     "map_merge",
     "merge_method",
+    "pleas",
     "prediction_entropy",
     "register_merge_method",
     "tall_masks",
