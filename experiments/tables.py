@@ -249,6 +249,22 @@ def merging_benchmark(results: Path) -> str:
             + "\n" + table(["claim", "mean ± sd over seeds", "difference a - b", "verdict"], claims))
 
 
+@renderer
+def pleas_merge(results: Path) -> str:
+    """PLeaS against permutation alone and weight averaging, per merged width, and the claims."""
+    data = load(results, "pleas_merge")
+    rows = [[name, str(data["widths"][name]), mean_sd(summary_of(vals), 4)] for name, vals in data["normalized"].items()]
+    claims = [[c["claim"], f"{c['a']} {mean_sd(c['a_summary'], 4)} vs {c['b']} {mean_sd(c['b_summary'], 4)}",
+               diff_ci(c["difference"], 4), f"**{c['verdict']}**"] for c in data["claims"]]
+    pairs = "; ".join(f"{a} x {b}" for a, _, b, _ in data["pairs"])
+    return (f"`{data['command']}` (bases: dense {data['preset']}, one per seed ({', '.join(map(str, data['seeds']))}), "
+            f"{data['base_steps']} steps; {data['steps']} steps of fine-tuning per domain; pairs: {pairs}; code "
+            f"{data['code_version']}; {data['windows']} test windows per domain; normalised score: own bits per byte / "
+            "merged, mean over the pair's two domains):\n\n"
+            + table(["merge", "d_ff", "normalised score"], rows, "-rr")
+            + "\n" + table(["claim", "mean ± sd over pairs", "difference a - b", "verdict"], claims))
+
+
 def summary_of(values) -> dict:
     """Mean and sample standard deviation (what `mean_sd` shows)."""
     v = [float(x) for x in values]
