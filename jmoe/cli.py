@@ -466,7 +466,7 @@ def _merge_search(args, config: Path, plan) -> int:
                                                      seed=args.seed),
                     max_evals=40 if args.search_evals is None else args.search_evals,
                     sigma=0.2 if args.sigma is None else args.sigma, popsize=args.popsize, seed=args.seed,
-                    merge_seed=args.seed, log=(lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr,
+                    merge_seed=args.seed, max_shard_size=args.max_shard_size, log=(lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr,
                                                                                                    flush=True)))
     print(yaml.safe_dump(result["best"], sort_keys=False), end="")
     return 0

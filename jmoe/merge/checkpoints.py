@@ -33,6 +33,7 @@ from jmoe.progress import Progress
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+SLOW_TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 OUT_DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
 
 
@@ -305,8 +306,11 @@ def _copy_side_files(plan: MergePlan, out: Path, layers: int, out_dtype, vocab: 
         shutil.copy(ref / "generation_config.json", out / "generation_config.json")
     tok = plan.tokenizer_source
     tok_dir = ref if tok in (None, "base", "union") else Path(tok)
+    # a rebuilt base or union vocabulary lives in tokenizer.json alone: the base's slow-tokenizer
+    # files would load its old vocabulary
+    slow = SLOW_TOKENIZER_FILES if tok in ("base", "union") else ()
     for f in TOKENIZER_FILES:
-        if (tok_dir / f).exists():
+        if (tok_dir / f).exists() and f not in slow:
             shutil.copy(tok_dir / f, out / f)
     if vocab is not None:
         vocab.tokenizer.save(str(out / "tokenizer.json"))

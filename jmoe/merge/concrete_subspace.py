@@ -20,8 +20,8 @@ with the entropy summed over one batch per task; Adam (lr 1e-3) updates the logi
                       Adam state kept across steps, unclipped) on the entropy of the merge
                       with the mask held fixed; then the mask takes its step through the merge
                       with the updated lambdas held fixed. Finally the lambdas are learned
-                      afresh by `jmoe.merge.adamerging` (`adamerging_steps` 1000, lr 1e-3) on
-                      the task vectors masked by one sampled mask.
+                      afresh as `jmoe.merge.adamerging` learns them (`adamerging_steps` 1000,
+                      lr 1e-3, clipped to [0, 1]) on the task vectors masked by one sampled mask.
 
 The result merges with one continuous mask sampled at the end (the reference's evaluation
 mask). Both steps are jit-compiled once; the sampling noise comes from `seed`.
@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jmoe.merge.entropy_merging import _granularity, adamerging as _adamerging, check_inputs
+from jmoe.merge.entropy_merging import _granularity, check_inputs, learn_lambdas, merge_with
 from jmoe.merge.registry import Param, merge_method
 from jmoe.merge.tree import MergeError
 
@@ -152,10 +152,17 @@ def concrete(base, models, batches: Sequence[Sequence[Any]], *, objective: Calla
     if adamerging is None:
         out = merged(mask, fixed)
     else:
-        masked = [merged(mask, jax.nn.one_hot(t, T)) for t in range(T)]  # base + m * tau_t
-        out = _adamerging(base, masked, batches, objective=objective, granularity=adamerging, steps=adamerging_steps,
-                          lr=adamerging_lr, prior=lam,
-                          log=None if log is None else (lambda s, loss: log(steps + s, loss)))
+        # the masked task vectors m * tau_t, kept in float32 (a rounded model would lose them)
+        masked = []
+        for t in range(T):
+            row = [jnp.zeros(()) for _ in leaves]
+            for j, i in enumerate(floating):
+                row[i] = mask[j] * deltas[j][t]
+            masked.append(jax.tree.unflatten(treedef, row))
+        lambdas = learn_lambdas(base, masked, batches, objective=objective, granularity=adamerging,
+                                steps=adamerging_steps, lr=adamerging_lr, prior=lam,
+                                log=None if log is None else (lambda s, loss: log(steps + s, loss)))
+        out = merge_with(base, masked, lambdas, adamerging)
     if not return_mask:
         return out
     keep = list(jnp.ones(()) for _ in leaves)

@@ -52,8 +52,33 @@ def check_inputs(method: str, base, models, batches, steps: int, lr: float) -> N
         raise MergeError(f"{method} needs batches: one non-empty sequence of unlabeled batches per model "
                          f"({len(models)}), got {type(batches).__name__}"
                          f"{' of ' + str(len(batches)) if isinstance(batches, (list, tuple)) else ''}")
-    if steps < 0 or lr <= 0:
-        raise MergeError(f"{method}: steps={steps} must be >= 0 and lr={lr} > 0")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise MergeError(f"{method}: steps={steps!r} must be an integer >= 0")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise MergeError(f"{method}: lr={lr!r} must be a number > 0")
+
+
+def check_token_batches(method: str, batches, vocab_size: int, *, masked: bool = True) -> None:
+    """Each batch of a language model's data checked: one sequence of (tokens [B, S], mask
+    [B, S]) pairs per task, or (masked=False) one sequence of token arrays; integer tokens in
+    [0, vocab_size). A MergeError naming `batches[t][j]` (`batches[j]`) otherwise."""
+    import numpy as np
+
+    for t, task in enumerate(batches if masked else [batches]):
+        for j, batch in enumerate(task):
+            where = f"{method}: batches[{t}][{j}]" if masked else f"{method}: batches[{j}]"
+            if masked:
+                if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                    raise MergeError(f"{where} must be a (tokens [B, S], mask [B, S]) pair")
+                tokens, mask = np.asarray(batch[0]), np.asarray(batch[1])
+                if mask.shape != tokens.shape:
+                    raise MergeError(f"{where}: mask shape {mask.shape} differs from tokens shape {tokens.shape}")
+            else:
+                tokens = np.asarray(batch)
+            if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+                raise MergeError(f"{where}: tokens must be an integer array [B, S], got {tokens.dtype}{tokens.shape}")
+            if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+                raise MergeError(f"{where}: token ids must be in [0, {vocab_size}), got {tokens.min()}..{tokens.max()}")
 
 
 def merge_with(base, deltas, lambdas, granularity: str):
@@ -72,28 +97,12 @@ def merge_with(base, deltas, lambdas, granularity: str):
     return jax.tree.unflatten(treedef, out)
 
 
-@merge_method(Param("granularity", valid=_granularity), Param("steps", convert=int), Param("lr", convert=float),
-              Param("prior", convert=float))
-def adamerging(base, models, batches: Sequence[Sequence[Any]], *, objective: Callable[[Any, Any], jax.Array],
-               granularity: str = "layer", steps: int = 500, lr: float = 1e-3, prior: float = 0.3,
-               log: Callable[[int, float], None] | None = None, return_lambdas: bool = False):
-    """AdaMerging (see the module docstring).
-
-    objective(params, batch) -> scalar to minimise (e.g. `prediction_entropy` of the model's
-    logits on an unlabeled batch); batches: one sequence of batches per task (step s uses
-    batch s mod len of each task's). log(step, loss) is called every step. Returns the merged tree
-    (and the clipped lambdas, [T] or [leaves, T], with return_lambdas).
-    """
-    check_inputs("adamerging", base, models, batches, steps, lr)
-    problem = _granularity(granularity)
-    if problem:
-        raise MergeError(f"adamerging: granularity={granularity!r} {problem}")
-    T = len(models)
-    deltas = [jax.tree.map(lambda m, b: (jnp.asarray(m, jnp.float32) - jnp.asarray(b, jnp.float32))
-                           if jnp.issubdtype(jnp.asarray(b).dtype, jnp.floating) else jnp.zeros(()), m, base)
-              for m in models]
-    n_leaves = len(jax.tree.leaves(base))
-    lambdas = jnp.full((T,) if granularity == "task" else (n_leaves, T), prior, jnp.float32)
+def learn_lambdas(base, deltas: Sequence[Any], batches: Sequence[Sequence[Any]], *, objective, granularity: str,
+                  steps: int, lr: float, prior: float, log: Callable[[int, float], None] | None = None) -> jax.Array:
+    """AdaMerging's coefficients ([T], or [leaves, T] layer-wise; unclipped) of the task
+    vectors `deltas` (trees like base, float32) over base, learned as `adamerging` learns them."""
+    T = len(deltas)
+    lambdas = jnp.full((T,) if granularity == "task" else (len(jax.tree.leaves(base)), T), prior, jnp.float32)
     opt = optax.adam(lr, b1=0.9, b2=0.999)
     state = opt.init(lambdas)
 
@@ -111,5 +120,29 @@ def adamerging(base, models, batches: Sequence[Sequence[Any]], *, objective: Cal
         lambdas, state, loss = step(lambdas, state, [b[s % len(b)] for b in batches])
         if log is not None:
             log(s, float(loss))
+    return lambdas
+
+
+@merge_method(Param("granularity", valid=_granularity), Param("steps", convert=int), Param("lr", convert=float),
+              Param("prior", convert=float))
+def adamerging(base, models, batches: Sequence[Sequence[Any]], *, objective: Callable[[Any, Any], jax.Array],
+               granularity: str = "layer", steps: int = 500, lr: float = 1e-3, prior: float = 0.3,
+               log: Callable[[int, float], None] | None = None, return_lambdas: bool = False):
+    """AdaMerging (see the module docstring).
+
+    objective(params, batch) -> scalar to minimise (e.g. `prediction_entropy` of the model's
+    logits on an unlabeled batch); batches: one sequence of batches per task (step s uses
+    batch s mod len of each task's). log(step, loss) is called every step. Returns the merged tree
+    (and the clipped lambdas, [T] or [leaves, T], with return_lambdas).
+    """
+    check_inputs("adamerging", base, models, batches, steps, lr)
+    problem = _granularity(granularity)
+    if problem:
+        raise MergeError(f"adamerging: granularity={granularity!r} {problem}")
+    deltas = [jax.tree.map(lambda m, b: (jnp.asarray(m, jnp.float32) - jnp.asarray(b, jnp.float32))
+                           if jnp.issubdtype(jnp.asarray(b).dtype, jnp.floating) else jnp.zeros(()), m, base)
+              for m in models]
+    lambdas = learn_lambdas(base, deltas, batches, objective=objective, granularity=granularity, steps=steps, lr=lr,
+                            prior=prior, log=log)
     merged = merge_with(base, deltas, lambdas, granularity)
     return (merged, jnp.clip(lambdas, 0.0, 1.0)) if return_lambdas else merged

@@ -43,28 +43,24 @@ from jmoe.merge.tree import MergeError
 from jmoe.registry import ACTIVATIONS
 
 
-def _check(cfg, params_a: dict, params_b: dict, batches, ratio: float) -> None:
+def _check(cfg, params_a: dict, params_b: dict, batches, ratio, ridge) -> None:
+    from jmoe.merge.entropy_merging import check_token_batches
+    from jmoe.merge.routed import check_lm_params
+
     if cfg.moe is not None or cfg.adapter is not None:
         raise MergeError("pleas merges dense models without adapters (cfg.moe and cfg.adapter must be None)")
     att = cfg.attention
     if att.kind != "gqa" or att.experts or att.qk_norm or att.qkv_bias:
         raise MergeError("pleas merges grouped-query attention without q/k norms, biases or attention experts")
-    ta, tb = jax.tree.structure(params_a), jax.tree.structure(params_b)
-    if ta != tb:
-        raise MergeError("pleas: params_a and params_b have different trees")
-    for path, a, b in zip(jax.tree_util.tree_leaves_with_path(params_a), jax.tree.leaves(params_a),
-                          jax.tree.leaves(params_b)):
-        if a.shape != b.shape:
-            raise MergeError(f"pleas: {jax.tree_util.keystr(path[0])} has shape {a.shape} in params_a and "
-                             f"{b.shape} in params_b")
-    if isinstance(ratio, bool) or not 0.0 <= float(ratio) <= 1.0:
-        raise MergeError(f"pleas: ratio={ratio!r} must be in [0, 1]")
+    check_lm_params("pleas", cfg, params_a, "params_a")
+    check_lm_params("pleas", cfg, params_b, "params_b")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+        raise MergeError(f"pleas: ratio={ratio!r} must be a number in [0, 1]")
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge > 0:
+        raise MergeError(f"pleas: ridge={ridge!r} must be a number > 0")
     if not isinstance(batches, (list, tuple)) or not batches:
         raise MergeError("pleas needs batches: a non-empty list of token arrays [B, S]")
-    for i, t in enumerate(batches):
-        t = np.asarray(t)
-        if t.ndim != 2 or not np.issubdtype(t.dtype, np.integer):
-            raise MergeError(f"pleas: batches[{i}] must be an integer token array [B, S], got {t.dtype}{t.shape}")
+    check_token_batches("pleas", batches, cfg.vocab_size, masked=False)
 
 
 @dataclasses.dataclass
@@ -172,7 +168,7 @@ def pleas(cfg, params_a: dict, params_b: dict, batches: Sequence, *, ratio: floa
     tasks). ratio: the fraction of each FFN's units kept separate from each model (the FFN is
     d_ff * (1 + ratio) wide). Returns (the merged model's LMConfig: d_ff and the heads
     widened, its params)."""
-    _check(cfg, params_a, params_b, batches, ratio)
+    _check(cfg, params_a, params_b, batches, ratio, ridge)
     dtype = jax.tree.leaves(params_a)[0].dtype
     act_a = record(params_a, cfg, batches)
     act_b = record(params_b, cfg, batches)

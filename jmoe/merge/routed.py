@@ -20,27 +20,42 @@ import optax
 from jmoe.adapters import AdapterConfig, init_adapters
 from jmoe.adapters.base import ffn_shapes
 from jmoe.adapters.config import FFN_TARGETS, FFN_WEIGHT
-from jmoe.merge.tree import MergeError, check_compatible, check_models
+from jmoe.merge.tree import MergeError
 
 
 def check_inputs(method: str, cfg, base: dict, models: Sequence[dict], batches, steps: int, lr: float) -> tuple[int, ...]:
     """The dense layers of LMConfig `cfg` (the ones to upscale), after checking the models
-    (same tree as the base, no adapters), the batches (one non-empty sequence per model) and
-    the training settings."""
-    check_models(models)
+    (same tree as the base, no adapters, the shapes `cfg` says), the batches (one non-empty
+    sequence of (tokens, mask) pairs per model, tokens in the vocabulary) and the training
+    settings."""
+    from jmoe.merge.entropy_merging import check_inputs as check_learning, check_token_batches
+
     if cfg.adapter is not None:
         raise MergeError(f"{method}: the models carry {cfg.adapter.kind} adapters; merge models without adapters")
-    check_compatible(base, models, [f"models[{i}]" for i in range(len(models))])
-    if not isinstance(batches, (list, tuple)) or len(batches) != len(models) or not all(len(b) for b in batches):
-        got = f"a {type(batches).__name__}" + (f" of {len(batches)}" if isinstance(batches, (list, tuple)) else "")
-        raise MergeError(f"{method} needs batches: one non-empty sequence of batches per model ({len(models)}), "
-                         f"got {got}")
-    if steps < 0 or lr <= 0:
-        raise MergeError(f"{method}: steps={steps} must be >= 0 and lr={lr} > 0")
+    check_learning(method, base, models, batches, steps, lr)
+    check_lm_params(method, cfg, base)
+    check_token_batches(method, batches, cfg.vocab_size)
     dense = tuple(i for i in range(cfg.n_layers) if not cfg.is_moe_layer(i))
     if not dense:
         raise MergeError(f"{method} upscales dense FFN layers, and this model has none (every layer is an MoE layer)")
     return dense
+
+
+def check_lm_params(method: str, cfg, params: dict, name: str = "base") -> None:
+    """MergeError naming the leaf where `params` is not the tree of LMConfig `cfg`."""
+    from jmoe.nn import init_lm
+
+    want = jax.eval_shape(lambda: init_lm(jax.random.key(0), cfg))
+    want_leaves = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(want)}
+    got_leaves = {jax.tree_util.keystr(p): jnp.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    for path in sorted(set(want_leaves) | set(got_leaves)):
+        if path not in got_leaves:
+            raise MergeError(f"{method}: {name}{path} is missing for cfg (the model's LMConfig)")
+        if path not in want_leaves:
+            raise MergeError(f"{method}: {name}{path} is not a parameter of cfg (the model's LMConfig)")
+        if tuple(got_leaves[path]) != tuple(want_leaves[path]):
+            raise MergeError(f"{method}: {name}{path} has shape {tuple(got_leaves[path])}, cfg says "
+                             f"{tuple(want_leaves[path])}")
 
 
 def upscale(method: str, cfg, shared: dict, ffn_base: dict, adapter: dict, experts: Callable, seed: int = 0):

@@ -143,10 +143,12 @@ def evaluator(tasks, *, examples: int = 32, max_windows: int = 16, seed: int = 0
 
 def search(config: str | Path, out: str | Path, *, evaluate: Callable[[Path], tuple], max_evals: int = 40,
            sigma: float = 0.2, popsize: int | None = None, seed: int = 0, merge_seed: int = 0,
-           log: Callable[[str], None] = print) -> dict:
+           max_shard_size: int | str = "5GB", log: Callable[[str], None] = print) -> dict:
     """Search the numbers of merge configuration `config` (a YAML file) for the best score of
     `evaluate(model directory) -> (score, details)`; write the search's files and the best
-    merge into `out` (see the module docstring). Returns {"best": raw config, "score",
+    merge into `out` (see the module docstring). A candidate whose values the method refuses
+    (a MergeError), or whose score is not finite, gets the worst score and is logged as such;
+    the configuration as given must merge and score, else nothing is written. Returns {"best": raw config, "score",
     "start_score", "evals"}."""
     from jmoe.merge.checkpoints import run_merge
 
@@ -161,11 +163,10 @@ def search(config: str | Path, out: str | Path, *, evaluate: Callable[[Path], tu
     if not ks:
         raise MergeError(f"{config}: the configuration has no numeric parameters to search")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     log_path, best_path = out / "search.jsonl", out / "best_config.yml"
-    log_path.write_text("")
     best: dict[str, Any] = {"score": -math.inf}
-    scratch = Path(tempfile.mkdtemp(prefix=".jmoe-search-", dir=out.parent))
+    anchor = next(p for p in [out.absolute(), *out.absolute().parents] if p.exists())
+    scratch = Path(tempfile.mkdtemp(prefix=".jmoe-search-", dir=anchor if anchor.is_dir() else anchor.parent))
     t0 = time.perf_counter()
 
     def absolute(raw_: dict) -> dict:
@@ -191,17 +192,28 @@ def search(config: str | Path, out: str | Path, *, evaluate: Callable[[Path], tu
     def run(values, n: int) -> float:
         cand = with_values(raw, ks, values)
         record = {"eval": n, "values": {k.name: v for k, v in zip(ks, values)}}
+        target = scratch / f"c{n}"
         try:
-            cplan = parse_config(cand, root)
-        except MergeError as e:  # outside what the method allows: the worst score
+            run_merge(parse_config(cand, root), target, max_shard_size=max_shard_size, seed=merge_seed, progress=False,
+                      log=lambda m: None)
+            score, details = evaluate(target)
+        except MergeError as e:  # values the method refuses: the worst score
+            if n == 0:
+                raise MergeError(f"the configuration as given cannot be searched: {e}") from None
             record.update(score=None, invalid=str(e))
             score = -math.inf
         else:
-            target = scratch / f"c{n}"
-            run_merge(cplan, target, seed=merge_seed, progress=False, log=lambda m: None)
-            score, details = evaluate(target)
+            score = float(score)
+            if not math.isfinite(score):
+                record.update(score=None, invalid=f"score {score}")
+                score = -math.inf
+            else:
+                record.update(score=score, results=details)
+        finally:
             shutil.rmtree(target, ignore_errors=True)
-            record.update(score=score, results=details)
+        if n == 0:  # the configuration as given merged and scored: the search's files appear in OUT_DIR
+            out.mkdir(parents=True, exist_ok=True)
+            log_path.write_text("")
         with log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if score > best["score"]:
@@ -213,6 +225,8 @@ def search(config: str | Path, out: str | Path, *, evaluate: Callable[[Path], tu
 
     try:
         start = run([int(k.initial) if k.integer else k.initial for k in ks], 0)
+        if start == -math.inf:
+            raise MergeError("the configuration as given does not score (its evaluation is not finite)")
         n = 1
         if max_evals > 1:
             import cma
@@ -234,6 +248,7 @@ def search(config: str | Path, out: str | Path, *, evaluate: Callable[[Path], tu
         shutil.rmtree(scratch, ignore_errors=True)
     if best["score"] == -math.inf:
         raise MergeError("no candidate configuration could be merged")
-    run_merge(parse_config(best["raw"], root), out, seed=merge_seed, progress=False, log=log)
+    run_merge(parse_config(best["raw"], root), out, max_shard_size=max_shard_size, seed=merge_seed, progress=False,
+              log=log)
     log(f"best score {best['score']:.4f} (the configuration as given: {start:.4f}) after {n} evaluations")
     return {"best": absolute(best["raw"]), "score": best["score"], "start_score": start, "evals": n}

@@ -3,7 +3,8 @@ rows moved to it by token string, as mergekit 0.1.5 does (mergekit/tokenizer/bui
 embed.py), with the `tokenizers` package (no transformers needed).
 
   base           the base model's tokenizer (the first model's without a base), stripped
-                 of tokens at or past its config's vocab_size
+                 of tokens at or past its config's vocab_size (and of the BPE merges that
+                 use or make them; mergekit drops only those that use them)
   union          the base tokenizer plus, in model order, every other model's tokens it
                  lacks (added as normal added tokens), then every model's added tokens
   a directory    that model's tokenizer
@@ -15,9 +16,16 @@ otherwise the token's default row: the one model that has it (its donor), the ba
 the base has it, else the mean over the models that have it, zeros where none has it. Merging
 then runs on equal shapes, and config.json's vocab_size becomes the output vocabulary's size.
 
+As in mergekit, and worth knowing: tokens a union borrows from other models are added
+tokens, which match the raw text before pre-tokenisation, so they can split the base's words
+(and byte-level tokens such as "Ġword" never match at all); and the output has one row per
+token of its tokenizer, so a base whose config pads vocab_size past its tokenizer (Qwen2:
+151936 rows for 151665 tokens) loses the padding rows.
+
 Where jmoe differs: a model without a readable tokenizer.json is an error (mergekit assumes
 the base's vocabulary and goes on); mergekit's `tokens:` overrides and vocabulary padding
-are not read.
+(`pad_to_multiple_of`) are not read. With base or union, the output's tokenizer is its
+tokenizer.json alone (the base's slow-tokenizer files are not copied).
 """
 
 from __future__ import annotations
@@ -114,8 +122,11 @@ def _load(model: Path, *, strip: bool = False):
         data["added_tokens"] = [e for e in data.get("added_tokens", []) if e["id"] < size]
         for t in unused:
             data["model"]["vocab"].pop(t, None)
-        data["model"]["merges"] = [m for m in data["model"].get("merges", [])
-                                   if not any(p in unused for p in (m.split(" ") if isinstance(m, str) else m))]
+        def keep(merge) -> bool:  # neither a part nor the product of the merge is gone
+            parts = merge.split(" ") if isinstance(merge, str) else list(merge)
+            return not any(p in unused for p in parts) and "".join(parts) not in unused
+
+        data["model"]["merges"] = [m for m in data["model"].get("merges", []) if keep(m)]
         tok = tokenizers.Tokenizer.from_str(json.dumps(data))
     return tok, {t: i for t, i in vocab.items() if t not in unused}
 

@@ -40,7 +40,7 @@ def wemoe(cfg, base: dict, models: Sequence[dict], batches: Sequence[Sequence[An
     check_inputs("wemoe", cfg, base, models, batches, steps, lr)
     shared = task_arithmetic(base, list(models), lam=init_lambda)
     opts = {"router_hidden_layers": router_hidden_layers, "init_lambda": init_lambda}
-    wcfg, params = upscale("wemoe", cfg, shared, base, dict(kind="wemoe", num_experts=len(models), options=opts),
+    wcfg, params = upscale("wemoe", cfg, shared, base, dict(kind="wemoe", num_experts=len(models), rank=1, options=opts),
                            lambda layer, proj, w: stacked_deltas(models, base, layer, w).astype(
                                base["layers"][layer]["ffn"][w].dtype), seed)
     a = wcfg.adapter

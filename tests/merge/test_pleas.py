@@ -110,10 +110,17 @@ def test_bad_inputs(models):
         pleas(CFG, a, b, TOKENS, ratio=1.5)
     with pytest.raises(MergeError, match="batches"):
         pleas(CFG, a, b, [])
-    with pytest.raises(MergeError, match=r"batches\[0\]"):
+    with pytest.raises(MergeError, match=r"batches\[0\]: tokens must be an integer"):
         pleas(CFG, a, b, [np.zeros((2, 3), np.float32)])
+    with pytest.raises(MergeError, match=r"batches\[1\]: token ids must be in \[0, 32\)"):
+        pleas(CFG, a, b, [TOKENS[0], TOKENS[1] + 32])
+    with pytest.raises(MergeError, match="ridge"):
+        pleas(CFG, a, b, TOKENS, ridge=0.0)
+    with pytest.raises(MergeError, match="ratio='x'"):
+        pleas(CFG, a, b, TOKENS, ratio="x")
     small = init_lm(jax.random.key(2), CFG.replace(d_ff=8))
-    with pytest.raises(MergeError, match=r"\[.ffn.\]\[.w_down.\] has shape \(24, 16\) in params_a and \(8, 16\)"):
+    with pytest.raises(MergeError, match=r"params_b\['layers'\]\['0'\]\['ffn'\]\['w_down'\] has shape \(8, 16\), cfg says "
+                                         r"\(24, 16\)"):
         pleas(CFG, a, small, TOKENS)
     with pytest.raises(MergeError, match="dense models"):
         from jmoe.config import MoEConfig

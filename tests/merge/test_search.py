@@ -9,6 +9,7 @@ import yaml
 
 from jmoe.cli import main
 from jmoe.io import load_safetensors, save_safetensors
+from jmoe.merge import MergeError
 from jmoe.merge.search import knobs, search, with_values
 
 RAW = {"merge_method": "karcher", "base_model": "b",
@@ -69,6 +70,32 @@ def test_cma_finds_the_weights_of_a_target_merge(pair, tmp_path):
     assert main(["merge", str(out / "best_config.yml"), str(tmp_path / "again"), "--quiet"]) == 0
     np.testing.assert_array_equal(load_safetensors(tmp_path / "again", lazy=False)[name],
                                   load_safetensors(out, lazy=False)[name])
+
+
+def test_refused_candidates_score_worst_and_the_search_goes_on(pair, tmp_path, monkeypatch):
+    root, _ = pair
+    import jmoe.merge.search as search_mod
+
+    # every CMA-ES candidate puts both linear weights at 0, which the method refuses when it merges
+    monkeypatch.setattr(search_mod.Knob, "value", lambda self, unit: 0.0)
+    scores = iter(range(100))
+    res = search(root / "lin.yml", tmp_path / "out", evaluate=lambda p: (float(next(scores)), {}), max_evals=4,
+                 log=lambda m: None)
+    lines = [json.loads(x) for x in (tmp_path / "out" / "search.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and lines[0]["score"] == 0.0 and res["score"] == 0.0 and res["evals"] == 4
+    assert all(x["score"] is None and "sum to 0" in x["invalid"] for x in lines[1:]), lines
+    assert (tmp_path / "out" / "model.safetensors").exists() or list((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_a_configuration_that_cannot_merge_writes_nothing(pair, tmp_path):
+    root, trees = pair
+    other = tmp_path / "other"
+    save_safetensors({"model.layers.0.mlp.up_proj.weight": np.zeros((5, 4), np.float32)}, other)
+    (tmp_path / "c.yml").write_text(f"merge_method: linear\nmodels: [{{model: {root}/a, parameters: {{weight: 1}}}}, "
+                                    f"{{model: {other}, parameters: {{weight: 1}}}}]\n")
+    with pytest.raises(MergeError, match="as given cannot be searched.*different shapes"):
+        search(tmp_path / "c.yml", tmp_path / "out", evaluate=lambda p: (0.0, {}), max_evals=3, log=lambda m: None)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".jmoe-search-*"))
 
 
 @pytest.fixture(scope="module")

@@ -93,7 +93,7 @@ def test_bad_input_is_refused_by_name():
         merge.twin_merging(CFG, base, fts, _batches(), rank=0)
     with pytest.raises(merge.MergeError, match="rank=40 exceeds"):
         merge.twin_merging(CFG, base, fts, _batches(), rank=40)
-    with pytest.raises(merge.MergeError, match="one non-empty sequence of batches per model"):
+    with pytest.raises(merge.MergeError, match="one non-empty sequence of unlabeled batches per model"):
         merge.twin_merging(CFG, base, fts, _batches(2))
     with pytest.raises(merge.MergeError, match="steps=-1"):
         merge.twin_merging(CFG, base, fts, _batches(), steps=-1)

@@ -97,8 +97,14 @@ def test_union_with_a_base(zoo, tmp_path):
         b = {"w": want[("base", tensor)]}
         merged = merge.task_arithmetic(b, [{"w": want[("ft0", tensor)]}, {"w": want[("ft1", tensor)]}], lam=0.5)["w"]
         np.testing.assert_allclose(got[tensor], merged, rtol=1e-6, atol=1e-6)
-    # ft1 lacks b: it takes the base's row, so its task vector there is zero
-    np.testing.assert_allclose(want[("ft1", "lm_head.weight")][2], models["base"]["tree"]["lm_head.weight"][2])
+    # written out by hand: e (output id 5) only ft1 has (its row 3), so every model takes ft1's
+    # row and the merge is that row; ft1 lacks b (id 2) and takes the base's, a zero task vector
+    for tensor in ("model.embed_tokens.weight", "lm_head.weight"):
+        t = {n: models[n]["tree"][tensor] for n in models}
+        np.testing.assert_allclose(got[tensor][5], t["ft1"][3], rtol=1e-6)
+        np.testing.assert_allclose(got[tensor][2], t["base"][2] + 0.5 * (t["ft0"][2] - t["base"][2]), rtol=1e-6)
+        np.testing.assert_allclose(got[tensor][1], t["base"][1] + 0.5 * (t["ft0"][1] - t["base"][1])
+                                   + 0.5 * (t["ft1"][2] - t["base"][1]), rtol=1e-5, atol=1e-6)
 
 
 def test_union_without_a_base_averages_and_base_and_model_sources(zoo, tmp_path):
@@ -140,3 +146,47 @@ def test_bad_tokenizer_sources_are_one_line_errors(zoo, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert rc == 2 and message in err and len(err.splitlines()) == 1, err
         assert not out.exists()
+
+
+def bpe_model(dir_, seed, rows, config_vocab):
+    """A model with a trained byte-level BPE tokenizer of 280 tokens, `rows` embedding rows and
+    config vocab_size `config_vocab`."""
+    from tokenizers import decoders, models as tok_models, pre_tokenizers, trainers
+
+    tok = Tokenizer(tok_models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["def f(x): return x", "hello world", "the mixture of experts"] * 4,
+                            trainer=__import__("tokenizers").trainers.BpeTrainer(
+                                vocab_size=280, special_tokens=["<s>"], show_progress=False,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    assert tok.get_vocab_size() == 280
+    dir_.mkdir()
+    tok.save(str(dir_ / "tokenizer.json"))
+    rng = np.random.default_rng(seed)
+    tree = {"model.embed_tokens.weight": rng.standard_normal((rows, D)).astype(np.float32)}
+    save_safetensors(tree, dir_)
+    (dir_ / "config.json").write_text(json.dumps({"num_hidden_layers": 1, "vocab_size": config_vocab}))
+    (dir_ / "vocab.json").write_text("{}")  # a slow-tokenizer file that a rebuilt vocabulary must not ship
+    return tree["model.embed_tokens.weight"], tok
+
+
+@pytest.mark.parametrize("rows, config_vocab, out_rows", [(270, 270, 270), (300, 300, 280)])
+def test_base_vocabulary_is_stripped_past_vocab_size_or_drops_padding_rows(tmp_path, rows, config_vocab, out_rows):
+    """A tokenizer with more tokens than the config's vocab_size loses them (its merges that
+    make them too); a config padded past the tokenizer loses the padding rows (as mergekit)."""
+    e0, tok = bpe_model(tmp_path / "m0", 0, rows, config_vocab)
+    e1, _ = bpe_model(tmp_path / "m1", 1, rows, config_vocab)
+    rc, out = run(tmp_path, tmp_path, f"merge_method: linear\nmodels: [{{model: {tmp_path}/m0, parameters: {{weight: 1}}}}, "
+                                      f"{{model: {tmp_path}/m1, parameters: {{weight: 1}}}}]\ntokenizer_source: base\n")
+    assert rc == 0
+    got = load_safetensors(out, lazy=False)["model.embed_tokens.weight"]
+    np.testing.assert_allclose(got, ((e0 + e1) / 2)[:out_rows], rtol=1e-6)
+    merged_tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert merged_tok.get_vocab_size() == out_rows and json.loads((out / "config.json").read_text())["vocab_size"] == out_rows
+    ids = merged_tok.encode("the mixture of experts: def f(x): return x").ids
+    assert max(ids) < out_rows and merged_tok.decode(ids) == "the mixture of experts: def f(x): return x"
+    data = json.loads((out / "tokenizer.json").read_text())
+    kept = set(data["model"]["vocab"])
+    assert all(all(p in kept for p in (m.split(" ") if isinstance(m, str) else m)) for m in data["model"]["merges"])
+    assert not (out / "vocab.json").exists()

@@ -107,6 +107,14 @@ def test_bad_input_is_refused_by_name():
     bad["layers"]["1"]["ffn"]["w_up"] = jnp.zeros((16, 8))
     with pytest.raises(merge.MergeError, match=r"models\[1\].*w_up"):
         merge.wemoe(CFG, base, [fts[0], bad], _batches(2))
+    with pytest.raises(merge.MergeError, match=r"base\['layers'\]\['0'\]\['ffn'\]\['w_down'\] has shape \(24, 16\), cfg says"):
+        merge.wemoe(CFG.replace(d_ff=32), base, fts, _batches())
+    with pytest.raises(merge.MergeError, match=r"batches\[0\]\[1\] must be a \(tokens \[B, S\], mask \[B, S\]\) pair"):
+        merge.wemoe(CFG, base, fts, [[b[0], TOKENS] for b in _batches()])
+    with pytest.raises(merge.MergeError, match=r"batches\[2\]\[0\]: token ids must be in \[0, 32\)"):
+        merge.wemoe(CFG, base, fts, _batches(2) + [[(np.asarray(TOKENS) + 32, MASK)]])
+    with pytest.raises(merge.MergeError, match="steps=2.0 must be an integer"):
+        merge.wemoe(CFG, base, fts, _batches(), steps=2.0)
     all_moe = CFG.replace(moe=MoEConfig(num_experts=4, top_k=2, d_model=16, d_ff=8))
     b2, f2 = _zoo(all_moe, 2)
     with pytest.raises(merge.MergeError, match="has none"):
