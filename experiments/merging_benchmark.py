@@ -34,9 +34,11 @@ over the individual fine-tune's (own / merged for bits per byte, where lower is 
 table reports the mean over tasks. Claims, paired by seed (the issue's goals): TIES beats task
 arithmetic; AdaMerging beats TIES; TSV-M beats task arithmetic; CONCRETE beats what it masks
 (task arithmetic, layer-wise AdaMerging); WEMoE and Twin-Merging beat
-TIES and layer-wise AdaMerging. Writes
-experiments/results/merging_benchmark.{json,png}; runs and scores are cached by configuration
-and code version, so a stopped run resumes (train in slices with --train-only).
+TIES and layer-wise AdaMerging. Writes experiments/results/merging_benchmark_<preset>.{json,png}:
+run with --preset tiny and --preset small, the results table also compares every method's
+score from the two bases ("What Matters for Model Merging at Scale"). Runs and scores are
+cached by configuration and code version, so a stopped run resumes (train in slices with
+--train-only).
 
     python experiments/merging_benchmark.py --preset tiny
 """
@@ -225,7 +227,7 @@ def main(argv=None):
                            tasks=names, kinds=kinds, scores=rows, normalized=normalized, mean_normalized=mean_norm,
                            learned=learned, undefined_normalized=undefined)
     payload["command"] += f" --preset {a.preset}"
-    _zoo.save("merging_benchmark", payload, fig)
+    _zoo.save(f"merging_benchmark_{a.preset}", payload, fig)
 
 
 if __name__ == "__main__":

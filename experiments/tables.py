@@ -230,23 +230,57 @@ def moe_build(results: Path) -> str:
 
 @renderer
 def merging_benchmark(results: Path) -> str:
-    """Multi-task merging of language models: the normalised score of every method per task and
-    its mean, and the claims."""
-    data = load(results, "merging_benchmark")
+    """Multi-task merging of language models from each base size measured (tiny, small): the
+    normalised score of every method per task, its mean and how long the merge took, the
+    claims; with both sizes, every method's score from the small base against the tiny one."""
+    found = {p: load(results, f"merging_benchmark_{p}") for p in ("tiny", "small")
+             if (results / f"merging_benchmark_{p}.json").exists()}
+    if not found:
+        raise FileNotFoundError(str(results / "merging_benchmark_tiny.json"))
+    parts = [_merging_benchmark_one(data) for data in found.values()]
+    if len(found) == 2:
+        parts.append(_merging_scale(found["tiny"], found["small"]))
+    return "\n".join(parts)
+
+
+def _merging_benchmark_one(data: dict) -> str:
     tasks, norm = data["tasks"], data["normalized"]
     rows = []
     for name, per_seed in norm.items():
         cells = [mean_sd(summary_of([s[t] for s in per_seed]), 2) for t in tasks]
-        rows.append([name, *cells, mean_sd(summary_of(data["mean_normalized"][name]), 3)])
+        seconds = [i.get("seconds") for i in data["learned"].get(name, [])]
+        took = f"{sum(seconds) / len(seconds):.0f}" if seconds and None not in seconds else ""
+        rows.append([name, *cells, mean_sd(summary_of(data["mean_normalized"][name]), 3), took])
     claims = [[c["claim"], f"{c['a']} {mean_sd(c['a_summary'], 3)} vs {c['b']} {mean_sd(c['b_summary'], 3)}",
                diff_ci(c["difference"], 3), f"**{c['verdict']}**"] for c in data["claims"]]
     seeds = ", ".join(str(s) for s in data["seeds"])
     return (f"`{data['command']}` (base: dense {data['preset']}, {data['base_steps']} steps on the text domains; "
             f"{data['steps']} steps of full fine-tuning per task; seeds {seeds}; code {data['code_version']}; "
             f"{data['examples']} test examples per algorithmic task, {data['windows']} windows per text domain; "
-            "normalised score: merged / the task's own fine-tune, own / merged in bits per byte):\n\n"
-            + table(["model", *tasks, "mean"], rows, "-" + "r" * (len(tasks) + 1))
+            "normalised score: merged / the task's own fine-tune, own / merged in bits per byte; merge time in "
+            "seconds on this machine's CPU):\n\n"
+            + table(["model", *tasks, "mean", "merge s"], rows, "-" + "r" * (len(tasks) + 2))
             + "\n" + table(["claim", "mean ± sd over seeds", "difference a - b", "verdict"], claims))
+
+
+def _merging_scale(tiny: dict, small: dict) -> str:
+    """Each method's mean normalised score from the small base against the tiny one, paired
+    by seed (the same seeds, tasks and methods)."""
+    from jmoe.evals.stats import difference_verdict, paired_difference
+
+    seeds = [s for s in small["seeds"] if s in tiny["seeds"]]
+    rows = []
+    for name in small["mean_normalized"]:
+        if name not in tiny["mean_normalized"] or name == "individual":  # 1 by definition
+            continue
+        a = [small["mean_normalized"][name][small["seeds"].index(s)] for s in seeds]
+        b = [tiny["mean_normalized"][name][tiny["seeds"].index(s)] for s in seeds]
+        diff = paired_difference(a, b)
+        rows.append([name, mean_sd(summary_of(b), 3), mean_sd(summary_of(a), 3), diff_ci(diff, 3),
+                     f"**{difference_verdict(diff)}**"])
+    return ("The same merges from a tiny and a small base (claim: the larger base merges better, as \"What Matters "
+            f"for Model Merging at Scale\" finds; paired by seed, seeds {', '.join(map(str, seeds))}):\n\n"
+            + table(["model", "tiny", "small", "small - tiny", "verdict"], rows, "-rrrr"))
 
 
 @renderer
