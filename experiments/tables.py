@@ -299,6 +299,28 @@ def pleas_merge(results: Path) -> str:
             + "\n" + table(["claim", "mean ± sd over pairs", "difference a - b", "verdict"], claims))
 
 
+@renderer
+def uoe(results: Path) -> str:
+    """Unlearning one task in one expert (UOE) against the whole model, at each one's stopping point."""
+    data = load(results, "uoe")
+    rows = []
+    for method in ("uoe", "full"):
+        picks = data["picked"][method]
+        rows.append([method, mean_sd(summary_of([p["step"] for p in picks]), 0),
+                     mean_sd(summary_of([p["forget_share"] for p in picks]), 3),
+                     mean_sd(summary_of([p["utility"] for p in picks]), 3)])
+    claims = [[c["claim"], f"{c['a']} {mean_sd(c['a_summary'], 3)} vs {c['b']} {mean_sd(c['b_summary'], 3)}",
+               diff_ci(c["difference"], 3), f"**{c['verdict']}**"] for c in data["claims"]]
+    targets = "; ".join(f"layer {t[0]} expert {t[1]}" for t in data["targets"])
+    return (f"`{data['command']}` (the tiny MoE trained {data['steps']} steps on the task mixture, seeds "
+            f"{', '.join(map(str, data['seeds']))}; gradient ascent on {data['batches']} batches of {data['forget']}'s "
+            f"text, Adam lr {data['lr']}; scored after {', '.join(map(str, data['checkpoints']))} steps; exact match on "
+            f"{data['examples']} test examples per task; code {data['code_version']}; UOE's experts: {targets}):\n\n"
+            + table(["unlearning", "stopping step", f"{data['forget']}: accuracy kept", "other tasks: accuracy kept"],
+                    rows, "-rrr")
+            + "\n" + table(["claim", "mean ± sd over seeds", "difference a - b", "verdict"], claims))
+
+
 def summary_of(values) -> dict:
     """Mean and sample standard deviation (what `mean_sd` shows)."""
     v = [float(x) for x in values]

@@ -490,6 +490,16 @@ def cmd_moe_build(args) -> int:
     return 0
 
 
+def cmd_unlearn(args) -> int:
+    from jmoe.editing.run import unlearn_run
+
+    unlearn_run(args.ckpt, args.out, forget=args.forget, retain=args.retain, method=args.method, scope=args.scope,
+                steps=args.steps, lr=args.lr, alpha=args.alpha, retain_weight=args.retain_weight, npo_beta=args.npo_beta,
+                batches=args.batches, step=args.step, seed=args.seed,
+                log=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)))
+    return 0
+
+
 def cmd_compress(args) -> int:
     from jmoe.merge.experts.run import compress_run
 
@@ -858,6 +868,28 @@ def build_parser() -> argparse.ArgumentParser:
                     help="memory of one device in GiB; exit 1 when the plan does not fit")
     pl.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     pl.set_defaults(func=cmd_plan)
+
+    u = sub.add_parser("unlearn", help="make a run forget an evaluation task by unlearning in its most tied expert (UOE)")
+    u.add_argument("--ckpt", required=True, help="run directory")
+    u.add_argument("--out", required=True, help="new run directory, absent or empty")
+    u.add_argument("--forget", required=True, metavar="TASK", help="the evaluation task to forget")
+    u.add_argument("--retain", metavar="NAMES", help="tasks whose text to keep (gdiff's retain loss; reported)")
+    u.add_argument("--method", choices=["ga", "gdiff", "npo"], default="ga",
+                   help="ga: gradient ascent; gdiff: ascent on the forget text, descent on the retain text; npo")
+    u.add_argument("--scope", choices=["expert", "all"], default="expert",
+                   help="expert (UOE): the expert with the highest router affinity to the forget text and its router; "
+                        "all: every parameter")
+    u.add_argument("--steps", type=_int_range(0), default=50)
+    u.add_argument("--lr", type=_float_range(0.0, open_lo=True), default=1e-4)
+    u.add_argument("--alpha", type=_float_range(0.0), default=1.0, help="weight of the router anchor (scope expert)")
+    u.add_argument("--retain-weight", type=_float_range(0.0), default=1.0, help="gdiff: weight of the retain loss")
+    u.add_argument("--npo-beta", type=_float_range(0.0, open_lo=True), default=0.1)
+    u.add_argument("--batches", type=_int_range(1), default=8, help="training windows of the forget (and retain) text, "
+                   "in batches of the run's shape")
+    u.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    u.add_argument("--seed", type=int, default=0)
+    u.add_argument("--quiet", action="store_true")
+    u.set_defaults(func=cmd_unlearn)
 
     c = sub.add_parser("compress", help="merge, prune or compress the experts of a run (M-SMoE, MC-SMoE, baselines)")
     c.add_argument("--ckpt", required=True, help="run directory to reduce")
