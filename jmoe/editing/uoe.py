@@ -47,25 +47,29 @@ def _check_batches(name: str, batches, vocab_size: int) -> None:
             raise ValueError(f"{name}[{j}]: token ids must be in [0, {vocab_size}), got {b.min()}..{b.max()}")
 
 
-def _routers(params, tokens, cfg, state):
-    """Every MoE layer's router softmax for tokens [B, S]: [L_moe, B, S, C]."""
+def _routers(params, tokens, cfg, state) -> list:
+    """Every MoE layer's router softmax for tokens [B, S]: [B, S, C] per MoE layer."""
     from jmoe.nn import lm_apply
 
     _, aux = lm_apply(params, tokens, cfg, state=state)
     B, S = tokens.shape
-    return jnp.stack([a.routing.probs.reshape(B, S, -1) for a in aux.moe])
+    return [a.routing.probs.reshape(B, S, -1) for a in aux.moe]
 
 
 def expert_affinity(cfg, params: dict, batches: Sequence, *, state: dict | None = None) -> np.ndarray:
     """[MoE layers, routed experts]: each expert's router probability averaged over each
-    sequence's tokens, then over every sequence of `batches` (token arrays [B, S])."""
+    sequence's tokens, then over every sequence of `batches` (token arrays [B, S]). Layers
+    with fewer experts than the widest (a compressed model) are padded with 0."""
     if cfg.moe is None:
         raise ValueError("expert_affinity needs an MoE model (cfg.moe is None)")
     _check_batches("batches", batches, cfg.vocab_size)
-    fn = jax.jit(lambda p, t: jnp.mean(_routers(p, t, cfg, state), axis=2))  # [L, B, C]
-    per_seq = np.concatenate([np.asarray(fn(params, jnp.asarray(b))) for b in batches], axis=1)
-    E = cfg.moe.num_ffn_choices
-    return per_seq.mean(axis=1)[:, :E]
+    fn = jax.jit(lambda p, t: [jnp.mean(r, axis=1) for r in _routers(p, t, cfg, state)])  # [B, C] per layer
+    rows = [fn(params, jnp.asarray(b)) for b in batches]
+    widths = [cfg.moe_for(i).num_ffn_choices for i in cfg.moe_layers]
+    out = np.zeros((len(widths), max(widths)))
+    for li, E in enumerate(widths):
+        out[li, :E] = np.concatenate([np.asarray(r[li]) for r in rows]).mean(axis=0)[:E]
+    return out
 
 
 def target_expert(cfg, affinity: np.ndarray) -> tuple[int, int]:
@@ -162,7 +166,7 @@ def unlearn(cfg, params: dict, forget: Sequence, retain: Sequence | None = None,
         if method == "gdiff":
             loss = loss + retain_weight * _lm_loss(p, r_tokens, cfg, state)
         if scope == "expert" and alpha:
-            probs = _routers(p, f_tokens, cfg, state)[moe_index]
+            probs = _routers(p, f_tokens, cfg, state)[moe_index]  # [B, S, C]
             target = jax.nn.one_hot(expert, probs.shape[-1])
             loss = loss + alpha * jnp.mean((probs - target) ** 2)
         return loss
