@@ -103,24 +103,28 @@ def learn_lambdas(base, deltas: Sequence[Any], batches: Sequence[Sequence[Any]],
     vectors `deltas` (trees like base, float32) over base, learned as `adamerging` learns them."""
     T = len(deltas)
     lambdas = jnp.full((T,) if granularity == "task" else (len(jax.tree.leaves(base)), T), prior, jnp.float32)
-    opt = optax.adam(lr, b1=0.9, b2=0.999)
-    state = opt.init(lambdas)
+    return fit(lambdas, lambda lam, step_batches: sum(objective(merge_with(base, deltas, lam, granularity), b)
+                                                      for b in step_batches), batches, steps=steps, lr=lr, log=log)
 
-    def loss_fn(lam, step_batches):
-        params = merge_with(base, deltas, lam, granularity)
-        return sum(objective(params, b) for b in step_batches)
+
+def fit(x, loss: Callable[[Any, list], jax.Array], batches: Sequence[Sequence[Any]], *, steps: int, lr: float,
+        log: Callable[[int, float], None] | None = None):
+    """x after `steps` Adam steps (lr) on loss(x, step batches): step s gets batch s mod len of
+    each task's sequence of batches. The step is jit-compiled once; log(step, loss) every step."""
+    opt = optax.adam(lr)
+    state = opt.init(x)
 
     @jax.jit
-    def step(lam, state, step_batches):
-        loss, grad = jax.value_and_grad(loss_fn)(lam, step_batches)
-        updates, state = opt.update(grad, state, lam)
-        return optax.apply_updates(lam, updates), state, loss
+    def step(x, state, step_batches):
+        value, grad = jax.value_and_grad(loss)(x, step_batches)
+        updates, state = opt.update(grad, state, x)
+        return optax.apply_updates(x, updates), state, value
 
     for s in range(steps):
-        lambdas, state, loss = step(lambdas, state, [b[s % len(b)] for b in batches])
+        x, state, value = step(x, state, [b[s % len(b)] for b in batches])
         if log is not None:
-            log(s, float(loss))
-    return lambdas
+            log(s, float(value))
+    return x
 
 
 @merge_method(Param("granularity", valid=_granularity), Param("steps", convert=int), Param("lr", convert=float),

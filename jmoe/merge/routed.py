@@ -15,7 +15,6 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from jmoe.adapters import AdapterConfig, init_adapters
 from jmoe.adapters.base import ffn_shapes
@@ -93,24 +92,12 @@ def train_routers(params: dict, loss: Callable[[dict, Any, int], jax.Array], bat
     """params with the routers trained by Adam(lr) for `steps` steps on
     sum over tasks t of loss(params, batch of task t, t); step s uses batch s mod len of each
     task's. Everything else stays as it is. log(step, loss) is called every step."""
+    from jmoe.merge.entropy_merging import fit
+
     routers = {n: a["ffn"]["router"] for n, a in params["adapters"].items()}
-    opt = optax.adam(lr)
-    opt_state = opt.init(routers)
-
-    def total(r, step_batches):
-        p = with_routers(params, r)
-        return sum(loss(p, b, t) for t, b in enumerate(step_batches))
-
-    @jax.jit
-    def step(r, opt_state, step_batches):
-        value, grad = jax.value_and_grad(total)(r, step_batches)
-        updates, opt_state = opt.update(grad, opt_state, r)
-        return optax.apply_updates(r, updates), opt_state, value
-
-    for s in range(steps):
-        routers, opt_state, value = step(routers, opt_state, [b[s % len(b)] for b in batches])
-        if log is not None:
-            log(s, float(value))
+    routers = fit(routers, lambda r, step_batches: sum(loss(with_routers(params, r), b, t)
+                                                       for t, b in enumerate(step_batches)),
+                  batches, steps=steps, lr=lr, log=log)
     return with_routers(params, routers)
 
 

@@ -65,6 +65,20 @@ def cached_greedy(cfg, params, state, prompts, steps, max_len=32):
     return np.stack([np.asarray(t) for t in toks], 1), np.stack([np.asarray(l) for l in all_logits], 1)
 
 
+def assert_cached_decode_is_the_full_forward(cfg, params, prompts, steps, state=None, tol=2e-4):
+    """Greedy cached decoding of `prompts` gives, at every step, the full forward's logits over
+    each row's prompt and generated tokens (right-padded; causal, so padding changes nothing
+    before it)."""
+    from tests.util import jit_lm_apply
+
+    toks, logits = cached_greedy(cfg, params, state or {}, prompts, steps)
+    seqs = [p + list(toks[r, :steps]) for r, p in enumerate(prompts)]
+    width = max(len(s) for s in seqs)
+    full, _ = jit_lm_apply(params, jnp.asarray([s + [0] * (width - len(s)) for s in seqs], jnp.int32), cfg)
+    for r, p in enumerate(prompts):
+        np.testing.assert_allclose(logits[r], np.asarray(full[r, len(p) - 1: len(p) + steps]), rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_cached_logits_equal_the_full_forward(name):
     cfg, params, state = _model(name)

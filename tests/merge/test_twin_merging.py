@@ -13,7 +13,7 @@ from jmoe.experts import ffn
 from jmoe.merge.twin_merging import low_rank, read_positions
 from jmoe.nn import LMConfig, init_lm
 from jmoe.registry import ADAPTERS
-from tests.infer.test_engine import cached_greedy
+from tests.infer.test_engine import assert_cached_decode_is_the_full_forward
 from tests.util import jit_lm_apply, tree_allclose
 
 CFG = LMConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, d_ff=24, max_seq_len=32)
@@ -79,12 +79,7 @@ def test_router_training_tells_the_tasks_apart_and_changes_only_the_routers():
     probs = jax.nn.softmax(aux.adapters["1"].router_logits.reshape(4, 8, 3)[:, :6], -1)
     assert float(jnp.mean(probs[..., 2])) > 0.6
     # decoding with a KV cache routes every token as the full forward does
-    prompts, steps = [[21, 25, 27, 22], [3, 4]], 4
-    toks, logits = cached_greedy(cfg, trained, {}, prompts, steps)
-    seqs = [p + list(toks[r, :steps]) for r, p in enumerate(prompts)]
-    full, _ = jit_lm_apply(trained, jnp.asarray([s + [0] * (8 - len(s)) for s in seqs], jnp.int32), cfg)
-    for r, p in enumerate(prompts):
-        np.testing.assert_allclose(logits[r], np.asarray(full[r, len(p) - 1: len(p) + steps]), rtol=2e-4, atol=2e-4)
+    assert_cached_decode_is_the_full_forward(cfg, trained, [[21, 25, 27, 22], [3, 4]], 4)
 
 
 def test_bad_input_is_refused_by_name():

@@ -10,7 +10,7 @@ import pytest
 from jmoe import MoEConfig, merge
 from jmoe.merge.bench import entropy_objective
 from jmoe.nn import LMConfig, init_lm
-from tests.infer.test_engine import cached_greedy
+from tests.infer.test_engine import assert_cached_decode_is_the_full_forward
 from tests.util import jit_lm_apply, tree_allclose
 
 CFG = LMConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, d_ff=24, max_seq_len=32)
@@ -89,12 +89,7 @@ def test_decodes_with_a_kv_cache_as_its_full_forward_and_keeps_moe_layers_merged
     assert set(params["adapters"]) == {"0", "2"} and cfg.adapter.layers == (0, 2)
     tree_allclose(params["layers"]["1"]["moe"], merge.task_arithmetic(base, fts, lam=0.3)["layers"]["1"]["moe"],
                   rtol=0, atol=0)
-    prompts, steps = [[3, 5, 7, 9], [1, 2]], 4
-    toks, logits = cached_greedy(cfg, params, {}, prompts, steps)
-    seqs = [p + list(toks[r, :steps]) for r, p in enumerate(prompts)]
-    full, _ = jit_lm_apply(params, jnp.asarray([s + [0] * (8 - len(s)) for s in seqs], jnp.int32), cfg)
-    for r, p in enumerate(prompts):
-        np.testing.assert_allclose(logits[r], np.asarray(full[r, len(p) - 1: len(p) + steps]), rtol=2e-4, atol=2e-4)
+    assert_cached_decode_is_the_full_forward(cfg, params, [[3, 5, 7, 9], [1, 2]], 4)
 
 
 def test_bad_input_is_refused_by_name():
