@@ -11,22 +11,18 @@ import pytest
 from jmoe import merge
 from jmoe.experts import ffn
 from jmoe.merge.twin_merging import low_rank, read_positions
-from jmoe.nn import LMConfig, init_lm
+from jmoe.nn import LMConfig
 from jmoe.registry import ADAPTERS
 from tests.infer.test_engine import assert_cached_decode_is_the_full_forward
+from tests.merge.test_we_moe import _zoo as fine_tunes
 from tests.util import jit_lm_apply, tree_allclose
 
 CFG = LMConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, d_ff=24, max_seq_len=32)
 
 
 def _zoo(n=3):
-    base = init_lm(jax.random.key(0), CFG)
-    fts = []
-    for i in range(n):
-        leaves, tree = jax.tree.flatten(base)
-        keys = jax.random.split(jax.random.key(100 + i), len(leaves))
-        fts.append(jax.tree.unflatten(tree, [l + 0.05 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)]))
-    return base, fts
+    """A base of CFG and n fine-tunes of it (`test_we_moe`'s)."""
+    return fine_tunes(CFG, n)
 
 
 def _batches(n=3):

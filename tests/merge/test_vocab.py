@@ -157,7 +157,7 @@ def bpe_model(dir_, seed, rows, config_vocab):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(["def f(x): return x", "hello world", "the mixture of experts"] * 4,
-                            trainer=__import__("tokenizers").trainers.BpeTrainer(
+                            trainer=trainers.BpeTrainer(
                                 vocab_size=280, special_tokens=["<s>"], show_progress=False,
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     assert tok.get_vocab_size() == 280
