@@ -203,7 +203,8 @@ def run_merge(plan: MergePlan, out_dir: str | Path, *, max_shard_size: int | str
     t0 = time.perf_counter()
     ckpts = {p: Checkpoint(p) for p in plan.model_dirs()}
     tasks, layers = plan_tensors(plan, ckpts)
-    vocab = build_vocabulary(plan.tokenizer_source, plan.base, plan.model_dirs()) if plan.tokenizer_source else None
+    vocab = (build_vocabulary(plan.tokenizer_source, plan.base, plan.model_dirs(), plan.tokens, plan.pad_to_multiple_of)
+             if plan.tokenizer_source else None)
     for task in tasks:  # every input must exist, with matching shapes (past the vocabulary's rows, when it is rebuilt)
         shapes = set()
         rows = vocab is not None and is_embedding(task.out_name)

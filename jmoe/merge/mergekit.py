@@ -12,6 +12,9 @@ Accepted keys (anything else is an error naming it):
   tokenizer_source  "base", "union" or a model directory: the output's vocabulary, every
                     model's embedding rows moved to it by token (`jmoe.merge.vocab`); without
                     it the base's tokenizer files are copied and the vocabularies must agree
+  tokenizer         instead of tokenizer_source: {source (default union), tokens: {TOKEN:
+                    {source: DIR | {kind: zero} | {kind: model_token, model, token_id | token},
+                    force}}, pad_to_multiple_of}; a token missing from the vocabulary is added
   name              ignored
 
 Parameters resolve per tensor, as mergekit does: the model's own `parameters`, then the
@@ -33,7 +36,9 @@ import yaml
 from jmoe.merge.registry import MERGE_METHODS, REQUIRED, MergeMethod
 from jmoe.merge.tree import MergeError
 
-TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source", "name"}
+TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
+            "tokenizer", "name"}
+TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
 MODEL_KEYS = {"model", "parameters"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
 SLICE_KEYS = {"sources", "parameters", "base_model"}
@@ -79,6 +84,8 @@ class MergePlan:
     out_dtype: str | None
     tokenizer_source: str | None
     raw: dict
+    tokens: dict = dataclasses.field(default_factory=dict)  # tokenizer.tokens, checked (`_token_overrides`)
+    pad_to_multiple_of: int | None = None
 
     @property
     def spec(self) -> MergeMethod:
@@ -205,15 +212,74 @@ def parse_config(config: str | Path | dict, root: Path | None = None) -> MergePl
     others = [m for m in models if not (spec.base and m.model == base)]
     if spec.num_models is not None and slices is None and len(others) != spec.num_models:
         raise MergeError(f"{method} over models takes {_exactly(spec.num_models, 'model', spec.base)}")
-    tok = raw.get("tokenizer_source")
+    if raw.get("tokenizer_source") is not None and raw.get("tokenizer") is not None:
+        raise MergeError("give tokenizer_source or tokenizer, not both")
+    block = raw.get("tokenizer")
+    if block is not None and not isinstance(block, dict):
+        raise MergeError("tokenizer must be a mapping (source, tokens, pad_to_multiple_of)")
+    if block is not None:
+        _unknown(block, TOKENIZER_KEYS, "tokenizer")
+    tok = raw.get("tokenizer_source") if block is None else block.get("source", "union")
+    where = "tokenizer_source" if block is None else "tokenizer.source"
     if tok is not None:
         if not isinstance(tok, str):
-            raise MergeError(f"tokenizer_source={tok!r} must be 'base', 'union' or a model directory")
+            raise MergeError(f"{where}={tok!r} must be 'base', 'union' or a model directory")
         if tok not in ("base", "union"):
-            tok = str(_model_path(tok, root, "tokenizer_source"))
+            tok = str(_model_path(tok, root, where))
     plan = MergePlan(method, base, slices, models, params, raw.get("dtype"), raw.get("out_dtype"), tok, raw)
+    if block is not None:
+        plan.tokens, plan.pad_to_multiple_of = _token_overrides(block, root, plan.model_dirs())
     _check_required(plan)
     return plan
+
+
+def _token_overrides(block: dict, root: Path, dirs: list[Path]) -> tuple[dict, int | None]:
+    """mergekit's `tokenizer.tokens` ({token: {source, force}}) and `pad_to_multiple_of`, checked:
+    a source is a model of the merge, {kind: zero} or {kind: model_token, model, token_id |
+    token}."""
+    pad = block.get("pad_to_multiple_of")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+        raise MergeError(f"tokenizer.pad_to_multiple_of={pad!r} must be a positive integer")
+    tokens = block.get("tokens") or {}
+    if not isinstance(tokens, dict):
+        raise MergeError("tokenizer.tokens must be a mapping of token -> {source, force}")
+    out = {}
+    for token, spec in tokens.items():
+        where = f"tokenizer.tokens[{token!r}]"
+        if not isinstance(token, str) or not isinstance(spec, dict):
+            raise MergeError(f"{where} must map a token string to {{source, force}}")
+        _unknown(spec, {"source", "force"}, where)
+        force = spec.get("force", False)
+        if not isinstance(force, bool):
+            raise MergeError(f"{where}.force={force!r} must be true or false")
+        src = spec.get("source")
+
+        def member(ref, w):
+            p = _model_path(ref, root, w)
+            if p not in dirs:
+                raise MergeError(f"{w}: model {str(p)!r} is not part of the merge")
+            return p
+
+        if isinstance(src, str):
+            source = ("model", member(src, f"{where}.source"))
+        elif isinstance(src, dict) and src.get("kind") == "zero":
+            _unknown(src, {"kind"}, f"{where}.source")
+            source = ("zero",)
+        elif isinstance(src, dict) and src.get("kind") == "model_token":
+            _unknown(src, {"kind", "model", "token_id", "token"}, f"{where}.source")
+            if ("token_id" in src) == ("token" in src):
+                raise MergeError(f"{where}.source: give exactly one of token_id or token")
+            tid, ttok = src.get("token_id"), src.get("token")
+            if tid is not None and (isinstance(tid, bool) or not isinstance(tid, int) or tid < 0):
+                raise MergeError(f"{where}.source.token_id={tid!r} must be a non-negative integer")
+            if ttok is not None and not isinstance(ttok, str):
+                raise MergeError(f"{where}.source.token={ttok!r} must be a string")
+            source = ("model_token", member(src.get("model"), f"{where}.source.model"), tid, ttok)
+        else:
+            raise MergeError(f"{where}.source must be a model directory, {{kind: zero}} or "
+                             "{kind: model_token, model, token_id | token}")
+        out[token] = {"source": source, "force": force}
+    return out, pad
 
 
 def _check_required(plan: MergePlan) -> None:

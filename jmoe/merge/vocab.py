@@ -22,9 +22,13 @@ tokens, which match the raw text before pre-tokenisation, so they can split the 
 token of its tokenizer, so a base whose config pads vocab_size past its tokenizer (Qwen2:
 151936 rows for 151665 tokens) loses the padding rows.
 
+mergekit's `tokenizer:` block (instead of tokenizer_source) adds `tokens`, a row source per
+token (a model's row for it, zeros, or a model's row of another token by id or by string;
+`force` gives every model that row even where it has the token; a token the vocabulary lacks
+is added to it), and `pad_to_multiple_of` (zero rows up to a multiple).
+
 Where jmoe differs: a model without a readable tokenizer.json is an error (mergekit assumes
-the base's vocabulary and goes on); mergekit's `tokens:` overrides and vocabulary padding
-(`pad_to_multiple_of`) are not read. With base or union, the output's tokenizer is its
+the base's vocabulary and goes on), as is a token override whose source lacks the token. With base or union, the output's tokenizer is its
 tokenizer.json alone (the base's slow-tokenizer files are not copied).
 """
 
@@ -56,10 +60,41 @@ class Vocabulary:
     vocab: dict[str, int]
     rows: dict[Path, np.ndarray]
     base: Path | None
+    overrides: dict = dataclasses.field(default_factory=dict)  # output id -> {"source", "force"}
+    original: dict = dataclasses.field(default_factory=dict)  # model directory -> its vocab {token: row}
+    pad_to_multiple_of: int | None = None
 
     @property
     def size(self) -> int:
-        return len(self.vocab)
+        """Rows of the output's embeddings: the vocabulary, padded up to a multiple of
+        pad_to_multiple_of (zero rows) when given."""
+        n, m = len(self.vocab), self.pad_to_multiple_of
+        return n if not m else -(-n // m) * m
+
+    def _override(self, t: int, cfg: dict, arrays: dict, rows: np.ndarray, models: list) -> np.ndarray | None:
+        kind, *args = cfg["source"]
+        token = next(k for k, v in self.vocab.items() if v == t)
+        where = f"tokenizer.tokens[{token!r}]"
+        if kind == "zero":
+            return None
+        model = args[0]
+        if model not in arrays:
+            raise MergeError(f"{where}: model {str(model)!r} has no tensor here (not among this tensor's inputs)")
+        a = arrays[model]
+        if kind == "model":
+            row = rows[models.index(model), t]
+            if row < 0:
+                raise MergeError(f"{where}: model {str(model)!r} has no token {token!r}")
+        else:
+            tid, ttok = args[1], args[2]
+            if ttok is not None:
+                if ttok not in self.original.get(model, {}):
+                    raise MergeError(f"{where}: token {ttok!r} is not in the vocabulary of {str(model)!r}")
+                tid = self.original[model][ttok]
+            row = tid
+            if not 0 <= row < a.shape[0]:
+                raise MergeError(f"{where}: token_id {row} is outside the {a.shape[0]} rows of {str(model)!r}")
+        return a[row].astype(np.float32)
 
     def permute(self, arrays: dict[Path, np.ndarray]) -> dict[Path, np.ndarray]:
         """Each model's embedding tensor [V_model, d] (arrays: {model directory: tensor}) as
@@ -72,9 +107,16 @@ class Vocabulary:
         # a token's row must exist in the model's tensor
         present = (rows >= 0) & (rows < np.asarray([arrays[m].shape[0] for m in models])[:, None])
         first = arrays[models[0]]
-        default = np.zeros((self.size, *first.shape[1:]), np.float32)
+        n = len(self.vocab)
+        default = np.zeros((self.size, *first.shape[1:]), np.float32)  # padding rows stay zero
         base = models.index(self.base) if self.base in arrays else None
-        for t in range(self.size):
+        force = np.zeros(self.size, bool)
+        for t in range(n):
+            if t in self.overrides:
+                row = self._override(t, self.overrides[t], arrays, rows, models)
+                default[t] = 0.0 if row is None else row
+                force[t] = self.overrides[t]["force"]
+                continue
             have = np.flatnonzero(present[:, t])
             if len(have) == 0:
                 continue
@@ -89,7 +131,9 @@ class Vocabulary:
         for i, m in enumerate(models):
             a = arrays[m]
             new = default.astype(a.dtype)
-            new[present[i]] = a[rows[i, present[i]]]
+            own = np.zeros(self.size, bool)
+            own[:n] = present[i] & ~force[:n]
+            new[own] = a[rows[i, :n][own[:n]]]
             out[m] = new
         return out
 
@@ -152,9 +196,15 @@ def _union(base_tok, tokenizers_: Sequence[tuple[object, dict]]):
     return res
 
 
-def build(source: str, base: Path | None, models: Sequence[Path]) -> Vocabulary:
+def build(source: str, base: Path | None, models: Sequence[Path], tokens: dict | None = None,
+          pad_to_multiple_of: int | None = None) -> Vocabulary:
     """The output vocabulary of `tokenizer_source` (`source`: "base", "union" or a model
-    directory) over the model directories `models` (the base first when there is one)."""
+    directory) over the model directories `models` (the base first when there is one).
+    tokens: mergekit's `tokenizer.tokens`, checked ({token: {"source": ("model", dir) |
+    ("zero",) | ("model_token", dir, token_id, token), "force": bool}}); tokens the vocabulary
+    lacks are added to it. pad_to_multiple_of: pad the embeddings' rows with zeros."""
+    import tokenizers
+
     ref = base or models[0]
     loaded = {ref: _load(ref, strip=True)}
     for m in models:
@@ -166,6 +216,11 @@ def build(source: str, base: Path | None, models: Sequence[Path]) -> Vocabulary:
         out = _union(loaded[ref][0], [loaded[m] for m in [ref, *[m for m in models if m != ref]]])
     else:
         out = _load(Path(source))[0]
+    tokens = tokens or {}
+    have = out.get_vocab(with_added_tokens=True)
+    missing = [t for t in tokens if t not in have]
+    if missing:
+        out.add_tokens([tokenizers.AddedToken(t, normalized=True, special=False) for t in missing])
     vocab = out.get_vocab(with_added_tokens=True)
     rows = {}
     for m, (_, mv) in loaded.items():
@@ -175,4 +230,13 @@ def build(source: str, base: Path | None, models: Sequence[Path]) -> Vocabulary:
                 raise MergeError(f"tokenizer_source: the output vocabulary has id {i} past its size {len(vocab)}")
             r[i] = mv.get(t, -1)
         rows[m] = r
-    return Vocabulary(out, vocab, rows, ref if base is not None else None)
+    for t, cfg in tokens.items():  # what can be checked before any tensor is read
+        kind, *args = cfg["source"]
+        where = f"tokenizer.tokens[{t!r}].source"
+        if kind == "model" and rows[args[0]][vocab[t]] < 0:
+            raise MergeError(f"{where}: model {str(args[0])!r} has no token {t!r}")
+        if kind == "model_token" and args[2] is not None and args[2] not in loaded[args[0]][1]:
+            raise MergeError(f"{where}: token {args[2]!r} is not in the vocabulary of {str(args[0])!r}")
+    return Vocabulary(out, vocab, rows, ref if base is not None else None,
+                      overrides={vocab[t]: cfg for t, cfg in tokens.items()},
+                      original={m: mv for m, (_, mv) in loaded.items()}, pad_to_multiple_of=pad_to_multiple_of)

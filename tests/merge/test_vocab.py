@@ -134,15 +134,56 @@ def test_union_without_a_base_averages_and_base_and_model_sources(zoo, tmp_path)
     np.testing.assert_allclose(expected_rows(models, names, ["e"])[("ft0", "lm_head.weight")][0], e)
 
 
+def test_token_overrides_and_padding(zoo, tmp_path):
+    """mergekit's tokenizer block: a token's rows from zeros, forced from one model, or copied
+    from another token of a model (a token the vocabulary lacks is added), rows padded."""
+    root, models = zoo
+    models_yaml = ", ".join(f"{{model: {root}/{n}, parameters: {{weight: 1}}}}" for n in ("ft0", "ft1"))
+    rc, out = run(root, tmp_path, f"""merge_method: task_arithmetic
+base_model: {root}/base
+models: [{models_yaml}]
+parameters: {{lambda: 0.5}}
+tokenizer:
+  source: union
+  pad_to_multiple_of: 16
+  tokens:
+    e: {{source: {{kind: zero}}}}
+    a: {{source: {root}/ft1, force: true}}
+    <new>: {{source: {{kind: model_token, model: {root}/ft0, token: b}}}}
+""")
+    assert rc == 0
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert tok.token_to_id("<new>") == 7 and tok.get_vocab_size() == 8
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 16
+    got = load_safetensors(out, lazy=False)
+    for tensor in ("model.embed_tokens.weight", "lm_head.weight"):
+        t = {n: models[n]["tree"][tensor] for n in models}
+        assert got[tensor].shape == (16, D) and not got[tensor][8:].any()
+        np.testing.assert_allclose(got[tensor][5], 0.5 * t["ft1"][3], rtol=1e-6)  # e: zeros where missing
+        np.testing.assert_allclose(got[tensor][1], t["ft1"][2], rtol=1e-6)  # a: ft1's row for every model
+        np.testing.assert_allclose(got[tensor][7], t["ft0"][2], rtol=1e-6)  # <new>: ft0's row of b
+
+
 def test_bad_tokenizer_sources_are_one_line_errors(zoo, tmp_path, capsys):
     root, _ = zoo
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "tokenizer.json").write_text("{}")
-    for source, message in [(f"{tmp_path}/nowhere", "does not exist"), (str(broken), "not a readable tokenizer"),
-                            ("[1]", "must be 'base', 'union' or a model directory")]:
+    cases = [(f"tokenizer_source: {tmp_path}/nowhere", "does not exist"),
+             (f"tokenizer_source: {broken}", "not a readable tokenizer"),
+             ("tokenizer_source: [1]", "must be 'base', 'union' or a model directory"),
+             ("tokenizer_source: base\ntokenizer: {source: base}", "not both"),
+             ("tokenizer: {source: union, tokens: {e: {source: {kind: zero}, weight: 1}}}", "unsupported key(s) weight"),
+             (f"tokenizer: {{tokens: {{e: {{source: {root}/base}}}}}}", "is not part of the merge"),
+             (f"tokenizer: {{tokens: {{b: {{source: {root}/ft1}}}}}}", "has no token 'b'"),
+             (f"tokenizer: {{tokens: {{e: {{source: {{kind: model_token, model: {root}/ft0, token: e}}}}}}}}",
+              "token 'e' is not in the vocabulary"),
+             (f"tokenizer: {{tokens: {{e: {{source: {{kind: model_token, model: {root}/ft0, token: a, token_id: 1}}}}}}}}",
+              "exactly one of token_id or token"),
+             ("tokenizer: {pad_to_multiple_of: 0}", "pad_to_multiple_of=0")]
+    for text, message in cases:
         rc, out = run(root, tmp_path, f"merge_method: linear\nmodels: [{{model: {root}/ft0, parameters: {{weight: 1}}}}, "
-                                      f"{{model: {root}/ft1, parameters: {{weight: 1}}}}]\ntokenizer_source: {source}\n")
+                                      f"{{model: {root}/ft1, parameters: {{weight: 1}}}}]\n{text}\n")
         err = capsys.readouterr().err.strip()
         assert rc == 2 and message in err and len(err.splitlines()) == 1, err
         assert not out.exists()
