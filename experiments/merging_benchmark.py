@@ -227,6 +227,8 @@ def main(argv=None):
                            tasks=names, kinds=kinds, scores=rows, normalized=normalized, mean_normalized=mean_norm,
                            learned=learned, undefined_normalized=undefined)
     payload["command"] += f" --preset {a.preset}"
+    if a.methods != list(METHODS):
+        payload["command"] += " --methods " + " ".join(a.methods)
     _zoo.save(f"merging_benchmark_{a.preset}", payload, fig)
 
 
