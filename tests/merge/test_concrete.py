@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from jmoe import merge
-from jmoe.merge import MergeError, prediction_entropy
+from jmoe.merge import MergeError
 from jmoe.merge.concrete_subspace import sample_mask
+from tests.merge.test_entropy_merging import BATCHES, objective, traces  # the same unlabeled inputs and entropy
 
 BASE = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
 
@@ -22,21 +23,6 @@ def task_model(rows, cls, others):
 
 
 MODELS = [task_model([0, 1], 0, [2, 3]), task_model([2, 3], 2, [0, 1])]
-
-
-def inputs(rows, n=8, seed=0):
-    x = np.zeros((n, 4), np.float32)
-    x[:, rows] = np.random.default_rng(seed).uniform(0.5, 1.5, (n, len(rows)))
-    return jnp.asarray(x)
-
-
-BATCHES = [[inputs([0, 1], seed=s) for s in range(2)], [inputs([2, 3], seed=s) for s in range(2)]]
-traces = []
-
-
-def objective(params, x):
-    traces.append(1)  # runs while tracing only
-    return prediction_entropy(x @ params["w"] + params["b"])
 
 
 def entropy(params):
