@@ -100,25 +100,22 @@ def test_a_configuration_that_cannot_merge_writes_nothing(pair, tmp_path):
 
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    import shutil
 
     from jmoe.io import hf
     from jmoe.io.hf.architectures import llama
     from jmoe.nn import init_lm
+    from tests.util import write_bpe_tokenizer
 
     root = tmp_path_factory.mktemp("hf")
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["def f(x): return x", "hello world"] * 4, trainer=trainers.BpeTrainer(
-        vocab_size=280, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    cfg = llama(dict(vocab_size=tok.get_vocab_size(), hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+    V = write_bpe_tokenizer(root / "tok", ["def f(x): return x", "hello world"] * 4, vocab_size=280)
+    cfg = llama(dict(vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, intermediate_size=24, max_position_embeddings=64, eos_token_id=1,
                      bos_token_id=0))
     for i, name in enumerate(("m0", "m1")):
         hf.save(root / name, cfg, init_lm(jax.random.key(i), cfg), architecture="llama")
-        tok.save(str(root / name / "tokenizer.json"))
+        for f in (root / "tok").iterdir():
+            shutil.copy(f, root / name / f.name)
     (root / "cfg.yml").write_text("merge_method: linear\nmodels: [{model: m0, parameters: {weight: 1}}, "
                                   "{model: m1, parameters: {weight: 0.5}}]\n")
     (root / "flat.yml").write_text("merge_method: linear\nmodels: [{model: m0}, {model: m1}]\n")
