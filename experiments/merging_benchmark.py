@@ -117,6 +117,8 @@ def merged_model(method: str, base: Model, fts: list[Model], tasks, seed: int, l
                 "kept_share": float(np.mean(probs > 0.5))} if losses else {}
     else:
         params_out = bench.merge_models(name, base.params, [m.params for m in fts], **params)
+    if losses:  # the training curve, every tenth step, to judge convergence
+        info["curve"] = [round(float(x), 5) for x in losses[::10]]
     info["seconds"] = round(time.perf_counter() - t0, 1)
     log(f"   {method}: merged in {info['seconds']} s")
     return Model(cfg=cfg, params=params_out, state=base.state, tokenizer=base.tokenizer, source=method), info

@@ -23,10 +23,11 @@ from jmoe.merge.registry import MERGE_METHODS
 
 def unlabeled_batches(task, tokenizer, *, n: int = 64, batch_size: int = 16, seq_len: int = 64,
                       seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """[(tokens [B, seq_len] int32, mask [B, seq_len] bool)] of the task's train split, without
-    answers: for an algorithmic task, its prompts right-padded, masked at the last prompt token
-    (where the answer's first token is predicted); for a text domain, windows of its train
-    text, every position masked. n examples (windows) in all."""
+    """[(tokens [B, L] int32, mask [B, L] bool)] of the task's train split, without answers:
+    for an algorithmic task, its prompts right-padded, masked at the last prompt token (where
+    the answer's first token is predicted); for a text domain, windows of its train text, every
+    position masked. n examples (windows) in all; L <= seq_len is the same for all the task's
+    batches: one past its last masked position."""
     rows, masks = [], []
     if task.kind == "exact_match":
         for ex in task.examples("train", n, seed):
@@ -43,6 +44,10 @@ def unlabeled_batches(task, tokenizer, *, n: int = 64, batch_size: int = 16, seq
             rows.append(w + [0] * (seq_len - len(w)))
             masks.append(np.arange(seq_len) < len(w) - 1)
     tokens, mask = np.asarray(rows, np.int32), np.asarray(masks)
+    # the columns after the last masked position change no masked prediction (the model is
+    # causal): cut them, so that short prompts cost only their own length
+    width = int(np.nonzero(mask.any(0))[0].max()) + 1 if mask.any() else 1
+    tokens, mask = tokens[:, :width], mask[:, :width]
     return [(tokens[i:i + batch_size], mask[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
 
 
