@@ -229,6 +229,7 @@ def _train_data(args) -> str | None:
 
 def cmd_evaluate(args) -> int:
     from jmoe import evals
+    from jmoe.infer.command import contrast_from_args
     from jmoe.infer.load import open_model, select_experts
     from jmoe.merge.experts.premoe import query_sequences
 
@@ -239,6 +240,7 @@ def cmd_evaluate(args) -> int:
     # config and tokenizer checked before the weights load
     source = open_model(args.ckpt, step=args.step, skip_ratio=args.skip_ratio)
     source.check_subset(args.expert_subset)
+    contrast = contrast_from_args(args, source.cfg)
     model = source.load()
     results, subsets = [], []
     for task in tasks:
@@ -247,9 +249,10 @@ def cmd_evaluate(args) -> int:
             if source.task_experts is not None and args.expert_subset in (None, "auto") else ()
         chosen, subset = select_experts(model, source.task_experts, args.expert_subset, prompts)
         results += evals.evaluate(chosen, [task], examples=args.examples, max_windows=args.max_windows,
-                                  split=args.split, seed=args.seed, batch_size=args.batch_size)
+                                  split=args.split, seed=args.seed, batch_size=args.batch_size, contrast=contrast)
         subsets.append(subset)
     record = {"ckpt": str(args.ckpt), "step": model.step, "split": args.split, "seed": args.seed,
+              **({"self_contrast": contrast.to_dict()} if contrast is not None else {}),
               "results": [r.to_dict() | ({"expert_subset": s} if s is not None else {}) for r, s in zip(results, subsets)]}
     if out is not None:
         from jmoe.train.metrics import atomic_write_text
@@ -347,6 +350,18 @@ def _add_expert_selection_args(p, subset: bool = True) -> None:
         p.add_argument("--expert-subset", metavar="auto|all|TASK",
                        help="a PreMoe run (jmoe compress --method premoe): run a task's experts only; auto (default) "
                             "retrieves the task nearest to the prompts, all runs every expert")
+
+
+def _add_contrast_args(p) -> None:
+    c = p.add_argument_group("self-contrast decoding (SCMoE)")
+    c.add_argument("--self-contrast", metavar="RANKS",
+                   help="contrast each token's routing with a weak one that keeps only the experts at these ranks of "
+                        "its top-k (comma-separated, 0 = the top expert; e.g. 1)")
+    c.add_argument("--contrast-alpha", type=_float_range(0.0, 1.0, open_lo=True), metavar="A",
+                   help="plausibility cutoff in (0, 1]: tokens below A times the top probability are excluded "
+                        "(default 0.1)")
+    c.add_argument("--contrast-beta", type=_float_range(0.0), metavar="B",
+                   help="strength of the contrast, >= 0 (default 0.5)")
 
 
 def _add_offload_args(g) -> None:
@@ -740,6 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0, help="which examples are drawn (default 0)")
     v.add_argument("--batch-size", type=_int_range(1, 4096), default=32, help="prompts generated together")
     _add_expert_selection_args(v)
+    _add_contrast_args(v)
     v.add_argument("--out", metavar="FILE", help="also write the results as JSON")
     v.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     v.set_defaults(func=cmd_evaluate)
@@ -781,6 +797,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="nothing on stderr but errors")
     g.add_argument("--trace", metavar="FILE",
                    help="record every MoE layer's experts for each prompt and generated token (.npz routing trace)")
+    _add_contrast_args(g)
     _add_offload_args(g)
     g.set_defaults(func=cmd_generate)
 

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from jmoe.infer.contrast import SelfContrast
 from jmoe.infer.engine import prepare_prompts
 from jmoe.infer.load import encode_prompt, open_model, select_experts
 from jmoe.infer.offload import format_bytes
@@ -82,6 +83,28 @@ def offload_options(args, cfg) -> dict | None:
             "tier": args.expert_store, "path": path}
 
 
+def contrast_from_args(args, cfg):
+    """The `SelfContrast` of --self-contrast and its parameters, checked against the model's
+    config (before its weights are read); None without --self-contrast."""
+    ranks = getattr(args, "self_contrast", None)
+    if ranks is None:
+        for flag in ("contrast_alpha", "contrast_beta"):
+            if getattr(args, flag, None) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} needs --self-contrast")
+        return None
+    try:
+        parsed = [int(r) for r in ranks.split(",")]
+    except ValueError:
+        raise ValueError(f"--self-contrast {ranks!r} must be comma-separated ranks, e.g. 1 or 1,2") from None
+    given = {k: v for k, v in (("alpha", args.contrast_alpha), ("beta", args.contrast_beta)) if v is not None}
+    try:
+        contrast = SelfContrast(ranks=tuple(parsed), **given)
+        contrast.weak_config(cfg)
+    except ValueError as e:
+        raise ValueError(f"--self-contrast: {e}") from None
+    return contrast
+
+
 def offloaded_engine(model, offload: dict, batch_size: int):
     from jmoe.infer.offload import OffloadedEngine
 
@@ -136,6 +159,10 @@ def run_generate(args, out=None, err=None) -> int:
     if trace_path is not None and not cfg.moe_layers:
         raise ValueError(f"--trace: {args.ckpt} has no MoE layers to trace")
     offload = offload_options(args, cfg)
+    contrast = contrast_from_args(args, cfg)
+    if contrast is not None and offload is not None:
+        raise ValueError("--self-contrast runs the model twice per token in memory; it cannot be combined with "
+                         "--offload-experts")
     subset = getattr(args, "expert_subset", None)
     source.check_subset(subset)
 
@@ -147,7 +174,7 @@ def run_generate(args, out=None, err=None) -> int:
     if args.dtype:
         model.cfg = model.cfg.replace(dtype=args.dtype)
     if offload is None:
-        engine = model.engine(args.batch_size)
+        engine = model.engine(args.batch_size, contrast)
     else:
         engine = offloaded_engine(model, offload, args.batch_size)
     recorder = recorder_for(model.cfg) if trace_path is not None else None
