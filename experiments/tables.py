@@ -80,6 +80,7 @@ ROUTING = (  # results file, what the experiment compares
     ("moepp", "MoE++ zero-computation experts"),
     ("fine_grained", "fine-grained + shared experts (DeepSeekMoE)"),
     ("scmoe", "self-contrast decoding (SCMoE) vs greedy"),
+    ("rice", "expert steering (RICE) toward a task"),
     ("uoe", "unlearning in one expert (UOE) vs the whole model"),
 )
 
@@ -352,6 +353,21 @@ def scmoe(results: Path) -> str:
             f"{', '.join(map(str, data['seeds']))}; alpha {data['alpha']}, beta {data['beta']}; exact match on "
             f"{data['examples']} test examples per task, greedy; code {data['code_version']}):\n\n"
             + table(["decoding", *data["tasks"], "mean"], rows, "-" + "r" * (len(data["tasks"]) + 1))
+            + "\n" + table(["claim", "mean ± sd over seeds", "difference a - b", "verdict"], claims))
+
+
+@renderer
+def rice(results: Path) -> str:
+    """Expert steering toward each task: the target task's and the other tasks' accuracy."""
+    data = load(results, "rice")
+    rows = [[k, mean_sd(summary_of(data["target_accuracy"][k]), 3), mean_sd(summary_of(data["others_accuracy"][k]), 3)]
+            for k in data["target_accuracy"]]
+    claims = [[c["claim"], f"{c['a']} {mean_sd(c['a_summary'], 3)} vs {c['b']} {mean_sd(c['b_summary'], 3)}",
+               diff_ci(c["difference"], 3), f"**{c['verdict']}**"] for c in data["claims"]]
+    return (f"`{data['command']}` (the tiny MoE trained {data['steps']} steps on the task mixture, seeds "
+            f"{', '.join(map(str, data['seeds']))}; {data['prompts']} contrastive prompts a side; exact match on "
+            f"{data['examples']} test examples per task; code {data['code_version']}):\n\n"
+            + table(["steering", "target task", "other tasks"], rows, "-rr")
             + "\n" + table(["claim", "mean ± sd over seeds", "difference a - b", "verdict"], claims))
 
 

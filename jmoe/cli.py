@@ -229,7 +229,7 @@ def _train_data(args) -> str | None:
 
 def cmd_evaluate(args) -> int:
     from jmoe import evals
-    from jmoe.infer.command import contrast_from_args
+    from jmoe.infer.command import contrast_from_args, steered_config
     from jmoe.infer.load import open_model, select_experts
     from jmoe.merge.experts.premoe import query_sequences
 
@@ -240,8 +240,10 @@ def cmd_evaluate(args) -> int:
     # config and tokenizer checked before the weights load
     source = open_model(args.ckpt, step=args.step, skip_ratio=args.skip_ratio)
     source.check_subset(args.expert_subset)
-    contrast = contrast_from_args(args, source.cfg)
+    steered = steered_config(args, source)
+    contrast = contrast_from_args(args, steered)
     model = source.load()
+    model.cfg = steered
     results, subsets = [], []
     for task in tasks:
         # a PreMoe run keeps one task's experts: named, or retrieved from the task's prompts
@@ -253,6 +255,7 @@ def cmd_evaluate(args) -> int:
         subsets.append(subset)
     record = {"ckpt": str(args.ckpt), "step": model.step, "split": args.split, "seed": args.seed,
               **({"self_contrast": contrast.to_dict()} if contrast is not None else {}),
+              **({"steer_experts": args.steer_experts} if args.steer_experts else {}),
               "results": [r.to_dict() | ({"expert_subset": s} if s is not None else {}) for r, s in zip(results, subsets)]}
     if out is not None:
         from jmoe.train.metrics import atomic_write_text
@@ -350,6 +353,15 @@ def _add_expert_selection_args(p, subset: bool = True) -> None:
         p.add_argument("--expert-subset", metavar="auto|all|TASK",
                        help="a PreMoe run (jmoe compress --method premoe): run a task's experts only; auto (default) "
                             "retrieves the task nearest to the prompts, all runs every expert")
+
+
+def _add_steer_args(p) -> None:
+    s = p.add_argument_group("expert steering (RICE)")
+    s.add_argument("--steer-experts", metavar="L:E,...",
+                   help="reinforce these experts (model layer:expert, comma-separated; jmoe steer finds them): their "
+                        "routing weight is multiplied by --steer-factor wherever the router selects them")
+    s.add_argument("--steer-factor", type=_float_range(0.0, open_lo=True), metavar="F",
+                   help="the multiplier, > 0 (default 64); the token's weights keep their total")
 
 
 def _add_contrast_args(p) -> None:
@@ -512,6 +524,44 @@ def cmd_unlearn(args) -> int:
                 steps=args.steps, lr=args.lr, alpha=args.alpha, retain_weight=args.retain_weight, npo_beta=args.npo_beta,
                 batches=args.batches, step=args.step, seed=args.seed,
                 log=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)))
+    return 0
+
+
+def cmd_steer(args) -> int:
+    from jmoe.editing.steer import expert_npmi, top_experts
+    from jmoe.infer.command import read_lines
+    from jmoe.infer.load import open_model
+
+    positive, negative = read_lines(args.positive, "--positive"), read_lines(args.negative, "--negative")
+    source = open_model(args.ckpt, step=args.step)
+    if not source.cfg.moe_layers:
+        raise ValueError(f"--ckpt {args.ckpt} has no MoE layers whose experts could be steered")
+    size = sum(source.cfg.moe_for(i).num_ffn_choices for i in source.cfg.moe_layers)
+    if args.top > size:
+        raise ValueError(f"--top {args.top} exceeds the model's {size} routed experts")
+    tok, context = source.tokenizer, source.cfg.max_seq_len
+    if tok is None:
+        raise ValueError(f"--ckpt {args.ckpt} has no tokenizer to read the prompts with")
+
+    def encode(lines, flag):
+        ids = [tok.encode(x, add_special_tokens=False)[-context:] for x in lines]
+        if not all(ids):
+            raise ValueError(f"{flag}: a prompt encodes to no tokens")
+        return ids
+
+    positive, negative = encode(positive, "--positive"), encode(negative, "--negative")
+    model = source.load()
+    npmi = expert_npmi(model.cfg, model.params, positive, negative, state=model.state or None)
+    top = top_experts(model.cfg, npmi, args.top)
+    flag = ",".join(f"{layer}:{e}" for layer, e, _ in top)
+    if args.json:
+        print(json.dumps({"experts": [{"layer": layer, "expert": e, "npmi": v} for layer, e, v in top],
+                          "steer_experts": flag, "npmi": npmi.tolist()}))
+        return 0
+    print(f"{'layer':>5} {'expert':>6} {'nPMI':>7}")
+    for layer, e, v in top:
+        print(f"{layer:>5} {e:>6} {v:>7.3f}")
+    print(f"steer with: jmoe generate --ckpt {args.ckpt} --steer-experts {flag}")
     return 0
 
 
@@ -756,6 +806,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--batch-size", type=_int_range(1, 4096), default=32, help="prompts generated together")
     _add_expert_selection_args(v)
     _add_contrast_args(v)
+    _add_steer_args(v)
     v.add_argument("--out", metavar="FILE", help="also write the results as JSON")
     v.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     v.set_defaults(func=cmd_evaluate)
@@ -798,6 +849,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trace", metavar="FILE",
                    help="record every MoE layer's experts for each prompt and generated token (.npz routing trace)")
     _add_contrast_args(g)
+    _add_steer_args(g)
     _add_offload_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -885,6 +937,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="memory of one device in GiB; exit 1 when the plan does not fit")
     pl.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     pl.set_defaults(func=cmd_plan)
+
+    st = sub.add_parser("steer", help="find the experts whose selection tracks a behaviour (nPMI of contrastive "
+                                      "prompts, RICE), to reinforce with jmoe generate --steer-experts")
+    st.add_argument("--ckpt", required=True, metavar="RUN_OR_HF_DIR", help="a jmoe run or a Hugging Face model directory")
+    st.add_argument("--step", type=_int_range(0), help="a run's checkpoint step (default: latest)")
+    st.add_argument("--positive", required=True, metavar="FILE", help="prompts that show the behaviour, one a line")
+    st.add_argument("--negative", required=True, metavar="FILE", help="prompts that do not, one a line")
+    st.add_argument("--top", type=_int_range(1), default=2, help="experts to report (default 2, the paper's)")
+    st.add_argument("--json", action="store_true", help="one JSON object: the experts, the flag, every nPMI")
+    st.set_defaults(func=cmd_steer)
 
     u = sub.add_parser("unlearn", help="make a run forget an evaluation task by unlearning in its most tied expert (UOE)")
     u.add_argument("--ckpt", required=True, help="run directory")

@@ -9,12 +9,12 @@
   moepp          MoE++: zero, copy and constant experts, gating residual
   recurrent      RMoE: a GRU carries router state across layers
 
-and the routing edits applied after them (`jmoe.routing.edit`): none, ranks.
+and the routing edits applied after them (`jmoe.routing.edit`): none, ranks, steer.
 """
 
 from jmoe.registry import ROUTERS
 from jmoe.routing import (  # noqa: F401  (register)
-    edit, ranks, expert_choice, grouped_softmax, moepp, null_experts, recurrent, sigmoid_bias, top_p, topk,
+    edit, ranks, steer, expert_choice, grouped_softmax, moepp, null_experts, recurrent, sigmoid_bias, top_p, topk,
 )
 from jmoe.routing.base import Router, Routing
 

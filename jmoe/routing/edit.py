@@ -9,6 +9,7 @@ probabilities, so balance statistics still describe the router itself.
   none    the routing as the router made it (the default)
   ranks   only the experts at chosen ranks of the token's top-k (self-contrast decoding's
           weak routing, `jmoe.routing.ranks`)
+  steer   chosen experts' weights multiplied where selected (RICE, `jmoe.routing.steer`)
 """
 
 from __future__ import annotations

@@ -56,4 +56,5 @@ def keep_ranks(routing: Routing, ranks) -> Routing:
 
 @ROUTING_EDITS.register("ranks", options=RanksOptions)
 def ranks_edit(routing: Routing, options: RanksOptions, cfg) -> Routing:
+    """The routing edit "ranks": `keep_ranks` with the layer's options."""
     return keep_ranks(routing, options.ranks)
