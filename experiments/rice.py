@@ -28,7 +28,6 @@ import _zoo  # noqa: E402
 
 from jmoe import evals  # noqa: E402
 from jmoe.editing import expert_npmi, top_experts  # noqa: E402
-from jmoe.evals.mixture import mix_spec  # noqa: E402
 from jmoe.infer.load import Model, open_model  # noqa: E402
 from jmoe.routing.steer import steer_config  # noqa: E402
 
@@ -40,16 +39,11 @@ PROMPTS = 64  # contrastive prompts per side
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=600, help="training steps of the task-mixture MoE")
-    ap.add_argument("--seeds", type=int, nargs="+", default=list(_zoo.SEEDS))
-    ap.add_argument("--examples", type=int, default=100, help="test examples per algorithmic task")
+    _zoo.task_mixture_args(ap, examples=100)
     a = _zoo.parse_seeded(ap, argv)
     log = lambda m: print(m, flush=True)
-    tasks = evals.resolve_tasks("all")
-    algorithmic = [t for t in tasks if t.kind == "exact_match"]
+    _, algorithmic, runs = _zoo.task_mixture_moe(a.steps, a.seeds)
     names = [t.name for t in algorithmic]
-    data = mix_spec(",".join(t.name for t in tasks))
-    runs = [_zoo.run("tasks_moe", _zoo.tiny(), _zoo.tiny_train(a.steps, s), data) for s in a.seeds]
 
     plain, steered, experts = [], {f: [] for f in FACTORS}, []
     for s, run in zip(a.seeds, runs):

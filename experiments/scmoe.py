@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _zoo  # noqa: E402
 
 from jmoe import evals  # noqa: E402
-from jmoe.evals.mixture import mix_spec  # noqa: E402
 from jmoe.infer.contrast import SelfContrast  # noqa: E402
 from jmoe.infer.load import Model, open_model  # noqa: E402
 
@@ -49,15 +48,10 @@ VARIANTS = {  # name: (the model's routing, or the weak routing's ranks; contras
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=600, help="training steps of the task-mixture MoE")
-    ap.add_argument("--seeds", type=int, nargs="+", default=list(_zoo.SEEDS))
-    ap.add_argument("--examples", type=int, default=200, help="test examples per algorithmic task")
+    _zoo.task_mixture_args(ap, examples=200)
     a = _zoo.parse_seeded(ap, argv)
     log = lambda m: print(m, flush=True)
-    tasks = evals.resolve_tasks("all")
-    algorithmic = [t for t in tasks if t.kind == "exact_match"]
-    data = mix_spec(",".join(t.name for t in tasks))
-    runs = [_zoo.run("tasks_moe", _zoo.tiny(), _zoo.tiny_train(a.steps, s), data) for s in a.seeds]
+    _, algorithmic, runs = _zoo.task_mixture_moe(a.steps, a.seeds)
 
     scores = {v: [] for v in VARIANTS}
     for s, run in zip(a.seeds, runs):
