@@ -79,6 +79,7 @@ ROUTING = (  # results file, what the experiment compares
     ("null_experts", "null experts (AdaMoE)"),
     ("moepp", "MoE++ zero-computation experts"),
     ("fine_grained", "fine-grained + shared experts (DeepSeekMoE)"),
+    ("thor", "THOR stochastic experts vs learned top-1"),
     ("scmoe", "self-contrast decoding (SCMoE) vs greedy"),
     ("rice", "expert steering (RICE) toward a task"),
     ("uoe", "unlearning in one expert (UOE) vs the whole model"),
