@@ -50,6 +50,26 @@ def tiny_train(steps: int, seed: int, **changes) -> TrainConfig:
     return TrainConfig(**{**preset("tiny")["train"], "steps": steps, "seed": seed, **changes})
 
 
+def task_mixture_moe(steps: int, seeds) -> tuple[list, list, list[dict]]:
+    """(the evaluation suite's tasks, its algorithmic ones, one run per seed of the tiny MoE
+    trained `steps` steps on the mixture of every task): task_mixture.py's MoE, which uoe.py,
+    scmoe.py and rice.py edit and decode."""
+    from jmoe import evals
+    from jmoe.evals.mixture import mix_spec
+
+    tasks = evals.resolve_tasks("all")
+    data = mix_spec(",".join(t.name for t in tasks))
+    runs = [run("tasks_moe", tiny(), tiny_train(steps, s), data) for s in seeds]
+    return tasks, [t for t in tasks if t.kind == "exact_match"], runs
+
+
+def task_mixture_args(ap, examples: int) -> None:
+    """--steps (of the task-mixture MoE), --seeds and --examples (test examples per algorithmic task)."""
+    ap.add_argument("--steps", type=int, default=600, help="training steps of the task-mixture MoE")
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    ap.add_argument("--examples", type=int, default=examples, help="test examples per algorithmic task")
+
+
 def _fine(m: int) -> LMConfig:
     base = tiny()
     return base.replace(moe=fine_grained(base.moe, m, num_shared=1))

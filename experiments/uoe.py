@@ -48,21 +48,17 @@ SCOPES = {"uoe": "expert", "full": "all"}
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=600, help="training steps of the task-mixture MoE")
-    ap.add_argument("--seeds", type=int, nargs="+", default=list(_zoo.SEEDS))
-    ap.add_argument("--examples", type=int, default=100, help="test examples per algorithmic task")
+    _zoo.task_mixture_args(ap, examples=100)
     ap.add_argument("--forget", default="reversal")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batches", type=int, default=8, help="training windows of the forget task (batches of 16)")
     a = _zoo.parse_seeded(ap, argv)
     log = lambda m: print(m, flush=True)
-    tasks = evals.resolve_tasks("all")
-    algorithmic = [t for t in tasks if t.kind == "exact_match"]
+    algorithmic = [t for t in evals.resolve_tasks("all") if t.kind == "exact_match"]
     others = [t for t in algorithmic if t.name != a.forget]
     if a.forget not in {t.name for t in algorithmic}:
         ap.error(f"--forget must be an algorithmic task: {', '.join(t.name for t in algorithmic)}")
-    data = mix_spec(",".join(t.name for t in tasks))
-    runs = [_zoo.run("tasks_moe", _zoo.tiny(), _zoo.tiny_train(a.steps, s), data) for s in a.seeds]
+    _, _, runs = _zoo.task_mixture_moe(a.steps, a.seeds)
     forget_text = load_corpus(mix_spec(a.forget)).train
 
     def score(model: Model) -> dict:

@@ -229,6 +229,7 @@ def _train_data(args) -> str | None:
 
 def cmd_evaluate(args) -> int:
     from jmoe import evals
+    from jmoe.infer.command import contrast_from_args, steered_config
     from jmoe.infer.load import open_model, select_experts
     from jmoe.merge.experts.premoe import query_sequences
 
@@ -239,7 +240,10 @@ def cmd_evaluate(args) -> int:
     # config and tokenizer checked before the weights load
     source = open_model(args.ckpt, step=args.step, skip_ratio=args.skip_ratio)
     source.check_subset(args.expert_subset)
+    steered = steered_config(args, source)
+    contrast = contrast_from_args(args, steered)
     model = source.load()
+    model.cfg = steered
     results, subsets = [], []
     for task in tasks:
         # a PreMoe run keeps one task's experts: named, or retrieved from the task's prompts
@@ -247,9 +251,11 @@ def cmd_evaluate(args) -> int:
             if source.task_experts is not None and args.expert_subset in (None, "auto") else ()
         chosen, subset = select_experts(model, source.task_experts, args.expert_subset, prompts)
         results += evals.evaluate(chosen, [task], examples=args.examples, max_windows=args.max_windows,
-                                  split=args.split, seed=args.seed, batch_size=args.batch_size)
+                                  split=args.split, seed=args.seed, batch_size=args.batch_size, contrast=contrast)
         subsets.append(subset)
     record = {"ckpt": str(args.ckpt), "step": model.step, "split": args.split, "seed": args.seed,
+              **({"self_contrast": contrast.to_dict()} if contrast is not None else {}),
+              **({"steer_experts": args.steer_experts} if args.steer_experts else {}),
               "results": [r.to_dict() | ({"expert_subset": s} if s is not None else {}) for r, s in zip(results, subsets)]}
     if out is not None:
         from jmoe.train.metrics import atomic_write_text
@@ -347,6 +353,27 @@ def _add_expert_selection_args(p, subset: bool = True) -> None:
         p.add_argument("--expert-subset", metavar="auto|all|TASK",
                        help="a PreMoe run (jmoe compress --method premoe): run a task's experts only; auto (default) "
                             "retrieves the task nearest to the prompts, all runs every expert")
+
+
+def _add_steer_args(p) -> None:
+    s = p.add_argument_group("expert steering (RICE)")
+    s.add_argument("--steer-experts", metavar="L:E,...",
+                   help="reinforce these experts (model layer:expert, comma-separated; jmoe steer finds them): their "
+                        "routing weight is multiplied by --steer-factor wherever the router selects them")
+    s.add_argument("--steer-factor", type=_float_range(0.0, open_lo=True), metavar="F",
+                   help="the multiplier, > 0 (default 64); the token's weights keep their total")
+
+
+def _add_contrast_args(p) -> None:
+    c = p.add_argument_group("self-contrast decoding (SCMoE)")
+    c.add_argument("--self-contrast", metavar="RANKS",
+                   help="contrast each token's routing with a weak one that keeps only the experts at these ranks of "
+                        "its top-k (comma-separated, 0 = the top expert; e.g. 1)")
+    c.add_argument("--contrast-alpha", type=_float_range(0.0, 1.0, open_lo=True), metavar="A",
+                   help="plausibility cutoff in (0, 1]: tokens below A times the top probability are excluded "
+                        "(default 0.1)")
+    c.add_argument("--contrast-beta", type=_float_range(0.0), metavar="B",
+                   help="strength of the contrast, >= 0 (default 0.5)")
 
 
 def _add_offload_args(g) -> None:
@@ -497,6 +524,44 @@ def cmd_unlearn(args) -> int:
                 steps=args.steps, lr=args.lr, alpha=args.alpha, retain_weight=args.retain_weight, npo_beta=args.npo_beta,
                 batches=args.batches, step=args.step, seed=args.seed,
                 log=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)))
+    return 0
+
+
+def cmd_steer(args) -> int:
+    from jmoe.editing.steer import expert_npmi, top_experts
+    from jmoe.infer.command import read_lines
+    from jmoe.infer.load import open_model
+
+    positive, negative = read_lines(args.positive, "--positive"), read_lines(args.negative, "--negative")
+    source = open_model(args.ckpt, step=args.step)
+    if not source.cfg.moe_layers:
+        raise ValueError(f"--ckpt {args.ckpt} has no MoE layers whose experts could be steered")
+    size = sum(source.cfg.moe_for(i).num_ffn_choices for i in source.cfg.moe_layers)
+    if args.top > size:
+        raise ValueError(f"--top {args.top} exceeds the model's {size} routed experts")
+    tok, context = source.tokenizer, source.cfg.max_seq_len
+    if tok is None:
+        raise ValueError(f"--ckpt {args.ckpt} has no tokenizer to read the prompts with")
+
+    def encode(lines, flag):
+        ids = [tok.encode(x, add_special_tokens=False)[-context:] for x in lines]
+        if not all(ids):
+            raise ValueError(f"{flag}: a prompt encodes to no tokens")
+        return ids
+
+    positive, negative = encode(positive, "--positive"), encode(negative, "--negative")
+    model = source.load()
+    npmi = expert_npmi(model.cfg, model.params, positive, negative, state=model.state or None)
+    top = top_experts(model.cfg, npmi, args.top)
+    flag = ",".join(f"{layer}:{e}" for layer, e, _ in top)
+    if args.json:
+        print(json.dumps({"experts": [{"layer": layer, "expert": e, "npmi": v} for layer, e, v in top],
+                          "steer_experts": flag, "npmi": npmi.tolist()}))
+        return 0
+    print(f"{'layer':>5} {'expert':>6} {'nPMI':>7}")
+    for layer, e, v in top:
+        print(f"{layer:>5} {e:>6} {v:>7.3f}")
+    print(f"steer with: jmoe generate --ckpt {args.ckpt} --steer-experts {flag}")
     return 0
 
 
@@ -740,6 +805,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0, help="which examples are drawn (default 0)")
     v.add_argument("--batch-size", type=_int_range(1, 4096), default=32, help="prompts generated together")
     _add_expert_selection_args(v)
+    _add_contrast_args(v)
+    _add_steer_args(v)
     v.add_argument("--out", metavar="FILE", help="also write the results as JSON")
     v.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     v.set_defaults(func=cmd_evaluate)
@@ -781,6 +848,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="nothing on stderr but errors")
     g.add_argument("--trace", metavar="FILE",
                    help="record every MoE layer's experts for each prompt and generated token (.npz routing trace)")
+    _add_contrast_args(g)
+    _add_steer_args(g)
     _add_offload_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -868,6 +937,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="memory of one device in GiB; exit 1 when the plan does not fit")
     pl.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     pl.set_defaults(func=cmd_plan)
+
+    st = sub.add_parser("steer", help="find the experts whose selection tracks a behaviour (nPMI of contrastive "
+                                      "prompts, RICE), to reinforce with jmoe generate --steer-experts")
+    st.add_argument("--ckpt", required=True, metavar="RUN_OR_HF_DIR", help="a jmoe run or a Hugging Face model directory")
+    st.add_argument("--step", type=_int_range(0), help="a run's checkpoint step (default: latest)")
+    st.add_argument("--positive", required=True, metavar="FILE", help="prompts that show the behaviour, one a line")
+    st.add_argument("--negative", required=True, metavar="FILE", help="prompts that do not, one a line")
+    st.add_argument("--top", type=_int_range(1), default=2, help="experts to report (default 2, the paper's)")
+    st.add_argument("--json", action="store_true", help="one JSON object: the experts, the flag, every nPMI")
+    st.set_defaults(func=cmd_steer)
 
     u = sub.add_parser("unlearn", help="make a run forget an evaluation task by unlearning in its most tied expert (UOE)")
     u.add_argument("--ckpt", required=True, help="run directory")

@@ -8,7 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from jmoe.options import check_fields, option
-from jmoe.registry import ACTIVATIONS, BALANCE_LOSSES, DISPATCHERS, ROUTERS
+from jmoe.registry import ACTIVATIONS, BALANCE_LOSSES, DISPATCHERS, ROUTERS, ROUTING_EDITS
 
 BALANCE_SCOPES = ("global", "micro", "sequence")
 
@@ -31,6 +31,7 @@ METHOD_KINDS = (
     ("router", "router_options", ROUTERS),
     ("dispatch", "dispatch_options", DISPATCHERS),
     ("balance_loss", "balance_options", BALANCE_LOSSES),
+    ("routing_edit", "routing_edit_options", ROUTING_EDITS),
 )
 
 
@@ -59,7 +60,10 @@ class MoEConfig:
     dataclass next to the method's code; see `MoEConfig.options_of`):
       router (`jmoe.registry.ROUTERS`) with router_options,
       dispatch (`jmoe.registry.DISPATCHERS`) with dispatch_options,
-      balance_loss (`jmoe.registry.BALANCE_LOSSES`) with balance_options.
+      balance_loss (`jmoe.registry.BALANCE_LOSSES`) with balance_options,
+      routing_edit (`jmoe.registry.ROUTING_EDITS`) with routing_edit_options: a change to
+        every routing the router makes, applied at inference (self-contrast decoding's weak
+        routing, expert steering); "none" by default.
       Options may be given as the options dataclass, as a dict of its fields, or omitted
       (the method's defaults). `--set moe.<method>.<option>=value` sets one of them.
 
@@ -109,6 +113,8 @@ class MoEConfig:
     balance_scope: str = option("global", choices=BALANCE_SCOPES)
     allow_noncausal: bool = False
     skip_ratio: float = option(0.0, ge=0.0, le=1.0)
+    routing_edit: str = "none"
+    routing_edit_options: Any = None
 
     def __post_init__(self):
         for name, registry in (
@@ -116,6 +122,7 @@ class MoEConfig:
             ("dispatch", DISPATCHERS),
             ("activation", ACTIVATIONS),
             ("balance_loss", BALANCE_LOSSES),
+            ("routing_edit", ROUTING_EDITS),
         ):
             if getattr(self, name) not in registry:
                 raise ValueError(
@@ -163,13 +170,14 @@ class MoEConfig:
         return self.num_shared_experts * (self.d_ff_shared or self.d_ff)
 
     def options_of(self, name: str):
-        """The options of the selected method called `name` (router, dispatch or balance loss)."""
+        """The options of the selected method called `name` (router, dispatch, balance loss or
+        routing edit)."""
         for kind, field, _ in METHOD_KINDS:
             if getattr(self, kind) == name:
                 return getattr(self, field)
         raise ValueError(
             f"{name!r} is not a method this layer selects (router={self.router!r}, "
-            f"dispatch={self.dispatch!r}, balance_loss={self.balance_loss!r})"
+            f"dispatch={self.dispatch!r}, balance_loss={self.balance_loss!r}, routing_edit={self.routing_edit!r})"
         )
 
     def replace(self, **changes) -> "MoEConfig":
@@ -208,6 +216,8 @@ class MoEConfig:
                 if v is None:  # written only when set
                     continue
                 v = list(v)
+            elif f.name == "routing_edit" and v == "none":  # written only when set
+                continue
             d[f.name] = v
         return d
 
@@ -298,7 +308,7 @@ def _option_owners(option_name: str) -> list[str]:
     return owners
 
 
-_DEFAULT_METHODS = {"router": "topk", "dispatch": "dropless", "balance_loss": "switch"}
+_DEFAULT_METHODS = {"router": "topk", "dispatch": "dropless", "balance_loss": "switch", "routing_edit": "none"}
 
 
 def fine_grained(cfg: MoEConfig, m: int, num_shared: int = 0) -> MoEConfig:

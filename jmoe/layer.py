@@ -14,6 +14,7 @@ from jmoe.config import MoEConfig
 from jmoe.experts import ExpertList, expected_expert_shapes, ffn, init_experts, init_ffn
 from jmoe.registry import DISPATCHERS, ROUTERS
 from jmoe.routing.base import Routing
+from jmoe.routing.edit import apply_edit
 from jmoe.routing.skip import skip_low_weight
 
 
@@ -268,9 +269,11 @@ def layer_body(
 def route(router_params: Any, xt: jax.Array, cfg: MoEConfig, *, state: Any = None, key: jax.Array | None = None,
           carry: Any = None) -> tuple[Routing, jax.Array]:
     """The layer's routing of tokens xt [T, d]: the router, then online expert skipping
-    (`cfg.skip_ratio`). Returns (routing, number of FFN slots skipped)."""
+    (`cfg.skip_ratio`) and the layer's routing edit (`cfg.routing_edit`). Returns (routing,
+    number of FFN slots skipped)."""
     routing = ROUTERS.get(cfg.router).apply(router_params, xt, cfg, state=state, key=key, carry=carry)
-    return skip_low_weight(routing, cfg.skip_ratio, cfg.num_ffn_choices)
+    routing, skipped = skip_low_weight(routing, cfg.skip_ratio, cfg.num_ffn_choices)
+    return apply_edit(routing, cfg), skipped
 
 
 @partial(jax.jit, static_argnums=2)

@@ -284,9 +284,9 @@ def _fields():
 FIELDS = _fields()
 # values of another type that a field takes on purpose: a mapping (converted), or null (the default)
 ACCEPTS_DICT = {"model.moe", "model.attention", "model.meta", "model.layer_moe", "moe.router_options",
-                "moe.dispatch_options", "moe.balance_options"}
+                "moe.dispatch_options", "moe.balance_options", "moe.routing_edit_options"}
 ACCEPTS_NULL = {"model.moe", "model.dtype", "moe.dtype", "moe.router_options", "moe.dispatch_options",
-                "moe.balance_options"}
+                "moe.balance_options", "moe.routing_edit_options"}
 DTYPES = {"model.dtype", "model.param_dtype", "moe.dtype", "moe.param_dtype"}
 
 texts = st.text(max_size=8)

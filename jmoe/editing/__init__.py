@@ -1,8 +1,10 @@
-"""Editing trained MoE models: unlearning in one expert (`uoe`).
+"""Editing trained MoE models: unlearning in one expert (`uoe`), finding the experts to steer
+(`steer`; the steering itself is the routing edit `jmoe.routing.steer`).
 
 >>> params, info = jmoe.editing.unlearn(cfg, params, forget_batches, method="ga")  # doctest: +SKIP
 """
 
+from jmoe.editing.steer import expert_npmi, top_experts
 from jmoe.editing.uoe import expert_affinity, target_expert, unlearn
 
-__all__ = ["expert_affinity", "target_expert", "unlearn"]
+__all__ = ["expert_affinity", "expert_npmi", "target_expert", "top_experts", "unlearn"]

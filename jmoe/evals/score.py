@@ -112,10 +112,11 @@ def bits_per_byte(cfg, params, state, tokenizer: Tokenizer, task: Task, text: by
 
 
 def evaluate(model, tasks: Sequence[Task], *, examples: int = 200, max_windows: int = 64, split: str = "test",
-             seed: int = 0, batch_size: int = 32) -> list[TaskResult]:
+             seed: int = 0, batch_size: int = 32, contrast=None) -> list[TaskResult]:
     """Score a `jmoe.infer.Model` (a run or a Hugging Face directory, with its tokenizer) on
     tasks: `examples` examples of each algorithmic task's split, up to `max_windows` windows
-    of each text domain's split."""
+    of each text domain's split. contrast: answer with self-contrast decoding
+    (`jmoe.infer.contrast.SelfContrast`); bits per byte is the model's own likelihood either way."""
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise ValueError(f"{model.source or 'the model'} has no tokenizer: tasks are text")
@@ -123,7 +124,7 @@ def evaluate(model, tasks: Sequence[Task], *, examples: int = 200, max_windows: 
     for task in tasks:
         if task.kind == "exact_match":
             exs = task.examples(split, examples, seed)
-            out.append(exact_match(model.engine(batch_size), tokenizer, task, exs))
+            out.append(exact_match(model.engine(batch_size, contrast), tokenizer, task, exs))
         else:
             out.append(bits_per_byte(model.cfg, model.params, model.state, tokenizer, task, task.text(split),
                                      max_windows=max_windows, batch_size=min(batch_size, 8)))

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from jmoe.infer.contrast import SelfContrast
 from jmoe.infer.engine import prepare_prompts
 from jmoe.infer.load import encode_prompt, open_model, select_experts
 from jmoe.infer.offload import format_bytes
@@ -82,10 +83,73 @@ def offload_options(args, cfg) -> dict | None:
             "tier": args.expert_store, "path": path}
 
 
+def contrast_from_args(args, cfg):
+    """The `SelfContrast` of --self-contrast and its parameters, checked against the model's
+    config (before its weights are read); None without --self-contrast."""
+    ranks = getattr(args, "self_contrast", None)
+    if ranks is None:
+        for flag in ("contrast_alpha", "contrast_beta"):
+            if getattr(args, flag, None) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} needs --self-contrast")
+        return None
+    try:
+        parsed = [int(r) for r in ranks.split(",")]
+    except ValueError:
+        raise ValueError(f"--self-contrast {ranks!r} must be comma-separated ranks, e.g. 1 or 1,2") from None
+    given = {k: v for k, v in (("alpha", args.contrast_alpha), ("beta", args.contrast_beta)) if v is not None}
+    try:
+        contrast = SelfContrast(ranks=tuple(parsed), **given)
+        contrast.weak_config(cfg)
+    except ValueError as e:
+        raise ValueError(f"--self-contrast: {e}") from None
+    return contrast
+
+
+def steered_config(args, source):
+    """The model's config with the expert steering of --steer-experts (RICE), checked before
+    its weights are read (source: the `ModelSource`); its own config without the flag."""
+    cfg, pairs = source.cfg, getattr(args, "steer_experts", None)
+    if pairs is None:
+        if getattr(args, "steer_factor", None) is not None:
+            raise ValueError("--steer-factor needs --steer-experts")
+        return cfg
+    if source.task_experts is not None and getattr(args, "expert_subset", None) != "all":
+        raise ValueError("--steer-experts names experts of the whole model; a PreMoe run keeps a task's experts "
+                         "only (add --expert-subset all)")
+    from jmoe.routing.steer import steer_config
+
+    try:
+        parsed = [tuple(int(x) for x in pair.split(":")) for pair in pairs.split(",")]
+        if any(len(p) != 2 for p in parsed):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"--steer-experts {pairs!r} must be layer:expert pairs, e.g. 1:3,2:0") from None
+    factor = args.steer_factor if args.steer_factor is not None else 64.0
+    try:
+        return steer_config(cfg, parsed, factor)
+    except ValueError as e:
+        raise ValueError(f"--steer-experts: {e}") from None
+
+
 def offloaded_engine(model, offload: dict, batch_size: int):
     from jmoe.infer.offload import OffloadedEngine
 
     return OffloadedEngine(model.cfg, model.params, model.state, batch_size=batch_size, **offload)
+
+
+def read_lines(path, flag: str) -> list[str]:
+    """The prompts of a UTF-8 file, one a line (blank lines skipped); ValueError naming flag."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{flag} {path} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{flag} {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"{flag} {path} has no prompts (one a line)")
+    return prompts
 
 
 def read_prompts(args) -> list[str]:
@@ -94,17 +158,7 @@ def read_prompts(args) -> list[str]:
         if args.prompt == "":
             raise ValueError("--prompt is empty")
         return [args.prompt]
-    path = Path(args.prompts_file)
-    if not path.is_file():
-        raise ValueError(f"--prompts-file {path} does not exist")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"--prompts-file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    prompts = [line for line in lines if line.strip()]
-    if not prompts:
-        raise ValueError(f"--prompts-file {path} has no prompts (one a line)")
-    return prompts
+    return read_lines(args.prompts_file, "--prompts-file")
 
 
 def run_generate(args, out=None, err=None) -> int:
@@ -136,10 +190,16 @@ def run_generate(args, out=None, err=None) -> int:
     if trace_path is not None and not cfg.moe_layers:
         raise ValueError(f"--trace: {args.ckpt} has no MoE layers to trace")
     offload = offload_options(args, cfg)
+    steered = steered_config(args, source)
+    contrast = contrast_from_args(args, steered)
+    if contrast is not None and offload is not None:
+        raise ValueError("--self-contrast runs the model twice per token in memory; it cannot be combined with "
+                         "--offload-experts")
     subset = getattr(args, "expert_subset", None)
     source.check_subset(subset)
 
     model = source.load()
+    model.cfg = steered
     model, task = select_experts(model, source.task_experts, subset, ids)
     if task is not None and not args.quiet:
         m = model.cfg.moe_for(model.cfg.moe_layers[0]).num_experts
@@ -147,7 +207,7 @@ def run_generate(args, out=None, err=None) -> int:
     if args.dtype:
         model.cfg = model.cfg.replace(dtype=args.dtype)
     if offload is None:
-        engine = model.engine(args.batch_size)
+        engine = model.engine(args.batch_size, contrast)
     else:
         engine = offloaded_engine(model, offload, args.batch_size)
     recorder = recorder_for(model.cfg) if trace_path is not None else None

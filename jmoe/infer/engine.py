@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmoe.infer.cache import KVCache
+from jmoe.infer.contrast import SelfContrast
 from jmoe.infer.forward import check_servable, extend, prefill, serving_params
 from jmoe.infer.sampling import SamplingParams, sample
 from jmoe.infer.trace import TraceRecorder
@@ -110,15 +111,25 @@ def sample_after_decode(logits, tok, seen, row_keys, step, *, sampling):
     return nxt, seen
 
 
-def _prefill_step(params, state, tokens, lengths, row_keys, live, *, cfg, max_len, sampling, with_routing=False):
+def _prefill_step(params, state, tokens, lengths, row_keys, live, *, cfg, max_len, sampling, with_routing=False,
+                  contrast=None):
     logits, cache, *routing = prefill(params, state, tokens, lengths, cfg, max_len, with_routing=with_routing)
+    if contrast is not None:  # the weak routing's pass, with its own cache
+        weak, weak_cache = prefill(params, state, tokens, lengths, contrast.weak_config(cfg), max_len)
+        logits, cache = contrast.combine(logits, weak), (cache, weak_cache)
     tok, seen = sample_after_prefill(logits, tokens, lengths, row_keys, cfg=cfg, sampling=sampling)
     return tok, cache, seen, logits, *routing
 
 
-def _decode_step(params, state, cache, tok, seen, row_keys, step, live, *, cfg, sampling, with_routing=False):
+def _decode_step(params, state, cache, tok, seen, row_keys, step, live, *, cfg, sampling, with_routing=False,
+                 contrast=None):
+    if contrast is not None:
+        cache, weak_cache = cache
     logits, cache, *routing = extend(params, state, tok[:, None], cache, cfg, with_routing=with_routing)
     logits = logits[:, 0]
+    if contrast is not None:
+        weak, weak_cache = extend(params, state, tok[:, None], weak_cache, contrast.weak_config(cfg))
+        logits, cache = contrast.combine(logits, weak[:, 0]), (cache, weak_cache)
     nxt, seen = sample_after_decode(logits, tok, seen, row_keys, step, sampling=sampling)
     return nxt, cache, seen, logits, *routing
 
@@ -163,15 +174,23 @@ class Engine:
       expert_layout: how the engine holds routed experts (`serving_params`): "auto" (split
         into separate arrays on the CPU, stacked elsewhere), "split" or "stacked". Splitting
         copies the expert weights once; `Engine.params` holds the copy.
+      contrast: self-contrast decoding (`jmoe.infer.contrast.SelfContrast`): every token also
+        runs with a weak routing and the two are contrasted (twice the compute); None decodes
+        with the model's routing alone.
     """
 
     def __init__(self, cfg: LMConfig, params: dict, state: dict | None = None, *, batch_size: int = 32,
-                 expert_layout: str = "auto"):
+                 expert_layout: str = "auto", contrast: SelfContrast | None = None):
         check_servable(cfg)
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
+        if contrast is not None:
+            if not isinstance(contrast, SelfContrast):
+                raise ValueError(f"contrast must be a SelfContrast, got {type(contrast).__name__}")
+            contrast.weak_config(cfg)  # a ValueError now for a model it cannot weaken
         params = serving_params(params, cfg, expert_layout)
         self.cfg, self.params, self.state, self.batch_size = cfg, params, state or {}, batch_size
+        self.contrast = contrast
         self._compiled: dict = {}
 
     @property
@@ -251,9 +270,10 @@ class Engine:
         if key not in self._compiled:
             t0 = time.perf_counter()
             cfg = self.cfg
-            pre = jax.jit(partial(_prefill_step, cfg=cfg, max_len=S, sampling=sampling, with_routing=with_routing))
-            dec = jax.jit(partial(_decode_step, cfg=cfg, sampling=sampling, with_routing=with_routing),
-                          donate_argnums=(2, 4))
+            pre = jax.jit(partial(_prefill_step, cfg=cfg, max_len=S, sampling=sampling, with_routing=with_routing,
+                                  contrast=self.contrast))
+            dec = jax.jit(partial(_decode_step, cfg=cfg, sampling=sampling, with_routing=with_routing,
+                                  contrast=self.contrast), donate_argnums=(2, 4))
             tokens = jax.ShapeDtypeStruct((B, P), jnp.int32)
             lengths = jax.ShapeDtypeStruct((B,), jnp.int32)
             row_keys = jax.eval_shape(lambda: _row_keys(jax.random.key(0, impl=PRNG_IMPL), np.zeros(B, np.uint32)))

@@ -43,10 +43,11 @@ class Model:
     step: int | None = None
     _engine: Engine | None = dataclasses.field(default=None, repr=False)
 
-    def engine(self, batch_size: int = 32) -> Engine:
-        """The model's generation engine (kept, with its compiled steps, between calls)."""
-        if self._engine is None or self._engine.batch_size != batch_size:
-            self._engine = Engine(self.cfg, self.params, self.state, batch_size=batch_size)
+    def engine(self, batch_size: int = 32, contrast=None) -> Engine:
+        """The model's generation engine (kept, with its compiled steps, between calls);
+        contrast: self-contrast decoding (`jmoe.infer.contrast.SelfContrast`) or None."""
+        if self._engine is None or self._engine.batch_size != batch_size or self._engine.contrast != contrast:
+            self._engine = Engine(self.cfg, self.params, self.state, batch_size=batch_size, contrast=contrast)
         return self._engine
 
     def encode(self, text: str, *, chat: bool = False) -> list[int]:

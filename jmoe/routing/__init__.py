@@ -8,11 +8,14 @@
   null_experts   AdaMoE: FLOP-free null experts in the softmax
   moepp          MoE++: zero, copy and constant experts, gating residual
   recurrent      RMoE: a GRU carries router state across layers
+  thor           THOR: one random expert per layer and forward pass (no router parameters)
+
+and the routing edits applied after them (`jmoe.routing.edit`): none, ranks, steer.
 """
 
 from jmoe.registry import ROUTERS
 from jmoe.routing import (  # noqa: F401  (register)
-    expert_choice, grouped_softmax, moepp, null_experts, recurrent, sigmoid_bias, top_p, topk,
+    edit, ranks, steer, expert_choice, grouped_softmax, moepp, null_experts, recurrent, sigmoid_bias, thor, top_p, topk,
 )
 from jmoe.routing.base import Router, Routing
 

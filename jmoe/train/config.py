@@ -31,6 +31,10 @@ class TrainConfig:
     train_only: names of parameter-tree keys (e.g. ("router",)): only the parameters under
       such a key train, the others stay bitwise unchanged and take no optimizer state
       (router-only fine-tuning of a built or merged MoE model). None: everything trains.
+    consistency_weight: THOR's consistency regulariser: every step runs the model twice with
+      independent random choices (stochastic routers such as "thor", router jitter) and trains
+      on both cross-entropies plus this weight times the mean symmetric KL of their next-token
+      distributions (+ both passes' MoE losses); 0 runs one pass.
     """
 
     steps: int = option(600, ge=1)
@@ -59,6 +63,7 @@ class TrainConfig:
     distill_temperature: float = option(1.0, gt=0.0)
     base_from: str | None = None
     train_only: tuple[str, ...] | None = None
+    consistency_weight: float = option(0.0, ge=0.0)
 
     def __post_init__(self):
         if self.train_only is not None:
@@ -98,5 +103,6 @@ class TrainConfig:
 # Fields of earlier layouts that no longer exist: the expert-parallel exchange now sizes its
 # buffers from the MoE layer's dispatch and its capacity option.
 _RETIRED = ("ep_capacity_factor",)
-_WRITTEN_WHEN_SET = ("init_from", "distill_from", "distill_weight", "distill_temperature", "base_from", "train_only")
+_WRITTEN_WHEN_SET = ("init_from", "distill_from", "distill_weight", "distill_temperature", "base_from", "train_only",
+                     "consistency_weight")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}

@@ -122,9 +122,17 @@ def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, temp
     return temperature**2 * jnp.mean(jnp.sum(jnp.exp(t) * (t - s), axis=-1))
 
 
+def symmetric_kl(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
+    """Mean over positions of (KL(p || q) + KL(q || p)) / 2 = sum_v (p - q)(log p - log q) / 2,
+    p and q the softmax of logits [B, S, V] (THOR's consistency loss)."""
+    lp = jax.nn.log_softmax(logits_p.astype(jnp.float32), axis=-1)
+    lq = jax.nn.log_softmax(logits_q.astype(jnp.float32), axis=-1)
+    return 0.5 * jnp.mean(jnp.sum((jnp.exp(lp) - jnp.exp(lq)) * (lp - lq), axis=-1))
+
+
 def make_train_step(model_cfg: LMConfig, tx, schedule, placement: Placement | None = None, state_shardings=None,
                     grad_accum: int = 1, teacher_cfg: LMConfig | None = None, distill_weight: float = 0.5,
-                    distill_temperature: float = 1.0) -> Callable:
+                    distill_temperature: float = 1.0, consistency_weight: float = 0.0) -> Callable:
     """Jitted `(state, batch [B, S+1][, teacher]) -> (state, metrics)`; the state buffers are donated.
 
     With grad_accum > 1 the batch is split into that many micro-batches whose gradients are
@@ -137,7 +145,9 @@ def make_train_step(model_cfg: LMConfig, tx, schedule, placement: Placement | No
     and trains on (1 - w) CE + w `distillation_loss`. Fine-tuning adapters (state["params"]
     holds `params["adapters"]` alone), the step takes the frozen model {"params",
     "router_state"} as its fourth argument `base`: gradients, optimizer and router-state
-    updates touch the adapters only.
+    updates touch the adapters only. With consistency_weight > 0 every (micro-)batch runs twice
+    with independent keys and trains on CE_1 + CE_2 + weight * `symmetric_kl` (THOR); the
+    metrics and router statistics are the first pass's.
     """
     ep = placement.ep if placement is not None else None
     moe = model_cfg.moe
@@ -151,6 +161,11 @@ def make_train_step(model_cfg: LMConfig, tx, schedule, placement: Placement | No
         logits, aux = lm_apply(params, tokens[:, :-1], model_cfg, state=router_state, key=key, ep=ep,
                                balance_counts=counts)
         ce = cross_entropy(logits, tokens[:, 1:])
+        if consistency_weight:  # a second pass with other random choices (THOR)
+            logits2, aux2 = lm_apply(params, tokens[:, :-1], model_cfg, state=router_state,
+                                     key=jax.random.fold_in(key, 0x7402), ep=ep, balance_counts=counts)
+            loss = ce + cross_entropy(logits2, tokens[:, 1:]) + consistency_weight * symmetric_kl(logits, logits2)
+            return loss + aux.moe_loss + aux2.moe_loss, (ce, aux)
         if teacher is None:
             return ce + aux.moe_loss, (ce, aux)
         t_logits, _ = lm_apply(teacher["params"], tokens[:, :-1], teacher_cfg, state=teacher.get("router_state"))
@@ -368,7 +383,7 @@ def train(
             train_step = make_train_step(
                 model_cfg, tx, schedule, placement, state_shardings if placement.mesh is not None else None,
                 tc.grad_accum, teacher_cfg=teacher_cfg, distill_weight=tc.distill_weight,
-                distill_temperature=tc.distill_temperature,
+                distill_temperature=tc.distill_temperature, consistency_weight=tc.consistency_weight,
             )
             end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
             if start == 0:
@@ -417,6 +432,8 @@ def _check_inputs(model_cfg: LMConfig, tc: TrainConfig, out: Path, corpus: Corpu
         if flag == "--distill-from" and src_cfg.vocab_size != model_cfg.vocab_size:
             raise TrainError(f"cannot distill: the teacher's vocabulary ({src_cfg.vocab_size}) differs from "
                              f"the model's ({model_cfg.vocab_size})")
+    if tc.distill_from and tc.consistency_weight:
+        raise TrainError("--distill-from and consistency_weight cannot be combined (one regulariser per run)")
     if tc.distill_from and tc.mesh is not None:
         raise TrainError("distillation runs on one device (--distill-from cannot be combined with --mesh)")
     if tc.base_from:
