@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jmoe.options import Options, option
+from jmoe.routing.edit import check_index_list
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +43,7 @@ class SelfContrast(Options):
 
     def __post_init__(self):
         super().__post_init__()
-        if not self.ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in self.ranks):
-            raise ValueError(f"contrast.ranks={list(self.ranks)} must be one or more integers >= 0")
-        if len(set(self.ranks)) != len(self.ranks):
-            raise ValueError(f"contrast.ranks={list(self.ranks)} names a rank twice")
+        check_index_list("contrast.ranks", self.ranks, noun="rank")
 
     def weak_config(self, cfg):
         """The model config of the weak routing: every MoE layer routes top max(ranks) + 1 and

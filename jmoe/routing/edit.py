@@ -24,6 +24,17 @@ def no_edit(routing: Routing, options, cfg) -> Routing:
     return routing
 
 
+def check_index_list(field: str, values, *, noun: str, kind: str = "integers", unique: bool = True) -> None:
+    """ValueError naming `field` unless `values` is a non-empty list of integers >= 0 (without
+    repeats when `unique`): the ranks or experts an edit option names."""
+    if not values:
+        raise ValueError(f"{field} must name at least one {noun}")
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
+        raise ValueError(f"{field}={list(values)} must be {kind} >= 0")
+    if unique and len(set(values)) != len(values):
+        raise ValueError(f"{field}={list(values)} names a {noun} twice")
+
+
 def apply_edit(routing: Routing, cfg) -> Routing:
     """`routing` after the layer's routing edit (cfg: its `MoEConfig`)."""
     return ROUTING_EDITS.get(cfg.routing_edit)(routing, cfg.routing_edit_options, cfg)

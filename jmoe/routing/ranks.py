@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jmoe.options import Options, option
 from jmoe.registry import ROUTING_EDITS
 from jmoe.routing.base import Routing
+from jmoe.routing.edit import check_index_list
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,12 +30,7 @@ class RanksOptions(Options):
 
     def __post_init__(self):
         super().__post_init__()
-        if not self.ranks:
-            raise ValueError("MoEConfig.ranks.ranks must name at least one rank")
-        if any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in self.ranks):
-            raise ValueError(f"MoEConfig.ranks.ranks={list(self.ranks)} must be integers >= 0")
-        if len(set(self.ranks)) != len(self.ranks):
-            raise ValueError(f"MoEConfig.ranks.ranks={list(self.ranks)} names a rank twice")
+        check_index_list("MoEConfig.ranks.ranks", self.ranks, noun="rank")
 
     def validate(self, cfg) -> None:
         if max(self.ranks) >= cfg.top_k:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jmoe.options import Options, option
 from jmoe.registry import ROUTING_EDITS
 from jmoe.routing.base import Routing
+from jmoe.routing.edit import check_index_list
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,10 +34,7 @@ class SteerOptions(Options):
 
     def __post_init__(self):
         super().__post_init__()
-        if not self.experts:
-            raise ValueError("MoEConfig.steer.experts must name at least one expert")
-        if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in self.experts):
-            raise ValueError(f"MoEConfig.steer.experts={list(self.experts)} must be expert indices >= 0")
+        check_index_list("MoEConfig.steer.experts", self.experts, noun="expert", kind="expert indices", unique=False)
 
     def validate(self, cfg) -> None:
         if max(self.experts) >= cfg.num_ffn_choices:
