@@ -53,14 +53,20 @@ def tiny_train(steps: int, seed: int, **changes) -> TrainConfig:
 def task_mixture_moe(steps: int, seeds) -> tuple[list, list, list[dict]]:
     """(the evaluation suite's tasks, its algorithmic ones, one run per seed of the tiny MoE
     trained `steps` steps on the mixture of every task): task_mixture.py's MoE, which uoe.py,
-    scmoe.py and rice.py edit and decode."""
+    scmoe.py, rice.py and compressed_experts.py edit and decode."""
     from jmoe import evals
-    from jmoe.evals.mixture import mix_spec
 
     tasks = evals.resolve_tasks("all")
-    data = mix_spec(",".join(t.name for t in tasks))
+    data = task_mixture_spec(tasks)
     runs = [run("tasks_moe", tiny(), tiny_train(steps, s), data) for s in seeds]
     return tasks, [t for t in tasks if t.kind == "exact_match"], runs
+
+
+def task_mixture_spec(tasks) -> str:
+    """The data spec of the mixture of `tasks` (what task_mixture_moe's runs train on)."""
+    from jmoe.evals.mixture import mix_spec
+
+    return mix_spec(",".join(t.name for t in tasks))
 
 
 def task_mixture_args(ap, examples: int) -> None:

@@ -527,6 +527,14 @@ def cmd_unlearn(args) -> int:
     return 0
 
 
+def cmd_compressed_experts(args) -> int:
+    from jmoe.editing.compressed import compressed_run
+
+    compressed_run(args.ckpt, args.out, num_compressed=args.compressed, step=args.step,
+                   log=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)))
+    return 0
+
+
 def cmd_steer(args) -> int:
     from jmoe.editing.steer import expert_npmi, top_experts
     from jmoe.infer.command import read_lines
@@ -947,6 +955,16 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--top", type=_int_range(1), default=2, help="experts to report (default 2, the paper's)")
     st.add_argument("--json", action="store_true", help="one JSON object: the experts, the flag, every nPMI")
     st.set_defaults(func=cmd_steer)
+
+    ce = sub.add_parser("compressed-experts", help="replace each token's lowest-ranked experts by compressed experts "
+                        "(scaling vectors of the main experts), as a new run to fine-tune with train --resume-from")
+    ce.add_argument("--ckpt", required=True, help="run directory")
+    ce.add_argument("--out", required=True, help="new run directory, absent or empty")
+    ce.add_argument("--compressed", type=_int_range(1), default=1, metavar="N",
+                    help="experts of each token replaced (fewer than the layers' top-k; default 1)")
+    ce.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    ce.add_argument("--quiet", action="store_true")
+    ce.set_defaults(func=cmd_compressed_experts)
 
     u = sub.add_parser("unlearn", help="make a run forget an evaluation task by unlearning in its most tied expert (UOE)")
     u.add_argument("--ckpt", required=True, help="run directory")

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jmoe.quant.qarray import QuantizedArray, dense
-from jmoe.registry import ACTIVATIONS
+from jmoe.registry import ACTIVATIONS, DISPATCHERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +48,21 @@ def init_ffn(key: jax.Array, d_model: int, d_ff: int, activation: str, dtype="fl
 
 
 def init_experts(key: jax.Array, cfg, num_experts: int | None = None) -> dict:
-    """Routed experts stacked on the expert axis: `w_gate/w_up [E, d, f]`, `w_down [E, f, d]`."""
+    """Routed experts stacked on the expert axis: `w_gate/w_up [E, d, f]`, `w_down [E, f, d]`,
+    and the per-expert vectors of a dispatch that declares some (`dispatch_vectors`), all ones."""
     E = cfg.num_experts if num_experts is None else num_experts
     keys = jax.random.split(key, E)
-    return jax.vmap(lambda k: init_ffn(k, cfg.d_model, cfg.d_ff, cfg.activation, cfg.param_dtype))(keys)
+    params = jax.vmap(lambda k: init_ffn(k, cfg.d_model, cfg.d_ff, cfg.activation, cfg.param_dtype))(keys)
+    for name, shape in dispatch_vectors(cfg).items():
+        params[name] = jnp.ones((E,) + shape, cfg.param_dtype)
+    return params
+
+
+def dispatch_vectors(cfg) -> dict[str, tuple[int, ...]]:
+    """{name: shape of one expert's vector} that the layer's dispatch keeps with each expert
+    (declared by its `expert_vectors(cfg)` attribute, e.g. compressed experts); {} for most."""
+    declared = getattr(DISPATCHERS.get(cfg.dispatch), "expert_vectors", None)
+    return declared(cfg) if declared is not None else {}
 
 
 Matmul = Callable[[jax.Array, jax.Array], jax.Array]
@@ -98,6 +109,7 @@ def expected_expert_shapes(cfg, num_experts: int | None = None) -> dict[str, tup
     shapes = {"w_up": (E, d, f), "w_down": (E, f, d)}
     if ACTIVATIONS.get(cfg.activation).gated:
         shapes["w_gate"] = (E, d, f)
+    shapes.update({name: (E,) + shape for name, shape in dispatch_vectors(cfg).items()})
     return shapes
 
 

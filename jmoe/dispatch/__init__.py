@@ -1,7 +1,7 @@
 """Dispatch/combine strategies, chosen by name: "dropless", "capacity", "gather" (decoding steps),
-"dense" (reference)."""
+"dense" (reference), "compressed" (compressed experts)."""
 
-from jmoe.dispatch import capacity, dropless, gather, pallas, reference  # noqa: F401  (register)
+from jmoe.dispatch import capacity, compressed, dropless, gather, pallas, reference  # noqa: F401  (register)
 from jmoe.dispatch.capacity import capacity_assignment, expert_capacity
 from jmoe.dispatch.chunked import chunked_expert_combine
 from jmoe.dispatch.dropless import resolve_impl

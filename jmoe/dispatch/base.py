@@ -7,6 +7,12 @@ is the float32 count of used slots (routing mask True) that were not computed.
 `expert_params` are stacked (`[E, ...]` leaves). A dispatcher that also runs the
 `jmoe.experts.ExpertList` serving layout in place says so with a `takes_expert_list = True`
 attribute; any other gets the list stacked by the layer.
+
+Most dispatchers compute what the reference does, so the inference engine picks its own for
+each step (dropless or gather). One that changes what the experts compute says so with
+`keep_when_serving = True` and is kept. One that keeps vectors with each expert declares them
+with an `expert_vectors(cfg) -> {name: shape}` attribute: `init_experts` creates them (ones)
+and the layer checks them (compressed experts).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from jmoe.infer.attention import cached_attention, prefill_attention
 from jmoe.infer.cache import KVCache, init_cache, write
 from jmoe.layer import ffn_routing
 from jmoe.nn.transformer import LMConfig, decoder_layers, embed, unembed
-from jmoe.registry import ROUTERS
+from jmoe.registry import DISPATCHERS, ROUTERS
 
 SERVED_DISPATCHES = ("dropless", "gather")
 
@@ -86,6 +86,8 @@ def serving_moe(moe: MoEConfig, num_tokens: int, split: bool = False) -> MoEConf
     experts has 2 slots per expert, which the training block of 512 rows would pad to 32-row
     chunks (measured in experiments/bench_decode_dispatch.py).
     """
+    if getattr(DISPATCHERS.get(moe.dispatch), "keep_when_serving", False):
+        return moe  # it computes something else than the reference layer (compressed experts)
     name = "dropless" if split else decode_dispatch(num_tokens, moe.top_k, moe.num_experts)
     if name != "dropless":
         return moe if moe.dispatch == name else moe.replace(dispatch=name)

@@ -524,6 +524,11 @@ class OffloadedLM:
             if predictor.num_layers != len(layers) or predictor.lookahead != 1:
                 raise ValueError(f"the predictor covers {predictor.num_layers} MoE layers with lookahead "
                                  f"{predictor.lookahead}; the model has {len(layers)} (lookahead 1 needed)")
+        kept = sorted({cfg.moe_for(i).dispatch for i in layers
+                       if getattr(DISPATCHERS.get(cfg.moe_for(i).dispatch), "keep_when_serving", False)})
+        if kept:
+            raise ValueError(f"offloading runs the reference experts; dispatch {kept[0]!r} computes them otherwise "
+                             "and is not offloaded")
         ks = [cfg.moe_for(i).top_k for i in layers]
         Es = [cfg.moe_for(i).num_experts for i in layers]
         if isinstance(cache_size, bool) or not isinstance(cache_size, (int, np.integer)) or cache_size < max(ks):
