@@ -83,6 +83,7 @@ ROUTING = (  # results file, what the experiment compares
     ("scmoe", "self-contrast decoding (SCMoE) vs greedy"),
     ("rice", "expert steering (RICE) toward a task"),
     ("uoe", "unlearning in one expert (UOE) vs the whole model"),
+    ("compressed_experts", "compressed experts vs full top-2 and a drop to top-1"),
 )
 
 
@@ -369,6 +370,24 @@ def rice(results: Path) -> str:
             f"{', '.join(map(str, data['seeds']))}; {data['prompts']} contrastive prompts a side; exact match on "
             f"{data['examples']} test examples per task; code {data['code_version']}):\n\n"
             + table(["steering", "target task", "other tasks"], rows, "-rr")
+            + "\n" + table(["claim", "mean ± sd over seeds", "difference a - b", "verdict"], claims))
+
+
+@renderer
+def compressed_experts(results: Path) -> str:
+    """Fine-tuning with compressed experts against the full model and a drop to top-1: exact
+    match, validation loss and active parameters per token."""
+    data = load(results, "compressed_experts")
+    full = data["active_params"]["full"]
+    rows = [[v, f"{data['active_params'][v] / 1e6:.3f}M ({data['active_params'][v] / full:.0%})",
+             mean_sd(summary_of(data["exact_match"][v]), 3), mean_sd(summary_of(data["val_loss"][v]))]
+            for v in data["exact_match"]]
+    claims = [[c["claim"], f"{c['a']} {mean_sd(c['a_summary'], 3)} vs {c['b']} {mean_sd(c['b_summary'], 3)}",
+               diff_ci(c["difference"], 3), f"**{c['verdict']}**"] for c in data["claims"]]
+    return (f"`{data['command']}` (the tiny MoE trained {data['steps']} steps on the task mixture, then "
+            f"{data['ft_steps']} fine-tuning steps at lr {data['lr']}; seeds {', '.join(map(str, data['seeds']))}; "
+            f"exact match on {data['examples']} test examples per algorithmic task; code {data['code_version']}):\n\n"
+            + table(["fine-tuned", "active parameters per token", "mean exact match", "validation loss"], rows, "-rrr")
             + "\n" + table(["claim", "mean ± sd over seeds", "difference a - b", "verdict"], claims))
 
 
