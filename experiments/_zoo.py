@@ -97,6 +97,7 @@ VARIANTS = {
     "fine1": lambda: _fine(1),
     "fine2": lambda: _fine(2),
     "fine4": lambda: _fine(4),
+    "pregate": lambda: tiny(router="pregate"),
 }
 
 

@@ -84,6 +84,7 @@ ROUTING = (  # results file, what the experiment compares
     ("rice", "expert steering (RICE) toward a task"),
     ("uoe", "unlearning in one expert (UOE) vs the whole model"),
     ("compressed_experts", "compressed experts vs full top-2 and a drop to top-1"),
+    ("pregate", "pre-gating (Read-ME) vs per-layer routing: quality and expert-cache hits"),
 )
 
 

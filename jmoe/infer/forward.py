@@ -167,8 +167,8 @@ def step_routing(params: dict, state: dict | None, cfg: LMConfig, auxes, inputs,
                   slots, FLOP-free experts)
       weights     [B, n, k] float32 combine weights, 0 where unused
       gate_ids    [B, n, k] int32 the cross-layer gate's guess of this layer's experts: its
-                  router applied to the previous MoE layer's input (what a prefetcher knows
-                  one layer ahead); -1 at the first MoE layer
+                  router applied to the previous MoE layer's input and routing carry (what a
+                  prefetcher knows one layer ahead); -1 at the first MoE layer
 
     `auxes` and `inputs` are `decoder_layers`' MoE outputs (with keep_moe_inputs).
     """
@@ -184,16 +184,18 @@ def step_routing(params: dict, state: dict | None, cfg: LMConfig, auxes, inputs,
         if j == 0:
             gates.append(jnp.full(ids[-1].shape, -1, jnp.int32))
             continue
-        guess = gate_routing(params["layers"][str(i)]["moe"]["router"], inputs[j - 1], moe, state.get(str(i)))
+        guess = gate_routing(params["layers"][str(i)]["moe"]["router"], inputs[j - 1], moe, state.get(str(i)),
+                             auxes[j - 1].routing.carry)
         gates.append(guess.reshape(*shape, -1))
     return {"expert_ids": tuple(ids), "weights": tuple(weights), "gate_ids": tuple(gates)}
 
 
-def gate_routing(router_params, h: jax.Array, moe: MoEConfig, state=None) -> jax.Array:
+def gate_routing(router_params, h: jax.Array, moe: MoEConfig, state=None, carry=None) -> jax.Array:
     """Layer l's router applied to another layer's MoE input h [..., d] (the cross-layer gate):
-    the physical experts it would pick, [T, k] int32 with -1 for unused slots."""
+    the physical experts it would pick, [T, k] int32 with -1 for unused slots. carry: that
+    layer's routing carry (what layer l's router would be handed; exact for `pregate`)."""
     xt = h.reshape(-1, moe.d_model)
     xt = xt if moe.dtype is None else xt.astype(moe.dtype)
-    r = ffn_routing(ROUTERS.get(moe.router).apply(router_params, xt, moe, state=state), moe)
+    r = ffn_routing(ROUTERS.get(moe.router).apply(router_params, xt, moe, state=state, carry=carry), moe)
     keep = r.mask & (r.expert_ids >= 0) & (r.expert_ids < moe.num_experts)
     return jnp.where(keep, r.expert_ids, -1).astype(jnp.int32)

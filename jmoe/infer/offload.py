@@ -5,7 +5,8 @@ How a step runs (prefill or one decoding step), layer by layer, driven from Pyth
 
   1. attention, the FFN norm and the router of MoE layer j (one compiled function); the
      step's chosen experts come to the host, with the cross-layer gate's guess of the next
-     MoE layer's experts (its router on this layer's input) when prefetching by gate;
+     MoE layer's experts (its router on this layer's input and routing carry: exact for the
+     `pregate` router) when prefetching by gate;
   2. the layer's cache (`SlotCache`, one per MoE layer, with a replacement policy of
      `jmoe.infer.cachesim`) finds each chosen expert's slot; misses are loaded from the
      store into slots (evicting the policy's victims);
@@ -344,7 +345,7 @@ def _route_block(p, x, positions, layer_cache, valid, state, carry, next_router,
     weights = jnp.where(keep, r.weights, 0.0).astype(jnp.float32)
     guess = None
     if next_moe is not None:
-        guess = jnp.where(valid.reshape(-1, 1), gate_routing(next_router, h, next_moe, next_state), -1)
+        guess = jnp.where(valid.reshape(-1, 1), gate_routing(next_router, h, next_moe, next_state, routing.carry), -1)
     return x, xt, routing, entry[0], ids, weights, guess
 
 
@@ -502,7 +503,7 @@ class OffloadedLM:
       cache_size: N, expert slots per MoE layer (top-k <= N <= E).
       policy: an online policy of `CACHE_POLICIES` (lru, lfu, score, arc), or "none": load on
         demand, forget after every step (no cache; N slots used as buffers).
-      prefetch: "none", "gate" (the next MoE layer's router on this layer's input) or
+      prefetch: "none", "gate" (the next MoE layer's router on this layer's input and carry) or
         "learned" (a `LearnedPredictor`, lookahead 1; decoding steps only).
       predictor: the `LearnedPredictor` for prefetch "learned".
       tier: the store's tier, "host" or "disk".

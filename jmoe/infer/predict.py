@@ -74,7 +74,7 @@ def _routing_and_inputs(params, state, tokens, cfg):
 def gate_accuracy(cfg: LMConfig, params: dict, state: dict | None, tokens: np.ndarray,
                   lookaheads: Sequence[int] = (1, 2, 3)) -> dict[int, list[float | None]]:
     """Top-k recall of the cross-layer gate per MoE layer, for each lookahead n: MoE layer j's
-    router on the input of MoE layer j - n, against what layer j chose.
+    router on the input (and routing carry) of MoE layer j - n, against what layer j chose.
 
     Args:
       tokens: [B, S] token sequences (teacher forced).
@@ -104,7 +104,7 @@ def gate_accuracy(cfg: LMConfig, params: dict, state: dict | None, tokens: np.nd
         for j in range(n, L):
             i = layers[j]
             guess = gate_routing(params["layers"][str(i)]["moe"]["router"], inputs[j - n], cfg.moe_for(i),
-                                 state.get(str(i)))
+                                 state.get(str(i)), auxes[j - n].routing.carry)
             accs.append(topk_recall(np.asarray(guess), actual[j]))
         out[int(n)] = accs
     return out

@@ -9,13 +9,15 @@
   moepp          MoE++: zero, copy and constant experts, gating residual
   recurrent      RMoE: a GRU carries router state across layers
   thor           THOR: one random expert per layer and forward pass (no router parameters)
+  pregate        Read-ME: every layer routes the first MoE layer's input (routing known ahead)
 
 and the routing edits applied after them (`jmoe.routing.edit`): none, ranks, steer.
 """
 
 from jmoe.registry import ROUTERS
 from jmoe.routing import (  # noqa: F401  (register)
-    edit, ranks, steer, expert_choice, grouped_softmax, moepp, null_experts, recurrent, sigmoid_bias, thor, top_p, topk,
+    edit, ranks, steer, expert_choice, grouped_softmax, moepp, null_experts, pregate, recurrent, sigmoid_bias, thor,
+    top_p, topk,
 )
 from jmoe.routing.base import Router, Routing
 
