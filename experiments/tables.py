@@ -393,6 +393,26 @@ def compressed_experts(results: Path) -> str:
 
 
 @renderer
+def pregate(results: Path) -> str:
+    """Pre-gating against per-layer routing: validation loss, the gate's recall, and the decode
+    hit rate of an LRU expert cache per size, with the gate's prefetch."""
+    data = load(results, "pregate")
+    sizes = data["hits"]["top2"][0]["sizes"]
+    rows = []
+    for v, hs in data["hits"].items():
+        curves = [summary_of([h["lru_gate"][i] for h in hs]) for i in range(len(sizes))]
+        rows.append([v, mean_sd(summary_of(data["val_loss"][v])), mean_sd(summary_of(data["gate_recall"][v]), 3),
+                     *(mean_sd(c, 3) for c in curves)])
+    return (f"`{data['command']}` (tiny preset, seeds {', '.join(map(str, data['seeds']))}; greedy decoding of "
+            f"{data['prompts']} prompts, {data['new_tokens']} new tokens each, at batch 1; code "
+            f"{data['code_version']}). Hit rate of an LRU cache with the cross-layer gate's prefetch, by expert slots "
+            "per MoE layer:\n\n"
+            + table(["routing", "validation loss", "gate top-k recall", *(f"{s} slots" for s in sizes)], rows,
+                    "-" + "r" * (len(sizes) + 2))
+            + "\n" + table(["claim", "mean ± sd over seeds", "difference a - b", "verdict"], _claim_rows(data)))
+
+
+@renderer
 def merge_then_compress(results: Path) -> str:
     """Expert merging and compression of the tiny E=8 model: validation loss as reduced and
     after the recovery fine-tune."""
