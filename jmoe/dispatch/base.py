@@ -10,7 +10,8 @@ attribute; any other gets the list stacked by the layer.
 
 Most dispatchers compute what the reference does, so the inference engine picks its own for
 each step (dropless or gather). One that changes what the experts compute says so with
-`keep_when_serving = True` and is kept. One that keeps vectors with each expert declares them
+`keep_when_serving = True` and is kept (it then has a `block_size` option, which decoding steps
+shrink as they do dropless's). One that keeps vectors with each expert declares them
 with an `expert_vectors(cfg) -> {name: shape}` attribute: `init_experts` creates them (ones)
 and the layer checks them (compressed experts).
 """

@@ -39,7 +39,7 @@ from jmoe.dispatch.chunked import chunked_expert_combine
 from jmoe.dispatch.dropless import resolve_impl
 from jmoe.dispatch.permute import permute, unpermute_combine
 from jmoe.dispatch.sorting import sort_slots
-from jmoe.experts import num_experts_of, stacked_experts
+from jmoe.experts import ExpertList, num_experts_of, stacked_experts
 from jmoe.options import Options, option
 from jmoe.registry import ACTIVATIONS, DISPATCHERS
 
@@ -73,7 +73,8 @@ def expert_vectors(cfg) -> dict[str, tuple[int, ...]]:
 
 
 def modulation(expert_params: dict, routing, cfg) -> tuple[dict, jax.Array, jax.Array, jax.Array]:
-    """Split each token's slots into main and compressed ones.
+    """Split each token's slots into main and compressed ones. expert_params: stacked, at least
+    the vectors (`[E, width]` each).
 
     Returns:
       theta: {name: [T, width]} the weighted mix of the compressed experts' vectors (ones for
@@ -113,12 +114,18 @@ def modulated_ffn(params: dict, rows: jax.Array, *, d: int, activation: str, dty
 def compressed_dispatch(expert_params, x, routing, cfg):
     """Main experts in full, the rest as vectors. x: [T, d] -> ([T, d], dropped=0)."""
     opts = cfg.dispatch_options
-    experts = stacked_experts(expert_params)
-    missing = [name for name in expert_vectors(cfg) if name not in experts]
+    impl = opts.impl if opts.impl != "auto" else ("xla" if resolve_impl("auto") == "xla" else "ragged_dot")
+    split = isinstance(expert_params, ExpertList)
+    names = expert_params.shapes if split else expert_params
+    missing = [name for name in expert_vectors(cfg) if name not in names]
     if missing:
         raise ValueError(f"params['experts'] has no {missing[0]!r}: dispatch 'compressed' needs each expert's "
                          "vectors (jmoe.editing.compressed.compress_experts adds them)")
-    theta, ids, w, mask = modulation(experts, routing, cfg)
+    # the serving layout (an ExpertList) runs in place in the chunked loop; only its vectors are stacked
+    experts = expert_params if split and impl == "xla" else stacked_experts(expert_params)
+    vectors = ({name: jnp.stack([e[name] for e in expert_params.experts]) for name in expert_vectors(cfg)}
+               if split else expert_params)
+    theta, ids, w, mask = modulation(vectors, routing, cfg)
     d = x.shape[-1]
     dt = x.dtype
     parts = ([x * theta["ce_gate"].astype(dt)] if "ce_gate" in theta else []) + [
@@ -126,7 +133,6 @@ def compressed_dispatch(expert_params, x, routing, cfg):
     rows = jnp.concatenate(parts, axis=-1)
     fn = partial(modulated_ffn, d=d, activation=cfg.activation, dtype=cfg.dtype)
     order, group_sizes = sort_slots(ids, mask, num_experts_of(experts))
-    impl = opts.impl if opts.impl != "auto" else ("xla" if resolve_impl("auto") == "xla" else "ragged_dot")
     if impl == "xla":
         y = chunked_expert_combine(rows, jnp.where(mask, w, 0.0).reshape(-1), order, group_sizes, experts, fn,
                                    ids.shape[1], opts.block_size)
@@ -138,4 +144,5 @@ def compressed_dispatch(expert_params, x, routing, cfg):
 
 compressed_dispatch.expert_vectors = expert_vectors
 compressed_dispatch.keep_when_serving = True
+compressed_dispatch.takes_expert_list = True
 DISPATCHERS.add("compressed", compressed_dispatch, options=CompressedOptions)

@@ -86,8 +86,9 @@ def serving_moe(moe: MoEConfig, num_tokens: int, split: bool = False) -> MoEConf
     experts has 2 slots per expert, which the training block of 512 rows would pad to 32-row
     chunks (measured in experiments/bench_decode_dispatch.py).
     """
-    if getattr(DISPATCHERS.get(moe.dispatch), "keep_when_serving", False):
-        return moe  # it computes something else than the reference layer (compressed experts)
+    if getattr(DISPATCHERS.get(moe.dispatch), "keep_when_serving", False):  # compressed experts
+        block = serving_block_size(num_tokens, moe.top_k, moe.num_experts, moe.dispatch_options.block_size)
+        return moe if block == moe.dispatch_options.block_size else moe.with_options(moe.dispatch, block_size=block)
     name = "dropless" if split else decode_dispatch(num_tokens, moe.top_k, moe.num_experts)
     if name != "dropless":
         return moe if moe.dispatch == name else moe.replace(dispatch=name)

@@ -54,6 +54,18 @@ def reference(params, x, routing, cfg):
     return jnp.stack(ys)
 
 
+def test_the_serving_layout_equals_the_stacked_one():
+    from jmoe.experts import ExpertList
+
+    for impl in ("xla", "ragged_dot"):
+        cfg = cfg_for(3, 1, impl)
+        params = random_params(cfg)
+        x = jax.random.normal(jax.random.key(5), (6, D))
+        y, _ = moe_layer(params, x, cfg)
+        split, _ = moe_layer(dict(params, experts=ExpertList.split(params["experts"])), x, cfg)
+        np.testing.assert_allclose(split, y, atol=1e-6)
+
+
 @pytest.mark.parametrize("impl", ["xla", "ragged_dot"])
 @pytest.mark.parametrize("k, n, activation", [(3, 1, "swiglu"), (3, 2, "swiglu"), (2, 1, "gelu")])
 def test_forward_and_gradients_equal_the_reference(impl, k, n, activation):
@@ -131,8 +143,10 @@ def test_decoding_keeps_the_dispatch_and_offloading_refuses():
     from jmoe.infer.offload import OffloadedLM
     from jmoe.nn import LMConfig, init_lm
 
-    moe = cfg_for(2, 1)
-    assert serving_moe(moe, 1) is moe and serving_moe(moe, 64, split=True) is moe
+    moe = cfg_for(2, 1).with_options("compressed", block_size=512)
+    decode = serving_moe(moe, 1)
+    assert decode.dispatch == "compressed" and decode.dispatch_options.block_size < 512
+    assert serving_moe(moe, 4096, split=True) is moe
     lm = LMConfig(vocab_size=32, d_model=D, n_layers=2, n_heads=2, d_ff=16, max_seq_len=16, moe=moe)
     with pytest.raises(ValueError, match="compressed"):
         OffloadedLM(lm, init_lm(jax.random.key(0), lm), cache_size=2)
