@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmoe.experts import dispatch_vectors
+from jmoe.nn.transformer import LMConfig
 
 
-def compressed_config(cfg, num_compressed: int = 1):
+def compressed_config(cfg: LMConfig, num_compressed: int = 1) -> LMConfig:
     """The `LMConfig` with compressed experts (n = num_compressed) in every MoE layer.
     ValueError naming the argument or the layer that cannot take them."""
     if isinstance(num_compressed, bool) or not isinstance(num_compressed, (int, np.integer)) or num_compressed < 1:
@@ -39,7 +40,7 @@ def compressed_config(cfg, num_compressed: int = 1):
     return cfg.with_moe(dispatch="compressed", dispatch_options={"num_compressed": int(num_compressed)})
 
 
-def compress_experts(cfg, params: dict, num_compressed: int = 1) -> tuple:
+def compress_experts(cfg: LMConfig, params: dict, num_compressed: int = 1) -> tuple:
     """(`LMConfig`, params) with compressed experts in every MoE layer: `compressed_config`,
     and each layer's experts given their vectors (ones).
 
@@ -60,7 +61,7 @@ def compress_experts(cfg, params: dict, num_compressed: int = 1) -> tuple:
     return new_cfg, dict(params, layers=layers)
 
 
-def active_expert_fraction(cfg) -> float:
+def active_expert_fraction(cfg: LMConfig) -> float:
     """Share of a token's routed-expert parameters computed, over the MoE layers: (k - n) / k
     with compressed experts (their vectors are not counted), 1 without."""
     fractions = []

@@ -18,12 +18,14 @@ trained with the model; what is kept is the decoupling that makes routing known 
 
 from __future__ import annotations
 
+import jax
+
 from jmoe.registry import ROUTERS
 from jmoe.routing.base import Router, Routing
 from jmoe.routing.topk import TopKOptions, init_linear_router, topk_route
 
 
-def pregate_route(params: dict, x, cfg, *, state=None, key=None, carry=None) -> Routing:
+def pregate_route(params: dict, x: jax.Array, cfg, *, state=None, key=None, carry: jax.Array | None = None) -> Routing:
     """Softmax top-k routing of the first MoE layer's input.
 
     Args:
