@@ -77,15 +77,11 @@ def compressed_run(ckpt: str | Path, out: str | Path, *, num_compressed: int = 1
     """Write run `ckpt` with compressed experts (`compress_experts`) as run `out`, which
     `jmoe train --resume-from out` fine-tunes and every command reads. Returns its report.
     Everything is checked before the run's weights are read."""
-    from jmoe.merge.staging import check_output_dir, staged_dir
+    from jmoe.editing.run import editable_run
+    from jmoe.merge.staging import staged_dir
     from jmoe.train import rundir
 
-    out = check_output_dir(out)
-    cfg, tc, _ = rundir.read_config(ckpt)
-    if "quantization" in rundir.read_run_config(ckpt):
-        raise ValueError(f"{ckpt} has quantized experts; compress the experts of its source run instead")
-    if cfg.adapter is not None:
-        raise ValueError(f"{ckpt} fine-tunes adapters; merge them into the model first (jmoe merge-lora)")
+    out, cfg = editable_run(ckpt, out, "compress the experts of")
     t0 = time.perf_counter()
     compressed_config(cfg, num_compressed)
     cfg, tc, params, router_state, saved, at = rundir.load_run(ckpt, step)

@@ -10,6 +10,24 @@ import jax
 import numpy as np
 
 from jmoe.editing.uoe import METHODS, SCOPES, unlearn
+from jmoe.nn.transformer import LMConfig
+
+
+def editable_run(ckpt: str | Path, out: str | Path, doing: str) -> tuple[Path, LMConfig]:
+    """(the output directory, the model config of run `ckpt`) once both are usable for an edit
+    written as a new run: `out` absent or empty, `ckpt` a run whose experts are float weights
+    of the model itself (no quantization, no adapters). `doing` names the edit in the errors
+    ("unlearn in": "unlearn in its source run instead"). Reads only the configs."""
+    from jmoe.merge.staging import check_output_dir
+    from jmoe.train import rundir
+
+    out = check_output_dir(out)
+    cfg, _, _ = rundir.read_config(ckpt)
+    if "quantization" in rundir.read_run_config(ckpt):
+        raise ValueError(f"{ckpt} has quantized experts; {doing} its source run instead")
+    if cfg.adapter is not None:
+        raise ValueError(f"{ckpt} fine-tunes adapters; merge them into the model first (jmoe merge-lora)")
+    return out, cfg
 
 
 def unlearn_run(ckpt: str | Path, out: str | Path, *, forget: str, retain: str | None = None, method: str = "ga",
@@ -25,7 +43,7 @@ def unlearn_run(ckpt: str | Path, out: str | Path, *, forget: str, retain: str |
     from jmoe.data import eval_batches, load_corpus
     from jmoe.data.batches import train_batch
     from jmoe.evals.mixture import mix_spec
-    from jmoe.merge.staging import check_output_dir, staged_dir
+    from jmoe.merge.staging import staged_dir
     from jmoe.train import rundir
     from jmoe.train.trainer import evaluate
 
@@ -43,12 +61,7 @@ def unlearn_run(ckpt: str | Path, out: str | Path, *, forget: str, retain: str |
     retain_tasks = evals.resolve_tasks(retain) if retain else []
     if forget_task[0].name in {t.name for t in retain_tasks}:
         raise ValueError(f"--retain names the forget task {forget_task[0].name!r}")
-    out = check_output_dir(out)
-    cfg, tc, _ = rundir.read_config(ckpt)
-    if "quantization" in rundir.read_run_config(ckpt):
-        raise ValueError(f"{ckpt} has quantized experts; unlearn in its source run instead")
-    if cfg.adapter is not None:
-        raise ValueError(f"{ckpt} fine-tunes adapters; merge them into the model first (jmoe merge-lora)")
+    out, cfg = editable_run(ckpt, out, "unlearn in")
     if scope == "expert" and cfg.moe is None:
         raise ValueError(f"{ckpt} is a dense model: there is no expert to unlearn in (use --scope all)")
 

@@ -14,6 +14,7 @@ from jmoe.cli import main
 from jmoe.editing import active_expert_fraction, compress_experts
 from jmoe.infer import Engine
 from jmoe.nn import LMConfig, init_lm
+from tests.infer.test_generate_cli import run
 from tests.test_bad_input import snapshot, unchanged
 from tests.util import jit_lm_apply
 
@@ -95,10 +96,7 @@ def test_cli_writes_a_run_that_fine_tunes(top2_run, tmp_path, capsys):
 ])
 def test_bad_input_is_one_line_and_changes_nothing(top2_run, tmp_path, capsys, args, message):
     before = snapshot(tmp_path, top2_run)
-    try:
-        code = main(["compressed-experts", "--ckpt", str(top2_run), "--out", str(tmp_path / "ce"), *args])
-    except SystemExit as e:
-        code = e.code
-    err = capsys.readouterr().err.strip()
+    code, _, err = run(["compressed-experts", "--ckpt", str(top2_run), "--out", str(tmp_path / "ce"), *args], capsys)
+    err = err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
     assert unchanged(before, snapshot(tmp_path, top2_run))
