@@ -79,7 +79,7 @@ def main(argv=None):
     hit_2k = {v: [h["lru_gate"][at] for h in hs] for v, hs in hits.items()}
     recall = {v: [float(np.mean([x for x in h["gate_recall"] if x is not None])) for h in hs] for v, hs in hits.items()}
     claims = [
-        _zoo.claim(f"pre-gating keeps per-layer routing's validation loss (margin {MARGIN})", "pregate", val["pregate"],
+        _zoo.claim("pre-gating keeps per-layer routing's validation loss", "pregate", val["pregate"],
                    "top2", val["top2"], higher_is_better=False, margin=MARGIN),
         _zoo.claim(f"pre-gating raises the decode hit rate (LRU, {sizes[at]} slots, gate prefetch)", "pregate",
                    hit_2k["pregate"], "top2", hit_2k["top2"], higher_is_better=True),
