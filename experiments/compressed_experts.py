@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _zoo  # noqa: E402
 
 from jmoe import evals  # noqa: E402
-from jmoe.editing import active_expert_fraction, compress_experts  # noqa: E402
+from jmoe.editing import active_expert_fraction  # noqa: E402
+from jmoe.editing.compressed import compressed_run  # noqa: E402
 from jmoe.infer.load import open_model  # noqa: E402
 from jmoe.nn import LMConfig  # noqa: E402
 
@@ -65,16 +66,16 @@ def start_run(src: Path, variant: str) -> Path:
     out = _zoo.RUNS / f"ce_start_{variant}-{config_key([str(src.absolute()), variant], _zoo.CODE_VERSION)[:10]}"
     if (out / "config.json").exists():
         return out
+    if variant == "compressed":  # what `jmoe compressed-experts` writes
+        compressed_run(src, out, num_compressed=1, log=lambda m: None)
+        return out
     from jmoe.merge.staging import staged_dir
     from jmoe.train import rundir
 
     cfg, tc, params, state, saved, at = rundir.load_run(src)
-    if variant == "compressed":
-        new_cfg, params = compress_experts(cfg, params, 1)
-    else:
-        new_cfg = variant_config(cfg, variant)
     with staged_dir(out) as tmp:
-        rundir.save_model_run(tmp, new_cfg, tc, jax.tree.map(np.asarray, params), state, at, saved.get("data", {}))
+        rundir.save_model_run(tmp, variant_config(cfg, variant), tc, jax.tree.map(np.asarray, params), state, at,
+                              saved.get("data", {}))
     return out
 
 

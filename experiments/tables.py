@@ -88,12 +88,17 @@ ROUTING = (  # results file, what the experiment compares
 )
 
 
+def _claim_row(c: dict, digits: int = 4) -> list[str]:
+    """One claim as a row: the claim, both sides' mean ± sd, the difference and the verdict."""
+    return [c["claim"], f"{c['a']} {mean_sd(c['a_summary'], digits)} vs {c['b']} {mean_sd(c['b_summary'], digits)}",
+            diff_ci(c["difference"], digits), f"**{c['verdict']}**"]
+
+
 def _claim_rows(data: dict) -> list[list[str]]:
     rows = []
     for c in data["claims"]:
         margin = "" if c.get("margin") is None else f" (margin {c['margin']})"
-        rows.append([c["claim"] + margin, f"{c['a']} {mean_sd(c['a_summary'])} vs {c['b']} {mean_sd(c['b_summary'])}",
-                     diff_ci(c["difference"]), f"**{c['verdict']}**"])
+        rows.append([c["claim"] + margin, *_claim_row(c)[1:]])
     if "layers" in data:
         n = len(data["layers"])
         rows.append(["per MoE layer: more specialised", f"higher in {data['layers_higher_by_mean']} of {n} layers by "
@@ -208,8 +213,7 @@ def lora_experts(results: Path) -> str:
         mean = mean_sd(summary_of([sum(s[t] for t in tasks) / len(tasks) for s in per_seed]), 3)
         params = f"{data['trainable_params'][name]:,}" if name in data["trainable_params"] else "0"
         rows.append([name, params, *cells, mean])
-    claims = [[c["claim"], f"{c['a']} {mean_sd(c['a_summary'])} vs {c['b']} {mean_sd(c['b_summary'])}",
-               diff_ci(c["difference"]), f"**{c['verdict']}**"] for c in data["claims"]
+    claims = [_claim_row(c) for c in data["claims"]
               if c["claim"].startswith(("mean", "validation"))]
     seeds = ", ".join(str(s) for s in data["seeds"])
     return (f"`{data['command']}` (base: dense {data['preset']}, {data['base_steps']} steps on the text domains; "
@@ -229,8 +233,7 @@ def moe_build(results: Path) -> str:
     for name, per_seed in data["scores"].items():
         cells = [mean_sd(summary_of([s[t] for s in per_seed]), 3) for t in tasks]
         rows.append([name, *cells, mean_sd(summary_of([sum(s[t] for t in tasks) / len(tasks) for s in per_seed]), 3)])
-    claims = [[c["claim"], f"{c['a']} {mean_sd(c['a_summary'])} vs {c['b']} {mean_sd(c['b_summary'])}",
-               diff_ci(c["difference"]), f"**{c['verdict']}**"] for c in data["claims"]]
+    claims = [_claim_row(c) for c in data["claims"]]
     seeds = ", ".join(str(s) for s in data["seeds"])
     return (f"`{data['command']}` (base: dense {data['preset']}, {data['base_steps']} steps on the text domains; "
             f"{data['steps']} steps of full fine-tuning per task; top-{data['top_k']}; {data['router_steps']} steps "
@@ -263,8 +266,7 @@ def _merging_benchmark_one(data: dict) -> str:
         seconds = [i.get("seconds") for i in data["learned"].get(name, [])]
         took = f"{sum(seconds) / len(seconds):.0f}" if seconds and None not in seconds else ""
         rows.append([name, *cells, mean_sd(summary_of(data["mean_normalized"][name]), 3), took])
-    claims = [[c["claim"], f"{c['a']} {mean_sd(c['a_summary'], 3)} vs {c['b']} {mean_sd(c['b_summary'], 3)}",
-               diff_ci(c["difference"], 3), f"**{c['verdict']}**"] for c in data["claims"]]
+    claims = [_claim_row(c, 3) for c in data["claims"]]
     seeds = ", ".join(str(s) for s in data["seeds"])
     return (f"`{data['command']}` (base: dense {data['preset']}, {data['base_steps']} steps on the text domains; "
             f"{data['steps']} steps of full fine-tuning per task; seeds {seeds}; code {data['code_version']}; "
@@ -300,8 +302,7 @@ def pleas_merge(results: Path) -> str:
     """PLeaS against permutation alone and weight averaging, per merged width, and the claims."""
     data = load(results, "pleas_merge")
     rows = [[name, str(data["widths"][name]), mean_sd(summary_of(vals), 4)] for name, vals in data["normalized"].items()]
-    claims = [[c["claim"], f"{c['a']} {mean_sd(c['a_summary'], 4)} vs {c['b']} {mean_sd(c['b_summary'], 4)}",
-               diff_ci(c["difference"], 4), f"**{c['verdict']}**"] for c in data["claims"]]
+    claims = [_claim_row(c) for c in data["claims"]]
     pairs = "; ".join(f"{a} x {b}" for a, _, b, _ in data["pairs"])
     return (f"`{data['command']}` (bases: dense {data['preset']}, one per seed ({', '.join(map(str, data['seeds']))}), "
             f"{data['base_steps']} steps; {data['steps']} steps of fine-tuning per domain; pairs: {pairs}; code "
@@ -321,8 +322,7 @@ def uoe(results: Path) -> str:
         rows.append([method, mean_sd(summary_of([p["step"] for p in picks]), 0),
                      mean_sd(summary_of([p["forget_share"] for p in picks]), 3),
                      mean_sd(summary_of([p["utility"] for p in picks]), 3)])
-    claims = [[c["claim"], f"{c['a']} {mean_sd(c['a_summary'], 3)} vs {c['b']} {mean_sd(c['b_summary'], 3)}",
-               diff_ci(c["difference"], 3), f"**{c['verdict']}**"] for c in data["claims"]]
+    claims = [_claim_row(c, 3) for c in data["claims"]]
     targets = "; ".join(f"layer {t[0]} expert {t[1]}" for t in data["targets"])
     return (f"`{data['command']}` (the tiny MoE trained {data['steps']} steps on the task mixture, seeds "
             f"{', '.join(map(str, data['seeds']))}; gradient ascent on {data['batches']} batches of {data['forget']}'s "
@@ -350,8 +350,7 @@ def scmoe(results: Path) -> str:
     data = load(results, "scmoe")
     rows = [[v, *(mean_sd(summary_of([sc[t] for sc in data["scores"][v]]), 3) for t in data["tasks"]),
              mean_sd(summary_of(data["mean_exact_match"][v]), 3)] for v in data["variants"]]
-    claims = [[c["claim"], f"{c['a']} {mean_sd(c['a_summary'], 3)} vs {c['b']} {mean_sd(c['b_summary'], 3)}",
-               diff_ci(c["difference"], 3), f"**{c['verdict']}**"] for c in data["claims"]]
+    claims = [_claim_row(c, 3) for c in data["claims"]]
     return (f"`{data['command']}` (the tiny MoE trained {data['steps']} steps on the task mixture, seeds "
             f"{', '.join(map(str, data['seeds']))}; alpha {data['alpha']}, beta {data['beta']}; exact match on "
             f"{data['examples']} test examples per task, greedy; code {data['code_version']}):\n\n"
@@ -365,8 +364,7 @@ def rice(results: Path) -> str:
     data = load(results, "rice")
     rows = [[k, mean_sd(summary_of(data["target_accuracy"][k]), 3), mean_sd(summary_of(data["others_accuracy"][k]), 3)]
             for k in data["target_accuracy"]]
-    claims = [[c["claim"], f"{c['a']} {mean_sd(c['a_summary'], 3)} vs {c['b']} {mean_sd(c['b_summary'], 3)}",
-               diff_ci(c["difference"], 3), f"**{c['verdict']}**"] for c in data["claims"]]
+    claims = [_claim_row(c, 3) for c in data["claims"]]
     return (f"`{data['command']}` (the tiny MoE trained {data['steps']} steps on the task mixture, seeds "
             f"{', '.join(map(str, data['seeds']))}; {data['prompts']} contrastive prompts a side; exact match on "
             f"{data['examples']} test examples per task; code {data['code_version']}):\n\n"
@@ -383,8 +381,7 @@ def compressed_experts(results: Path) -> str:
     rows = [[v, f"{data['active_params'][v] / 1e6:.3f}M ({data['active_params'][v] / full:.0%})",
              mean_sd(summary_of(data["exact_match"][v]), 3), mean_sd(summary_of(data["val_loss"][v]))]
             for v in data["exact_match"]]
-    claims = [[c["claim"], f"{c['a']} {mean_sd(c['a_summary'], 3)} vs {c['b']} {mean_sd(c['b_summary'], 3)}",
-               diff_ci(c["difference"], 3), f"**{c['verdict']}**"] for c in data["claims"]]
+    claims = [_claim_row(c, 3) for c in data["claims"]]
     return (f"`{data['command']}` (the tiny MoE trained {data['steps']} steps on the task mixture, then "
             f"{data['ft_steps']} fine-tuning steps at lr {data['lr']}; seeds {', '.join(map(str, data['seeds']))}; "
             f"exact match on {data['examples']} test examples per algorithmic task; code {data['code_version']}):\n\n"

@@ -9,4 +9,5 @@ from jmoe.editing.compressed import active_expert_fraction, compress_experts, co
 from jmoe.editing.steer import expert_npmi, top_experts
 from jmoe.editing.uoe import expert_affinity, target_expert, unlearn
 
-__all__ = ["active_expert_fraction", "compress_experts", "compressed_config", "expert_affinity", "expert_npmi", "target_expert", "top_experts", "unlearn"]
+__all__ = ["active_expert_fraction", "compress_experts", "compressed_config", "expert_affinity", "expert_npmi",
+           "target_expert", "top_experts", "unlearn"]
