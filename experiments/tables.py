@@ -85,6 +85,7 @@ ROUTING = (  # results file, what the experiment compares
     ("uoe", "unlearning in one expert (UOE) vs the whole model"),
     ("compressed_experts", "compressed experts vs full top-2 and a drop to top-1"),
     ("pregate", "pre-gating (Read-ME) vs per-layer routing: quality and expert-cache hits"),
+    ("mowst", "Mowst: a weak expert that skips the model where it is confident"),
 )
 
 
@@ -406,6 +407,31 @@ def pregate(results: Path) -> str:
             "per MoE layer:\n\n"
             + table(["routing", "validation loss", "gate top-k recall", *(f"{s} slots" for s in sizes)], rows,
                     "-" + "r" * (len(sizes) + 2))
+            + "\n" + table(["claim", "mean ± sd over seeds", "difference a - b", "verdict"], _claim_rows(data)))
+
+
+@renderer
+def mowst(results: Path) -> str:
+    """Mowst against the strong model fine-tuned alone: validation loss of the random routing
+    and of threshold 0.5, the shares of tokens that skip the model, and decoding."""
+    data = load(results, "mowst")
+    rows = [["strong alone", mean_sd(summary_of(data["strong_val_loss"])), "", "", "", "", "", ""]]
+    for v, sweeps in data["sweep"].items():
+        half = [s["0.5"] for s in sweeps]
+        d = data["decode"][v]
+        rows.append([v, mean_sd(summary_of([h["expected_loss"] for h in half])),
+                     mean_sd(summary_of([h["expected_skip"] for h in half]), 3),
+                     mean_sd(summary_of([h["threshold_loss"] for h in half])),
+                     mean_sd(summary_of([h["threshold_skip"] for h in half]), 3),
+                     mean_sd(summary_of(d["skip_share"]), 3), mean_sd(summary_of(d["strong_calls_per_token"]), 2),
+                     mean_sd(summary_of(d["speed_ratio"]), 2)])
+    return (f"`{data['command']}` (the tiny MoE trained {data['steps']} steps on the task mixture; {data['rounds']} "
+            f"rounds of {data['weak_steps']} weak and {data['strong_steps']} strong steps at lr {data['lr']}; seeds "
+            f"{', '.join(map(str, data['seeds']))}; code {data['code_version']}). Skip: the share of tokens that "
+            "skip the model; decoding: greedy, one prompt at a time, against the plain engine:\n\n"
+            + table(["model", "validation loss (random routing)", "skip (random)", "loss at threshold 0.5",
+                     "skip at 0.5", "decoding skip", "model calls per token", "decode speed vs engine"], rows,
+                    "-rrrrrrr")
             + "\n" + table(["claim", "mean ± sd over seeds", "difference a - b", "verdict"], _claim_rows(data)))
 
 

@@ -535,6 +535,17 @@ def cmd_compressed_experts(args) -> int:
     return 0
 
 
+def cmd_mowst(args) -> int:
+    from jmoe.nn.mowst import MowstConfig
+    from jmoe.train.mowst import mowst_run
+
+    mowst_run(args.ckpt, args.out, mcfg=MowstConfig(window=args.window, hidden=args.hidden), rounds=args.rounds,
+              weak_steps=args.weak_steps, strong_steps=args.strong_steps, lr=args.lr, strong_lr=args.strong_lr,
+              threshold=args.threshold, step=args.step, seed=args.seed,
+              log=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)))
+    return 0
+
+
 def cmd_steer(args) -> int:
     from jmoe.editing.steer import expert_npmi, top_experts
     from jmoe.infer.command import read_lines
@@ -859,6 +870,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_contrast_args(g)
     _add_steer_args(g)
     _add_offload_args(g)
+    w = g.add_argument_group("Mowst (a run written by jmoe mowst)")
+    w.add_argument("--mowst", action="store_true",
+                   help="decode with the run's weak expert where it is confident, the model only elsewhere")
+    w.add_argument("--mowst-threshold", type=_float_range(0.0, 1.0), metavar="T",
+                   help="confidence at or above which the weak expert decides a token (default: the run's)")
     g.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("trace", help="record a routing trace: every MoE layer's experts for each token of a text")
@@ -965,6 +981,28 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     ce.add_argument("--quiet", action="store_true")
     ce.set_defaults(func=cmd_compressed_experts)
+
+    mw = sub.add_parser("mowst", help="train a weak expert and a confidence gate on a run (Mowst), written as a new run "
+                        "that jmoe generate --mowst decodes with the model only where the weak expert is unsure")
+    mw.add_argument("--ckpt", required=True, help="run directory (the strong model)")
+    mw.add_argument("--out", required=True, help="new run directory, absent or empty")
+    mw.add_argument("--rounds", type=_int_range(1), default=2, help="alternating rounds (default 2)")
+    mw.add_argument("--weak-steps", type=_int_range(1), default=200,
+                    help="steps of each weak turn: the weak expert and gate train, the model frozen (default 200)")
+    mw.add_argument("--strong-steps", type=_int_range(0), default=100,
+                    help="steps of each strong turn: the model trains, the weak expert and gate frozen (default 100)")
+    mw.add_argument("--lr", type=_float_range(0.0, open_lo=True), default=1e-3, help="weak-turn learning rate")
+    mw.add_argument("--strong-lr", type=_float_range(0.0, open_lo=True), default=1e-3,
+                    help="strong-turn learning rate")
+    mw.add_argument("--threshold", type=_float_range(0.0, 1.0), default=0.5,
+                    help="confidence at or above which decoding skips the model (default 0.5)")
+    mw.add_argument("--window", type=_int_range(1, 64), default=1,
+                    help="tokens the weak expert reads: the current one and those before it (default 1)")
+    mw.add_argument("--hidden", type=_int_range(1), default=128, help="the weak expert's hidden width (default 128)")
+    mw.add_argument("--step", type=_int_range(0), help="checkpoint step (default: latest)")
+    mw.add_argument("--seed", type=_int_range(0), default=0)
+    mw.add_argument("--quiet", action="store_true")
+    mw.set_defaults(func=cmd_mowst)
 
     u = sub.add_parser("unlearn", help="make a run forget an evaluation task by unlearning in its most tied expert (UOE)")
     u.add_argument("--ckpt", required=True, help="run directory")

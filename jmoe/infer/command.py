@@ -131,6 +131,22 @@ def steered_config(args, source):
         raise ValueError(f"--steer-experts: {e}") from None
 
 
+def mowst_options(args, source, *, offload, contrast, trace) -> dict | None:
+    """{"threshold": --mowst-threshold or None} with --mowst, checked before the weights are read
+    (a Mowst run, decoding with nothing that changes the model's steps); None without it."""
+    if not getattr(args, "mowst", False):
+        if getattr(args, "mowst_threshold", None) is not None:
+            raise ValueError("--mowst-threshold needs --mowst")
+        return None
+    from jmoe.train.mowst import read_mowst_config
+
+    read_mowst_config(args.ckpt)
+    for given, flag in ((offload, "--offload-experts"), (contrast, "--self-contrast"), (trace, "--trace")):
+        if given is not None:
+            raise ValueError(f"--mowst cannot be combined with {flag}")
+    return {"threshold": args.mowst_threshold}
+
+
 def offloaded_engine(model, offload: dict, batch_size: int):
     from jmoe.infer.offload import OffloadedEngine
 
@@ -195,6 +211,7 @@ def run_generate(args, out=None, err=None) -> int:
     if contrast is not None and offload is not None:
         raise ValueError("--self-contrast runs the model twice per token in memory; it cannot be combined with "
                          "--offload-experts")
+    mowst = mowst_options(args, source, offload=offload, contrast=contrast, trace=trace_path)
     subset = getattr(args, "expert_subset", None)
     source.check_subset(subset)
 
@@ -206,7 +223,14 @@ def run_generate(args, out=None, err=None) -> int:
         err.write(f"PreMoe: running the experts of task {task} ({m} per MoE layer)\n")
     if args.dtype:
         model.cfg = model.cfg.replace(dtype=args.dtype)
-    if offload is None:
+    if mowst is not None:
+        from jmoe.infer.mowst import MowstDecoder
+        from jmoe.train.mowst import load_mowst
+
+        mcfg, threshold, weak = load_mowst(args.ckpt, model.cfg.vocab_size)
+        engine = MowstDecoder(model.cfg, model.params, model.state, weak, mcfg,
+                              threshold if mowst["threshold"] is None else mowst["threshold"])
+    elif offload is None:
         engine = model.engine(args.batch_size, contrast)
     else:
         engine = offloaded_engine(model, offload, args.batch_size)
@@ -224,9 +248,10 @@ def run_generate(args, out=None, err=None) -> int:
                 out.write(text)
                 out.flush()
 
+    extra = {} if mowst is not None else {"recorder": recorder}
     gens, stats = engine.generate(ids, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=stop_ids,
                                   seed=args.seed, truncate=args.truncate, on_token=on_token,
-                                  progress=not (args.quiet or args.stream) and len(prompts) > 1, recorder=recorder)
+                                  progress=not (args.quiet or args.stream) and len(prompts) > 1, **extra)
     if recorder is not None:
         recorder.trace().save(trace_path)
     if args.stream:
@@ -249,6 +274,9 @@ def run_generate(args, out=None, err=None) -> int:
                   "compile_s": stats.compile_s}
         if task is not None:
             speeds["expert_subset"] = task
+        if mowst is not None:
+            speeds["mowst"] = {"threshold": engine.threshold, "skip_share": stats.skip_share,
+                               "weak_tokens": stats.weak_tokens, "strong_calls": stats.strong_calls}
         if off is not None:
             speeds["offload"] = {**off, "cache_size": offload["cache_size"], "policy": offload["policy"],
                                  "prefetch": offload["prefetch"], "device_bytes": engine.lm.resident_bytes}
@@ -256,6 +284,10 @@ def run_generate(args, out=None, err=None) -> int:
     elif not args.quiet:
         err.write(f"{len(gens)} prompt(s): prefill {stats.prefill_tokens_per_s:,.0f} tokens/s, decode "
                   f"{stats.decode_tokens_per_s:,.0f} tokens/s (compiling took {stats.compile_s:.1f} s)\n")
+        if mowst is not None:
+            err.write(f"Mowst: {stats.skip_share:.1%} of the tokens came from the weak expert (threshold "
+                      f"{engine.threshold}); the model ran {stats.strong_calls} times after prefill for "
+                      f"{stats.decode_tokens} tokens\n")
         if off is not None:
             rate = "n/a" if off["hit_rate"] is None else f"{off['hit_rate']:.3f}"
             per_tok = "n/a" if off["bytes_per_token"] is None else format_bytes(off["bytes_per_token"])
