@@ -24,6 +24,7 @@ from jmoe import fine_grained
 from jmoe.data import eval_batches, load_corpus
 from jmoe.evals.stats import difference_verdict, goal_verdict, paired_difference, summary
 from jmoe.nn import LMConfig, preset
+from jmoe.nn.attention import AttentionConfig
 from jmoe.train import TrainConfig, read_metrics, train
 
 # The code version of every run of the harness: the jmoe modules imported above, taken once (an
@@ -98,6 +99,8 @@ VARIANTS = {
     "fine2": lambda: _fine(2),
     "fine4": lambda: _fine(4),
     "pregate": lambda: tiny(router="pregate"),
+    "smha": lambda: tiny().replace(attention=AttentionConfig(head_top_k=2)),
+    "heads2": lambda: tiny().replace(n_heads=2, d_head=32),
 }
 
 

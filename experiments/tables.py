@@ -86,6 +86,7 @@ ROUTING = (  # results file, what the experiment compares
     ("compressed_experts", "compressed experts vs full top-2 and a drop to top-1"),
     ("pregate", "pre-gating (Read-ME) vs per-layer routing: quality and expert-cache hits"),
     ("mowst", "Mowst: a weak expert that skips the model where it is confident"),
+    ("union_of_experts", "selective heads (Union of Experts) vs every head and a fixed half-size attention"),
 )
 
 
@@ -432,6 +433,21 @@ def mowst(results: Path) -> str:
             + table(["model", "validation loss (random routing)", "skip (random)", "loss at threshold 0.5",
                      "skip at 0.5", "decoding skip", "model calls per token", "decode speed vs engine"], rows,
                     "-rrrrrrr")
+            + "\n" + table(["claim", "mean ± sd over seeds", "difference a - b", "verdict"], _claim_rows(data)))
+
+
+@renderer
+def union_of_experts(results: Path) -> str:
+    """Selective heads against every head and a fixed attention of the same per-token size:
+    validation loss, parameters and the per-token query/output work."""
+    data = load(results, "union_of_experts")
+    rows = [[v, mean_sd(summary_of(data["val_loss"][v])), f"{data['params'][v]['active'] / 1e6:.3f}M",
+             f"{data['params'][v]['total'] / 1e6:.3f}M", f"{data['attention_work'][v] / 1e3:.0f}k"]
+            for v in data["val_loss"]]
+    return (f"`{data['command']}` (tiny preset, seeds {', '.join(map(str, data['seeds']))}; code "
+            f"{data['code_version']}):\n\n"
+            + table(["attention", "validation loss", "active parameters", "parameters",
+                     "query/output multiply-adds per token"], rows, "-rrrr")
             + "\n" + table(["claim", "mean ± sd over seeds", "difference a - b", "verdict"], _claim_rows(data)))
 
 

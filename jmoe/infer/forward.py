@@ -29,6 +29,9 @@ SERVED_DISPATCHES = ("dropless", "gather")
 def check_servable(cfg: LMConfig) -> None:
     """ValueError when a model cannot be decoded token by token (a router whose choice for a
     token depends on the other tokens of the sequence)."""
+    if cfg.attention.head_top_k and cfg.attention.head_selection == "expert":
+        raise ValueError("attention.head_selection 'expert' picks tokens per head over the whole sequence, so it cannot "
+                         "decode one token at a time; generate from a model whose tokens select their heads")
     for i in cfg.moe_layers:
         moe = cfg.moe_for(i)
         if not ROUTERS.get(moe.router).causal:

@@ -38,6 +38,11 @@ class AttentionConfig:
     experts: 0 for one attention; A >= 2 for a soft mixture of A attention experts (BAM): every
       token attends with all of them, mixed by a softmax router (`jmoe.nn.attention_experts`).
     shared_kv: the attention experts share one key/value projection (BAM's KV sharing).
+    head_top_k: 0 for every head on every token; k >= 1 for selective heads (Union of Experts'
+      SMHA, `jmoe.nn.selective_heads`): a router picks k of the H heads per token.
+    head_selection: "token" (each token picks its heads) or "expert" (each head picks its
+      tokens of the sequence; not causal).
+    allow_noncausal: permit head_selection "expert" in a decoder (it looks at later tokens).
     """
 
     kind: str = option("gqa", choices=("gqa", "mla"))
@@ -54,6 +59,9 @@ class AttentionConfig:
     softmax_scale: float | None = option(None, gt=0.0)
     experts: int = option(0, ge=0)
     shared_kv: bool = False
+    head_top_k: int = option(0, ge=0)
+    head_selection: str = option("token", choices=("token", "expert"))
+    allow_noncausal: bool = False
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):
@@ -66,6 +74,13 @@ class AttentionConfig:
                              f"kind 'gqa' (got kind {self.kind!r})")
         if self.shared_kv and not self.experts:
             raise ValueError("AttentionConfig.shared_kv needs attention experts (experts >= 2)")
+        if self.head_top_k and (self.kind != "gqa" or self.experts):
+            raise ValueError(f"AttentionConfig.head_top_k={self.head_top_k}: selective heads need kind 'gqa' without "
+                             "attention experts")
+        if self.head_top_k and self.head_selection == "expert" and not self.allow_noncausal:
+            raise ValueError("AttentionConfig.head_selection='expert' is not causal: a token's heads depend on later "
+                             "tokens, which leaks the future in a decoder; set attention.allow_noncausal=True to use it "
+                             "anyway")
 
     @property
     def scaling(self) -> dict:
@@ -76,6 +91,8 @@ class AttentionConfig:
         d["rope_scaling"] = dict(self.rope_scaling)
         if not self.experts:  # written only when set, so the configs of one attention read as before
             del d["experts"], d["shared_kv"]
+        if not self.head_top_k:
+            del d["head_top_k"], d["head_selection"], d["allow_noncausal"]
         return d
 
 
@@ -220,6 +237,10 @@ def init_attention(key, d_model: int, n_heads: int, n_kv_heads: int, d_head: int
         p["q_norm"], p["k_norm"] = init_rms_norm(d_head, dtype), init_rms_norm(d_head, dtype)
     elif acfg.qk_norm == "full":
         p["q_norm"], p["k_norm"] = init_rms_norm(n_heads * d_head, dtype), init_rms_norm(n_kv_heads * d_head, dtype)
+    if acfg.head_top_k:
+        from jmoe.nn.selective_heads import init_head_router
+
+        p["head_router"] = init_head_router(ks[4], d_model, n_heads, dtype)
     return p
 
 
@@ -372,6 +393,10 @@ def attention_out(params: dict, heads: jax.Array, x: jax.Array, cfg) -> jax.Arra
         from jmoe.nn.attention_experts import mix_experts
 
         return mix_experts(params, heads, x, cfg)
+    if cfg.attention.head_top_k:
+        from jmoe.nn.selective_heads import select_heads
+
+        heads = select_heads(params, heads, x, cfg.attention)
     return jnp.einsum("bshk,hkd->bsd", heads, params["wo"].astype(heads.dtype))
 
 

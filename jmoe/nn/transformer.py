@@ -102,6 +102,8 @@ class LMConfig:
             raise ValueError(f"LMConfig.d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set d_head")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"LMConfig.n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads}")
+        if self.attention.head_top_k > self.n_heads:
+            raise ValueError(f"LMConfig.attention.head_top_k={self.attention.head_top_k} exceeds n_heads={self.n_heads}")
         if self.head_dim % 2:
             raise ValueError(f"LMConfig.d_head={self.head_dim} must be even (rotary embeddings)")
         for i in self.dense_layers:
@@ -201,7 +203,8 @@ class LMConfig:
         return cls(**d)
 
     def num_params(self, active: bool = False) -> int:
-        """Parameter count (active=True: per token, counting k routed experts and the shared ones)."""
+        """Parameter count (active=True: per token, counting k routed experts and the shared ones,
+        and with selective heads the query and output projections of k heads)."""
         shapes = jax.eval_shape(lambda: init_lm(jax.random.key(0), self))
         total = 0
         for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
@@ -212,6 +215,8 @@ class LMConfig:
             if active and "experts" in keys and self.moe is not None:
                 moe = self.moe_for(int(keys[1])) if keys[0] == "layers" else self.moe
                 n = n // moe.num_experts * min(moe.top_k, moe.num_experts)
+            if active and self.attention.head_top_k and "attn" in keys and keys[-1] in ("wq", "wo", "bq"):
+                n = n // self.n_heads * self.attention.head_top_k
             total += n
         return total
 

@@ -186,6 +186,32 @@ def test_upcycled_model_computes_the_dense_model_and_bam_takes_each_fine_tunes_f
     np.testing.assert_allclose(logits(same, scfg), logits(params, dense), rtol=1e-5, atol=1e-5)
 
 
+def test_partitioned_experts_are_slices_that_sum_to_the_dense_ffn():
+    dense = CFG.replace(moe=None)  # d_ff 32
+    params = init_lm(jax.random.key(0), dense)
+    full, fcfg = mx.partition(params, dense, num_experts=4, top_k=4)
+    ex = full["layers"]["0"]["moe"]["experts"]
+    assert ex["w_gate"].shape == (4, 16, 8) and ex["w_down"].shape == (4, 8, 16)
+    np.testing.assert_array_equal(ex["w_up"][1], params["layers"]["0"]["ffn"]["w_up"][:, 8:16])
+    np.testing.assert_array_equal(ex["w_down"][3], params["layers"]["0"]["ffn"]["w_down"][24:])
+    np.testing.assert_allclose(logits(full, fcfg), logits(params, dense), rtol=1e-5, atol=1e-5)
+    half, hcfg = mx.partition(params, dense, num_experts=4, top_k=2, layers=[1])
+    assert list(hcfg.moe_layers) == [1] and hcfg.moe.router_options.route_scale == 2.0
+    from jmoe.layer import moe_layer
+
+    x = jax.random.normal(jax.random.key(5), (6, 16))
+    y, aux = moe_layer(half["layers"]["1"]["moe"], x, hcfg.moe)
+    ffn = params["layers"]["1"]["ffn"]
+    chosen = np.asarray(aux.routing.expert_ids)
+    want = sum(jax.nn.silu(x @ ffn["w_gate"][:, 8 * e:8 * e + 8]) * (x @ ffn["w_up"][:, 8 * e:8 * e + 8])
+               @ ffn["w_down"][8 * e:8 * e + 8] * (chosen == e).any(-1, keepdims=True) for e in range(4))
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)  # each selected slice counts once
+    with pytest.raises(ValueError, match="must divide the FFN width"):
+        mx.partition(params, dense, num_experts=5, top_k=2)
+    with pytest.raises(ValueError, match="dense model"):
+        mx.partition(full, fcfg, num_experts=4, top_k=2)
+
+
 def test_bad_inputs_get_clear_errors():
     params = init_lm(jax.random.key(0), CFG)
     stats = mx.collect_routing_stats(params, CFG, BATCHES[:1])

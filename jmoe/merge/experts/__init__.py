@@ -6,6 +6,7 @@ Face checkpoints converted with `jmoe.io.hf`).
   p, c, k   = prune_experts(params, cfg, stats, target_experts=4)                   # baseline
   p, f, rep = compress_experts(p, c, rank=16, sparsity=0.9)                         # MC-SMoE
   p, c      = upcycle(dense_params, dense_cfg, num_experts=8, top_k=2, key=key)
+  p, c      = partition(dense_params, dense_cfg, num_experts=4, top_k=2)              # UoE slices
 
 `COMPRESS_METHODS` is the table of `jmoe compress` methods (msmoe, mcsmoe, average, random,
 prune); each registers itself next to its code.
@@ -17,7 +18,7 @@ from jmoe.merge.experts.msmoe import allocate_dominant, group_by_routing, merge_
 from jmoe.merge.experts.prune import prune_experts, prune_layer
 from jmoe.merge.experts.registry import COMPRESS_METHODS, CompressMethod, register_compress_method
 from jmoe.merge.experts.stats import collect_expert_inputs, collect_routing_stats, load_stats, router_logit_similarity, save_stats
-from jmoe.merge.experts.upcycle import bam, upcycle
+from jmoe.merge.experts.upcycle import bam, partition, upcycle
 
 __all__ = [
     "COMPRESS_METHODS",
@@ -42,6 +43,7 @@ __all__ = [
     "register_compress_method",
     "router_logit_similarity",
     "save_stats",
+    "partition",
     "upcycle",
     "weight_matching",
 ]

@@ -4,6 +4,10 @@ upcycle: sparse upcycling (Komatsuzaki et al., 2022): every dense FFN becomes an
   whose experts are copies of it (optionally with multiplicative noise), under a new router.
   With renormalised top-k weights the upcycled model computes exactly what the dense one did
   until training moves the copies apart.
+partition: Union of Experts' MLP experts (Yang et al., 2025): every dense FFN becomes an MoE
+  layer whose E experts are slices of it (hidden units [e f/E, (e+1) f/E): columns of the gate
+  and up projections, rows of the down projection), so that the experts together are the
+  FFN; each selected slice counts once, as in the reference.
 bam: Branch-Attend-Mix style (Zhang et al., 2024): several dense fine-tunes of one seed model
   become one MoE model whose experts are their FFNs; every other weight (attention, norms,
   embeddings) is the average of the fine-tunes (`average_trees`). BAM's soft mixture of
@@ -60,6 +64,42 @@ def upcycle(params: dict, cfg: LMConfig, *, num_experts: int, top_k: int, key: j
                        for j, (k, v) in enumerate(experts.items())}
         router = init_moe(keys[2 * n + 1], moe_cfg)["router"]
         layer["moe"] = {"router": router, "experts": {k: jnp.asarray(v) for k, v in experts.items()}}
+        new["layers"][str(i)] = layer
+    dense = tuple(i for i in range(cfg.n_layers) if i not in layers)
+    return new, cfg.replace(moe=moe_cfg, moe_every=1, dense_layers=dense)
+
+
+def partition(params: dict, cfg: LMConfig, *, num_experts: int, top_k: int,
+              layers: Sequence[int] | None = None) -> tuple[dict, LMConfig]:
+    """Turn the dense FFNs of `layers` (default: all) into MoE layers of their E slices
+    (module docstring). The router is `grouped_softmax` with one group, renormalised top-k
+    weights times route_scale = top_k, and zero weights: every slice a token selects counts
+    once, so with top_k = E each layer computes its dense FFN exactly (tested), and with fewer
+    the sum of k slices until training moves the router."""
+    if cfg.moe is not None:
+        raise ValueError("partition takes a dense model (cfg.moe is None)")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+    if cfg.d_ff % num_experts:
+        raise ValueError(f"num_experts={num_experts} must divide the FFN width d_ff={cfg.d_ff}")
+    layers = list(range(cfg.n_layers)) if layers is None else sorted(layers)
+    f = cfg.d_ff // num_experts
+    moe_cfg = MoEConfig(num_experts=num_experts, top_k=top_k, d_model=cfg.d_model, d_ff=f, activation=cfg.activation,
+                        router="grouped_softmax", router_options=dict(renormalize=True, route_scale=float(top_k)))
+    new = dict(params)
+    new["layers"] = dict(params["layers"])
+    for i in layers:
+        layer = dict(params["layers"][str(i)])
+        ffn = layer.pop("ffn")
+        experts = {}
+        for name, w in ffn.items():
+            w = jnp.asarray(w)
+            if name == "w_down":  # [f_dense, d] -> [E, f, d]
+                experts[name] = w.reshape(num_experts, f, w.shape[-1])
+            else:  # [d, f_dense] -> [E, d, f]
+                experts[name] = jnp.moveaxis(w.reshape(w.shape[0], num_experts, f), 1, 0)
+        router = {"w": jnp.zeros((cfg.d_model, num_experts), moe_cfg.param_dtype)}
+        layer["moe"] = {"router": router, "experts": experts}
         new["layers"][str(i)] = layer
     dense = tuple(i for i in range(cfg.n_layers) if i not in layers)
     return new, cfg.replace(moe=moe_cfg, moe_every=1, dense_layers=dense)
