@@ -62,6 +62,19 @@ jit_lm_apply = _jit_lm_apply()
 """`jmoe.nn.lm_apply` compiled (one program per shape and config instead of op-by-op dispatch)."""
 
 
+def greedy_by_full_forwards(params, cfg, prompt, steps: int) -> list[int]:
+    """Greedy continuation of `prompt` by a full forward of the whole sequence per token (no
+    cache): the reference cached decoding is tested against. One shape: the model is causal,
+    so the padding after the sequence changes nothing."""
+    import jax.numpy as jnp
+
+    seq = list(prompt)
+    for _ in range(steps):
+        x = jnp.asarray([seq + [0] * (cfg.max_seq_len - len(seq))], jnp.int32)
+        seq.append(int(jnp.argmax(jit_lm_apply(params, x, cfg)[0][0, len(seq) - 1])))
+    return seq[len(prompt):]
+
+
 def write_bpe_tokenizer(directory, texts, *, vocab_size: int = 300, eos: bool = True) -> int:
     """Train a byte-level BPE tokenizer with "<s>" (id 0, prepended by encode) and "</s>" (id 1)
     on `texts`, save it as `directory`/tokenizer.json with a tokenizer_config.json, as

@@ -5,7 +5,6 @@ by `jmoe train --resume-from`."""
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -16,7 +15,7 @@ from jmoe.infer import Engine
 from jmoe.nn import LMConfig, init_lm
 from tests.infer.test_generate_cli import run
 from tests.test_bad_input import snapshot, unchanged
-from tests.util import jit_lm_apply
+from tests.util import greedy_by_full_forwards
 
 MOE = MoEConfig(num_experts=4, top_k=2, d_model=16, d_ff=8)
 CFG = LMConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=4, d_ff=16, max_seq_len=32, moe=MOE)
@@ -39,11 +38,7 @@ def test_conversion_adds_ones_and_cached_decoding_equals_full_forwards():
     gens, _ = Engine(cfg, new).generate(PROMPTS, max_new_tokens=6)
     plain, _ = Engine(CFG, params).generate(PROMPTS, max_new_tokens=6)
     for p, g in zip(PROMPTS, gens):
-        seq = list(p)
-        for _ in range(6):
-            x = jnp.asarray([seq + [0] * (CFG.max_seq_len - len(seq))], jnp.int32)
-            seq.append(int(jnp.argmax(jit_lm_apply(new, x, cfg)[0][0, len(seq) - 1])))
-        assert list(g.token_ids) == seq[len(p):]
+        assert list(g.token_ids) == greedy_by_full_forwards(new, cfg, p, 6)
     assert [g.token_ids for g in gens] != [g.token_ids for g in plain]
 
 

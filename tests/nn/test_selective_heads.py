@@ -13,7 +13,7 @@ from jmoe.infer import Engine
 from jmoe.nn import LMConfig, init_lm
 from jmoe.nn.attention import AttentionConfig, attention_heads, causal_attention
 from jmoe.nn.selective_heads import head_probs, head_selection
-from tests.util import jit_lm_apply
+from tests.util import greedy_by_full_forwards
 
 MOE = MoEConfig(num_experts=4, top_k=2, d_model=16, d_ff=8)
 
@@ -66,11 +66,7 @@ def test_cached_decoding_equals_full_forwards():
     prompts = [[3, 5, 7, 9], [1, 2]]
     gens, _ = Engine(cfg, params).generate(prompts, max_new_tokens=6)
     for p, g in zip(prompts, gens):
-        seq = list(p)
-        for _ in range(6):
-            x = jnp.asarray([seq + [0] * (cfg.max_seq_len - len(seq))], jnp.int32)
-            seq.append(int(jnp.argmax(jit_lm_apply(params, x, cfg)[0][0, len(seq) - 1])))
-        assert list(g.token_ids) == seq[len(p):]
+        assert list(g.token_ids) == greedy_by_full_forwards(params, cfg, p, 6)
 
 
 def test_config_checks_and_active_parameters():
