@@ -131,7 +131,7 @@ def steered_config(args, source):
         raise ValueError(f"--steer-experts: {e}") from None
 
 
-def mowst_options(args, source, *, offload, contrast, trace) -> dict | None:
+def mowst_options(args, *, offload, contrast, trace) -> dict | None:
     """{"threshold": --mowst-threshold or None} with --mowst, checked before the weights are read
     (a Mowst run, decoding with nothing that changes the model's steps); None without it."""
     if not getattr(args, "mowst", False):
@@ -211,7 +211,7 @@ def run_generate(args, out=None, err=None) -> int:
     if contrast is not None and offload is not None:
         raise ValueError("--self-contrast runs the model twice per token in memory; it cannot be combined with "
                          "--offload-experts")
-    mowst = mowst_options(args, source, offload=offload, contrast=contrast, trace=trace_path)
+    mowst = mowst_options(args, offload=offload, contrast=contrast, trace=trace_path)
     subset = getattr(args, "expert_subset", None)
     source.check_subset(subset)
 

@@ -18,8 +18,8 @@ both (`jmoe.infer.mowst`).
 
 from __future__ import annotations
 
-import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -122,15 +122,17 @@ def evaluate_mowst(cfg: LMConfig, params: dict, state: dict | None, mowst: dict,
     """`mowst_scores` over validation batches val [N, B, S+1] (every next-token prediction)."""
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold={threshold!r} must be in [0, 1]")
-
-    @jax.jit
-    def nlls(tokens):
-        logits, _ = lm_apply(params, tokens[:, :-1], cfg, state=state)
-        wl, conf = weak_outputs(mowst, tokens[:, :-1], mcfg)
-        return token_nll(wl, tokens[:, 1:]), token_nll(logits, tokens[:, 1:]), conf
-
-    parts = [nlls(jnp.asarray(b)) for b in val]
+    parts = [_nlls(params, state, mowst, jnp.asarray(b), cfg, mcfg) for b in val]
     return mowst_scores(*(jnp.concatenate([p[j] for p in parts]) for j in range(3)), threshold)
+
+
+@partial(jax.jit, static_argnums=(4, 5))
+def _nlls(params, state, mowst, tokens, cfg, mcfg):
+    """(weak NLL, strong NLL, confidence), each [B, S], of tokens [B, S+1]: compiled once per
+    shape and configs, with the weights as arguments (a threshold sweep reuses it)."""
+    logits, _ = lm_apply(params, tokens[:, :-1], cfg, state=state)
+    wl, conf = weak_outputs(mowst, tokens[:, :-1], mcfg)
+    return token_nll(wl, tokens[:, 1:]), token_nll(logits, tokens[:, 1:]), conf
 
 
 # ------------------------------------------------------------------ runs
@@ -238,7 +240,3 @@ def mowst_run(ckpt: str | Path, out: str | Path, *, mcfg: MowstConfig = MowstCon
         f"threshold {threshold} ({after['threshold_skip']:.1%} skip); wrote {out}")
     return report
 
-
-def describe(report: dict) -> str:
-    """One JSON line of a report's scores (for --json output)."""
-    return json.dumps({k: report[k] for k in ("strong_before", "scores")})
