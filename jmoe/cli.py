@@ -250,6 +250,8 @@ def cmd_evaluate(args) -> int:
         prompts = query_sequences(task, model.tokenizer, args.split, seed=args.seed, max_len=model.cfg.max_seq_len) \
             if source.task_experts is not None and args.expert_subset in (None, "auto") else ()
         chosen, subset = select_experts(model, source.task_experts, args.expert_subset, prompts)
+        if chosen.cfg.task_head is not None and task.name in chosen.cfg.task_head.tasks:
+            chosen = chosen.for_task(task.name)  # the task's own output of the model's task head
         results += evals.evaluate(chosen, [task], examples=args.examples, max_windows=args.max_windows,
                                   split=args.split, seed=args.seed, batch_size=args.batch_size, contrast=contrast)
         subsets.append(subset)
@@ -543,6 +545,15 @@ def cmd_mowst(args) -> int:
               weak_steps=args.weak_steps, strong_steps=args.strong_steps, lr=args.lr, strong_lr=args.strong_lr,
               threshold=args.threshold, step=args.step, seed=args.seed,
               log=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)))
+    return 0
+
+
+def cmd_task_head(args) -> int:
+    from jmoe.train.task_head import task_head_run
+
+    task_head_run(args.ckpt, args.out, tasks=args.tasks, kind=args.head, hidden=args.hidden, experts=args.experts,
+                  steps=args.steps, lr=args.lr, rows=args.rows, eval_batches=args.eval_batches, step=args.step,
+                  seed=args.seed, log=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)))
     return 0
 
 
@@ -870,6 +881,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_contrast_args(g)
     _add_steer_args(g)
     _add_offload_args(g)
+    g.add_argument("--task", metavar="NAME", help="run as this task of the model's task head (a run written by "
+                                                  "jmoe task-head)")
     w = g.add_argument_group("Mowst (a run written by jmoe mowst)")
     w.add_argument("--mowst", action="store_true",
                    help="decode with the run's weak expert where it is confident, the model only elsewhere")
@@ -1003,6 +1016,27 @@ def build_parser() -> argparse.ArgumentParser:
     mw.add_argument("--seed", type=_int_range(0), default=0)
     mw.add_argument("--quiet", action="store_true")
     mw.set_defaults(func=cmd_mowst)
+
+    th = sub.add_parser("task-head", help="train a multi-task head (HoME, MMoE or one shared mixture) over evaluation "
+                        "tasks on a frozen run, written as a new run that evaluate and generate --task run per task")
+    th.add_argument("--ckpt", required=True, help="run directory (the frozen model)")
+    th.add_argument("--out", required=True, help="new run directory, absent or empty")
+    th.add_argument("--tasks", default="all", metavar="all|NAMES", help="the head's tasks (default all)")
+    th.add_argument("--head", choices=["home", "mmoe", "shared"], default="home",
+                    help="home: shared, category and task experts with HoME's gates and fixes; mmoe: one gate and "
+                         "tower per task over shared experts; shared: one mixture for every task (default home)")
+    th.add_argument("--experts", type=_int_range(1, 1024), default=8, help="experts of mmoe and shared (default 8)")
+    th.add_argument("--hidden", type=_int_range(1), help="expert width (default the model's width)")
+    th.add_argument("--steps", type=_int_range(1), default=300, help="training steps (default 300)")
+    th.add_argument("--lr", type=_float_range(0.0, open_lo=True), default=1e-3, help="learning rate (default 1e-3)")
+    th.add_argument("--rows", type=_int_range(1, 4096), help="windows per task per step (default: the run's batch "
+                                                              "size over the number of tasks)")
+    th.add_argument("--eval-batches", type=_int_range(1, 1000), default=4,
+                    help="validation batches per task for the report (default 4)")
+    th.add_argument("--step", type=_int_range(0), help="checkpoint step (default: latest)")
+    th.add_argument("--seed", type=_int_range(0), default=0)
+    th.add_argument("--quiet", action="store_true")
+    th.set_defaults(func=cmd_task_head)
 
     u = sub.add_parser("unlearn", help="make a run forget an evaluation task by unlearning in its most tied expert (UOE)")
     u.add_argument("--ckpt", required=True, help="run directory")

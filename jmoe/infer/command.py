@@ -131,6 +131,20 @@ def steered_config(args, source):
         raise ValueError(f"--steer-experts: {e}") from None
 
 
+def task_config(args, cfg, source: str):
+    """cfg running as the task of --task (its task head's output for that task), checked
+    before the weights are read; cfg itself without the flag."""
+    name = getattr(args, "task", None)
+    if name is None:
+        return cfg
+    if cfg.task_head is None:
+        raise ValueError(f"--task: {source} has no task head (jmoe task-head trains one)")
+    try:
+        return cfg.replace(task_head=cfg.task_head.replace(task=name))
+    except ValueError as e:
+        raise ValueError(f"--task: {e}") from None
+
+
 def mowst_options(args, *, offload, contrast, trace) -> dict | None:
     """{"threshold": --mowst-threshold or None} with --mowst, checked before the weights are read
     (a Mowst run, decoding with nothing that changes the model's steps); None without it."""
@@ -206,7 +220,10 @@ def run_generate(args, out=None, err=None) -> int:
     if trace_path is not None and not cfg.moe_layers:
         raise ValueError(f"--trace: {args.ckpt} has no MoE layers to trace")
     offload = offload_options(args, cfg)
-    steered = steered_config(args, source)
+    steered = task_config(args, steered_config(args, source), args.ckpt)
+    if steered.task_head is not None and steered.task_head.task is None and not args.quiet:
+        err.write(f"{args.ckpt} has a task head over {', '.join(steered.task_head.tasks)}; without --task it runs as "
+                  "the model it was trained on\n")
     contrast = contrast_from_args(args, steered)
     if contrast is not None and offload is not None:
         raise ValueError("--self-contrast runs the model twice per token in memory; it cannot be combined with "

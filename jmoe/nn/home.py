@@ -185,6 +185,72 @@ def _mix(weights: jax.Array, outs: jax.Array) -> jax.Array:
     return jnp.einsum("bn,nbh->bh", weights, outs)
 
 
+class _ZeroCount:
+    """Counts expert output units that are exactly 0 over the experts passed through it."""
+
+    def __init__(self):
+        self.zero, self.units = 0.0, 0
+
+    def __call__(self, outs: jax.Array) -> jax.Array:
+        self.zero = self.zero + jnp.sum(outs == 0.0)
+        self.units += outs.size
+        return outs
+
+    @property
+    def share(self):
+        return self.zero / max(self.units, 1)
+
+
+def _rows(p: dict, lo: int, hi: int) -> dict:
+    """Experts lo..hi-1 of a stack."""
+    return jax.tree.map(lambda a: a[lo:hi], p)
+
+
+def _task_outputs(params: dict, x: jax.Array, cfg: HoMEConfig, tasks: tuple[int, ...]):
+    """The mixed expert outputs of `tasks` (before their towers) on every input, computing
+    only the experts those tasks read: ([len(tasks), N, h], their gate weights
+    [len(tasks), N, gate_width], a `_ZeroCount` of the experts run)."""
+    count = _ZeroCount()
+    g = params["gates"]
+    if not cfg.hierarchy:
+        outs = count(experts_apply(params["experts"], x, cfg))  # [E, N, h]
+        weights = jax.nn.softmax(jnp.einsum("bd,tde->tbe", x, g["task"][jnp.asarray(tasks)]), axis=-1)
+        return jnp.einsum("tbn,nbh->tbh", weights, outs), weights, count
+    ns, nc, nt = cfg.shared_experts, cfg.category_experts, cfg.task_experts
+    empty = jnp.zeros((0, x.shape[0], cfg.hidden), jnp.float32)
+    # meta level: z_s mixes every meta expert; z_c its category's and the shared ones
+    shared = count(experts_apply(params["meta"]["shared"], x, cfg))  # [ns, N, h]
+    cat = count(experts_apply(params["meta"]["category"], x, cfg)) if nc else empty  # [C nc, N, h]
+    z_s = _mix(jax.nn.softmax(x @ g["meta_shared"], axis=-1), jnp.concatenate([shared, cat]))
+    # task level: shared experts read z_s; a category's experts and its tasks' experts read z_c
+    t_shared = count(experts_apply(params["task"]["shared"], z_s, cfg))
+    z_c, t_cat = {}, {}
+    for c in sorted({cfg.categories[t] for t in tasks}):
+        own = jnp.concatenate([shared, cat[c * nc:(c + 1) * nc]])
+        z_c[c] = _mix(jax.nn.softmax(x @ g["meta_category"][c], axis=-1), own)
+        t_cat[c] = count(experts_apply(_rows(params["task"]["category"], c * nc, (c + 1) * nc), z_c[c], cfg)) if nc \
+            else empty
+    per_task, weights = [], []
+    for t in tasks:
+        c = cfg.categories[t]
+        mine = count(experts_apply(_rows(params["task"]["task"], t * nt, (t + 1) * nt), z_c[c], cfg)) if nt else empty
+        w = jax.nn.softmax(z_c[c] @ g["task"][t], axis=-1)
+        out = _mix(w, jnp.concatenate([t_shared, t_cat[c], mine]))
+        if cfg.self_gate:
+            logits = z_c[c] @ g["self"][t]
+            sw = jax.nn.sigmoid(logits) if nt == 1 else jax.nn.softmax(logits, axis=-1)
+            out = out + _mix(sw, mine)
+        per_task.append(out)
+        weights.append(w)
+    return jnp.stack(per_task), jnp.stack(weights), count
+
+
+def _check_x(x: jax.Array, cfg: HoMEConfig) -> jax.Array:
+    if x.ndim != 2 or x.shape[-1] != cfg.d_in:
+        raise ValueError(f"x must be [N, d_in={cfg.d_in}], got shape {x.shape}")
+    return x.astype(jnp.float32)
+
+
 def home_apply(params: dict, x: jax.Array, task_ids: jax.Array, cfg: HoMEConfig) -> tuple[jax.Array, dict]:
     """Each example's output from its own task's tower.
 
@@ -195,60 +261,24 @@ def home_apply(params: dict, x: jax.Array, task_ids: jax.Array, cfg: HoMEConfig)
       every level), "gates" [T, gate_width] (mean task-level gate weight of each task over its
       examples; NaN for a task without examples).
     """
-    if x.ndim != 2 or x.shape[-1] != cfg.d_in:
-        raise ValueError(f"x must be [N, d_in={cfg.d_in}], got shape {x.shape}")
+    x = _check_x(x, cfg)
     if task_ids.shape != x.shape[:1]:
         raise ValueError(f"task_ids must be [N={x.shape[0]}], got shape {task_ids.shape}")
-    x = x.astype(jnp.float32)
-    T, C, h = cfg.num_tasks, cfg.num_categories, cfg.hidden
-    cats = jnp.asarray(cfg.categories, jnp.int32)
+    T = cfg.num_tasks
     one_hot = jax.nn.one_hot(task_ids, T, dtype=jnp.float32)  # [N, T]
-    zero_units, all_units = 0.0, 0
-    g = params["gates"]
-
-    def count(outs):
-        nonlocal zero_units, all_units
-        zero_units = zero_units + jnp.sum(outs == 0.0)
-        all_units += outs.size
-        return outs
-
-    if not cfg.hierarchy:
-        outs = count(experts_apply(params["experts"], x, cfg))  # [E, N, h]
-        weights = jax.nn.softmax(jnp.einsum("bd,tde->tbe", x, g["task"]), axis=-1)  # [T, N, E]
-        per_task = jnp.einsum("tbn,nbh->tbh", weights, outs)
-    else:
-        ns, nc, nt = cfg.shared_experts, cfg.category_experts, cfg.task_experts
-        # meta level: z_c per category (shared + own experts), z_s (all)
-        shared = count(experts_apply(params["meta"]["shared"], x, cfg))  # [ns, N, h]
-        cat = count(experts_apply(params["meta"]["category"], x, cfg)) if nc else jnp.zeros((0,) + shared.shape[1:])
-        z_c = []
-        for c in range(C):
-            own = jnp.concatenate([shared, cat[c * nc:(c + 1) * nc]])
-            z_c.append(_mix(jax.nn.softmax(x @ g["meta_category"][c], axis=-1), own))
-        z_c = jnp.stack(z_c)  # [C, N, h]
-        z_s = _mix(jax.nn.softmax(x @ g["meta_shared"], axis=-1), jnp.concatenate([shared, cat]))
-        # task level: shared experts on z_s, category experts on their z_c, task experts on their category's z_c
-        t_shared = count(experts_apply(params["task"]["shared"], z_s, cfg))  # [ns, N, h]
-        t_cat = (count(experts_apply(params["task"]["category"], jnp.repeat(z_c, nc, axis=0), cfg)) if nc
-                 else jnp.zeros((0, x.shape[0], h)))
-        t_own = (count(experts_apply(params["task"]["task"], jnp.repeat(z_c[cats], nt, axis=0), cfg)) if nt
-                 else jnp.zeros((0, x.shape[0], h)))
-        per_task, weights = [], []
-        for t in range(T):
-            c = cfg.categories[t]
-            mine = t_own[t * nt:(t + 1) * nt]
-            pool = jnp.concatenate([t_shared, t_cat[c * nc:(c + 1) * nc], mine])
-            w = jax.nn.softmax(z_c[c] @ g["task"][t], axis=-1)
-            out = _mix(w, pool)
-            if cfg.self_gate:
-                logits = z_c[c] @ g["self"][t]
-                sw = jax.nn.sigmoid(logits) if nt == 1 else jax.nn.softmax(logits, axis=-1)
-                out = out + _mix(sw, mine)
-            per_task.append(out)
-            weights.append(w)
-        per_task, weights = jnp.stack(per_task), jnp.stack(weights)  # [T, N, h], [T, N, n]
+    per_task, weights, count = _task_outputs(params, x, cfg, tuple(range(T)))
     towers = params["towers"]
     y_all = jnp.einsum("tbh,tho->tbo", per_task, towers["w"]) + towers["b"][:, None]
     y = jnp.einsum("bt,tbo->bo", one_hot, y_all)
     mean_gates = jnp.einsum("bt,tbn->tn", one_hot, weights) / jnp.sum(one_hot, axis=0)[:, None]
-    return y, {"zero_share": zero_units / max(all_units, 1), "gates": mean_gates}
+    return y, {"zero_share": count.share, "gates": mean_gates}
+
+
+def home_task_apply(params: dict, x: jax.Array, task: int, cfg: HoMEConfig) -> jax.Array:
+    """Task `task`'s output on every input, x [N, d_in] -> [N, d_out] float32: `home_apply`
+    with every example of one task, running only the experts that task reads."""
+    x = _check_x(x, cfg)
+    if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < cfg.num_tasks:
+        raise ValueError(f"task={task!r} must be a task index in [0, {cfg.num_tasks})")
+    per_task, _, _ = _task_outputs(params, x, cfg, (task,))
+    return per_task[0] @ params["towers"]["w"][task] + params["towers"]["b"][task]

@@ -9,7 +9,8 @@ Parameters are a plain pytree:
    "layers": {"0": {"attn_norm", "attn", "ffn_norm", "moe" | "ffn"}, "1": ..., ...},
    "final_norm": {"scale": [d]},
    "unembed": {"w": [d, V]},            # absent when cfg.tie_embeddings
-   "adapters": {"0": {...}, ...}}       # only with cfg.adapter (see jmoe.adapters)
+   "adapters": {"0": {...}, ...},       # only with cfg.adapter (see jmoe.adapters)
+   "task_head": {...}}                  # only with cfg.task_head (see jmoe.nn.task_head)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from jmoe.layer import MoEAux, init_moe, init_moe_state, moe_layer
 from jmoe.registry import ROUTERS
 from jmoe.nn.attention import AttentionConfig, causal_attention, init_attention, init_rms_norm, rms_norm
 from jmoe.nn.module import ParamModule
+from jmoe.nn.task_head import TaskHeadConfig, init_task_head, task_head_delta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +59,8 @@ class LMConfig:
     meta: free-form (key, value) pairs carried with the config (e.g. the Hugging Face
       architecture and config a model was converted from).
     adapter: trainable adapters on the model (`jmoe.adapters.AdapterConfig`), or None.
+    task_head: a multi-task head on the last hidden state (`jmoe.nn.task_head.TaskHeadConfig`),
+      or None; it adds the output of its chosen task (none: off) before the final norm.
     """
 
     vocab_size: int = option(256, ge=1)
@@ -80,8 +84,19 @@ class LMConfig:
     layer_moe: tuple = ()
     meta: tuple = ()
     adapter: AdapterConfig | None = None
+    task_head: TaskHeadConfig | None = None
 
     def __post_init__(self):
+        if isinstance(self.task_head, dict):
+            object.__setattr__(self, "task_head", TaskHeadConfig.from_dict(self.task_head))
+        if self.task_head is not None:
+            if not isinstance(self.task_head, TaskHeadConfig):
+                raise ValueError("LMConfig.task_head must be a TaskHeadConfig, a mapping or None, got "
+                                 f"{type(self.task_head).__name__}")
+            home = self.task_head.home
+            if home.d_in != self.d_model or home.d_out != self.d_model:
+                raise ValueError(f"LMConfig.task_head reads and writes d_in={home.d_in}, d_out={home.d_out}; both "
+                                 f"must equal d_model={self.d_model}")
         if isinstance(self.adapter, dict):
             object.__setattr__(self, "adapter", AdapterConfig.from_dict(self.adapter))
         if self.adapter is not None and not isinstance(self.adapter, AdapterConfig):
@@ -191,6 +206,10 @@ class LMConfig:
             d["adapter"] = self.adapter.to_dict()
         else:
             del d["adapter"]
+        if self.task_head is not None:  # likewise
+            d["task_head"] = self.task_head.to_dict()
+        else:
+            del d["task_head"]
         d["meta"] = dict(self.meta)
         return d
 
@@ -255,6 +274,8 @@ def _init_lm(key, cfg):
         }
     if cfg.adapter is not None:  # from their own key: the frozen parameters do not depend on the adapter
         params["adapters"] = adapters_lib.init_adapters(jax.random.fold_in(key, 0xADA), cfg)
+    if cfg.task_head is not None:  # likewise
+        params["task_head"] = init_task_head(jax.random.fold_in(key, 0x4EAD), cfg.task_head)
     return params
 
 
@@ -355,6 +376,16 @@ def lm_apply(
     Returns:
       logits [B, S, V] float32, and `LMAux`.
     """
+    x, aux = lm_hidden(params, tokens, cfg, state=state, key=key, positions=positions, ep=ep,
+                       balance_counts=balance_counts, keep_moe_inputs=keep_moe_inputs)
+    return unembed(params, x, cfg), aux
+
+
+def lm_hidden(params: dict, tokens: jax.Array, cfg: LMConfig, *, state: dict | None = None,
+              key: jax.Array | None = None, positions: jax.Array | None = None, ep: Any = None,
+              balance_counts: dict | None = None, keep_moe_inputs: bool = False) -> tuple[jax.Array, LMAux]:
+    """`lm_apply` without its last step: the last hidden state x [B, S, d] (before the final
+    norm; `unembed` makes the logits of it) and `LMAux`."""
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens must be an integer array [batch, seq], got {tokens.dtype}{tuple(tokens.shape)}")
     B, S = tokens.shape
@@ -367,8 +398,7 @@ def lm_apply(
     )
     moe_loss = sum((a.loss for a in auxes), jnp.zeros((), jnp.float32))
     moe_loss = moe_loss + adapters_lib.mean_adapter_loss(list(adapter_auxes.values()))
-    return unembed(params, x, cfg), LMAux(moe_loss=moe_loss, moe=tuple(auxes), moe_inputs=tuple(inputs),
-                                          adapters=adapter_auxes)
+    return x, LMAux(moe_loss=moe_loss, moe=tuple(auxes), moe_inputs=tuple(inputs), adapters=adapter_auxes)
 
 
 def embed(params: dict, tokens: jax.Array, cfg: LMConfig) -> jax.Array:
@@ -377,7 +407,11 @@ def embed(params: dict, tokens: jax.Array, cfg: LMConfig) -> jax.Array:
 
 
 def unembed(params: dict, x: jax.Array, cfg: LMConfig) -> jax.Array:
-    """The final norm and the output projection: x [..., d] -> logits [..., V] float32."""
+    """The final norm and the output projection: x [..., d] -> logits [..., V] float32 (with a
+    task head running as a task, x plus its output)."""
+    if cfg.task_head is not None and cfg.task_head.task is not None:
+        h = rms_norm(params["final_norm"], x, cfg.norm_eps)
+        x = x + task_head_delta(params["task_head"], h, cfg.task_head).astype(x.dtype)
     x = rms_norm(params["final_norm"], x, cfg.norm_eps)
     w_out = params["embed"]["w"].T if cfg.tie_embeddings else params["unembed"]["w"]
     return jnp.einsum("...d,dv->...v", x.astype(jnp.float32), w_out.astype(jnp.float32))

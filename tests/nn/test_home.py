@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jmoe.nn.home import HoMEConfig, home_apply, init_home
+from jmoe.nn.home import HoMEConfig, home_apply, home_task_apply, init_home
 
 CATS = (0, 0, 1)  # tasks 0 and 1 in category 0, task 2 in category 1
 X = jax.random.normal(jax.random.key(0), (10, 8))
@@ -68,6 +68,15 @@ def test_relu_experts_go_silent_where_normalised_swish_ones_do_not():
     assert float(home_apply(init_home(jax.random.key(4), HOME), X, TASKS, HOME)[1]["zero_share"]) == 0.0
 
 
+@pytest.mark.parametrize("cfg", [HOME, HOME.replace(category_experts=0, task_experts=2),
+                                 HoMEConfig.mmoe(CATS, d_in=8, d_out=5, hidden=6, num_experts=3)])
+def test_one_task_equals_its_rows_of_every_task(cfg):
+    p = init_home(jax.random.key(5), cfg)
+    for t in range(3):
+        y, _ = home_apply(p, X, jnp.full((10,), t), cfg)
+        np.testing.assert_allclose(home_task_apply(p, X, t, cfg), y, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_input_is_named():
     with pytest.raises(ValueError, match="every category index"):
         HoMEConfig(categories=(0, 2))
@@ -80,3 +89,5 @@ def test_bad_input_is_named():
         home_apply(p, X[:, :4], TASKS, HOME)
     with pytest.raises(ValueError, match="task_ids must be"):
         home_apply(p, X, TASKS[:3], HOME)
+    with pytest.raises(ValueError, match=r"task=3 must be a task index in \[0, 3\)"):
+        home_task_apply(p, X, 3, HOME)
