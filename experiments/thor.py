@@ -9,7 +9,10 @@ Three variants of the tiny MoE (8 experts per layer, one active), same batches p
 Validation runs every variant deterministically; THOR with one expert (expert 0), which the
 regulariser trains to agree with the others. Claims, paired by seed (validation loss): THOR
 beats learned top-1 routing (the paper's claim over Switch); the regulariser helps (thor beats
-thor_nocr). THOR's steps run two forward passes. Writes experiments/results/thor.{json,png}.
+thor_nocr). THOR's steps run two forward passes. At inference THOR can also take the ensemble
+of its experts (each layer the mean of every expert, `inference="ensemble"`, 8 times the
+expert compute): its validation loss against one expert's, for both THOR variants (claim:
+the ensemble beats one expert, for thor). Writes experiments/results/thor.{json,png}.
 
     python experiments/thor.py [--steps 600] [--seeds 0 1 2]
 """
@@ -24,12 +27,26 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 import _zoo  # noqa: E402
 
+from jmoe.data import eval_batches  # noqa: E402
+from jmoe.train import rundir  # noqa: E402
+from jmoe.train.trainer import evaluate  # noqa: E402
+
+from _harness import cached  # noqa: E402
+
 ALPHA = 5.0
 VARIANTS = {  # name: (MoE changes, consistency weight)
     "switch": ({"top_k": 1}, 0.0),
     "thor": ({"router": "thor", "top_k": 1}, ALPHA),
     "thor_nocr": ({"router": "thor", "top_k": 1}, 0.0),
 }
+
+
+def ensemble_loss(result: dict) -> float:
+    """Validation loss of a THOR run with the ensemble of every expert at inference."""
+    cfg, tc, params, state, _, _ = rundir.load_run(result["dir"])
+    cfg = cfg.with_moe(router_options={**cfg.moe.router_options.to_dict(), "inference": "ensemble"})
+    val = eval_batches(_zoo.corpus(None).val, tc.eval_batches, tc.batch_size, tc.seq_len)
+    return evaluate(params, state or None, cfg, val)["val_loss"]
 
 
 def main(argv=None):
@@ -43,7 +60,13 @@ def main(argv=None):
         _zoo.claim("the consistency regulariser helps THOR (validation loss)", "thor", val["thor"], "thor_nocr",
                    val["thor_nocr"], higher_is_better=False),
     ]
+    ensemble = {name: [cached(_zoo.RUNS, "thor_ensemble", {"run": r["dir"]}, lambda r=r: ensemble_loss(r))
+                       for r in results[name]] for name in ("thor", "thor_nocr")}
+    claims.append(_zoo.claim("THOR's expert ensemble beats one expert at inference (validation loss)", "thor_ensemble",
+                             ensemble["thor"], "thor", val["thor"], higher_is_better=False))
     _zoo.print_claims(claims)
+    for name, losses in ensemble.items():
+        print(f"{name}: one expert {np.mean(val[name]):.4f}, the ensemble of every expert {np.mean(losses):.4f}")
     plt = _zoo.plt()
     fig, ax = plt.subplots(figsize=(6, 3.8))
     names = list(VARIANTS)
@@ -52,7 +75,12 @@ def main(argv=None):
     lo = min(min(v) for v in val.values())
     ax.set(ylabel="validation loss (± sd)", ylim=(lo - 0.05, None),
            title=f"THOR vs learned top-1, tiny preset, {len(a.seeds)} seeds")
-    _zoo.save("thor", _zoo.payload("thor", a.steps, a.seeds, claims, alpha=ALPHA, val_loss=val), fig)
+    for i, name in enumerate(("thor", "thor_nocr")):
+        ax.scatter([names.index(name)] * len(ensemble[name]), ensemble[name], marker="*", s=80, color="#222", zorder=3,
+                   label="the ensemble of every expert" if i == 0 else None)
+    ax.legend(fontsize=8)
+    _zoo.save("thor", _zoo.payload("thor", a.steps, a.seeds, claims, alpha=ALPHA, val_loss=val,
+                                   ensemble_val_loss=ensemble), fig)
 
 
 if __name__ == "__main__":

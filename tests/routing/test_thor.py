@@ -34,6 +34,7 @@ def test_one_random_expert_for_all_tokens_with_a_key_and_a_fixed_one_without():
 @pytest.mark.parametrize("changes, message", [
     ({"top_k": 2}, "router 'thor' sends each token to one expert"),
     ({"router_options": {"expert": 4}}, "MoEConfig.thor.expert=4 is outside the layer's 4 experts"),
+    ({"router_options": {"inference": "all"}}, "inference"),
 ])
 def test_bad_thor_configs_name_the_field(changes, message):
     with pytest.raises(ValueError, match=message):
@@ -78,3 +79,41 @@ def test_thor_trains_with_the_regulariser_and_decodes_deterministically():
     np.testing.assert_array_equal(a, b)
     untrained = init_lm(jax.random.key(0), MODEL)
     assert jax.tree.structure(untrained) == jax.tree.structure(state["params"])
+
+
+ENSEMBLE = THOR.replace(router_options={"inference": "ensemble"})
+
+
+@pytest.mark.parametrize("dispatch", ["dense", "dropless", "gather", "capacity"])
+def test_the_ensemble_is_the_mean_of_every_expert_forward_and_gradient(dispatch):
+    cfg = ENSEMBLE.replace(dispatch=dispatch, **({"dispatch_options": {"capacity_factor": 1.0}}
+                                                 if dispatch == "capacity" else {}))
+    params = init_moe(jax.random.key(0), cfg)
+    x = jax.random.normal(jax.random.key(1), (2, 5, 16))
+
+    def ensemble(p):
+        return moe_layer(p, x, cfg)[0]
+
+    def mean_of_each(p):
+        return sum(moe_layer(p, x, THOR.replace(router_options={"expert": e}))[0] for e in range(4)) / 4
+
+    np.testing.assert_allclose(ensemble(params), mean_of_each(params), rtol=1e-5, atol=1e-6)
+    g1 = jax.grad(lambda p: jnp.sum(ensemble(p) ** 2))(params)
+    g2 = jax.grad(lambda p: jnp.sum(mean_of_each(p) ** 2))(params)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    _, aux = moe_layer(params, x, cfg, key=jax.random.key(3))  # training still draws one expert
+    assert aux.routing.expert_ids.shape == (10, 1)
+
+
+def test_an_ensemble_model_decodes_with_its_cache_as_full_forwards():
+    from jmoe.infer import Engine
+    from tests.util import greedy_by_full_forwards
+
+    model = MODEL.replace(moe=ENSEMBLE)
+    params = init_lm(jax.random.key(0), model)
+    gens, _ = Engine(model, params, None, batch_size=1).generate([[1, 2, 3]], max_new_tokens=5)
+    assert list(gens[0].token_ids) == greedy_by_full_forwards(params, model, [1, 2, 3], 5)
+    one, _ = lm_apply(params, jnp.asarray([[1, 2, 3]], jnp.int32), MODEL)
+    mean, _ = lm_apply(params, jnp.asarray([[1, 2, 3]], jnp.int32), model)
+    assert not np.allclose(one, mean)
