@@ -507,13 +507,22 @@ def cmd_moe_build(args) -> int:
     from jmoe.merge.moe_build import upcycle_plan
 
     config = args.config
+    if args.partition is not None:
+        from jmoe.merge.moe_build import partition_run
+
+        if args.upcycle is not None or args.noise_scale is not None:
+            raise ValueError(f"--partition cannot be combined with {'--upcycle' if args.upcycle else '--noise-scale'}")
+        partition_run(config, args.out_dir, num_experts=args.partition, top_k=2 if args.top_k is None else args.top_k,
+                      force=args.force, log=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)))
+        return 0
     if args.upcycle is not None:
         config = upcycle_plan(args.config, args.upcycle, top_k=2 if args.top_k is None else args.top_k,
                               noise_scale=args.noise_scale or 0.0)
     else:
         given = [f for f, v in (("--top-k", args.top_k), ("--noise-scale", args.noise_scale)) if v is not None]
         if given:
-            raise ValueError(f"{given[0]} goes with --upcycle (a configuration sets experts_per_token and noise_scale)")
+            raise ValueError(f"{given[0]} goes with --upcycle or --partition (a configuration sets experts_per_token "
+                             "and noise_scale)")
     build_moe(config, args.out_dir, force=args.force, seed=args.seed, allow_identical=args.allow_identical,
               log=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)))
     return 0
@@ -954,7 +963,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the dense model's directory")
     mb.add_argument("--upcycle", type=_int_range(1), metavar="E",
                     help="sparse upcycling: E copies of CONFIG's (a dense model directory's) FFN under a new router")
-    mb.add_argument("--top-k", type=_int_range(1), help="with --upcycle: experts per token (default 2)")
+    mb.add_argument("--partition", type=_int_range(1), metavar="E",
+                    help="Union of Experts' MLP experts: split every FFN of CONFIG (a dense jmoe run) into E slices "
+                         "under a zero router, written as a run to fine-tune")
+    mb.add_argument("--top-k", type=_int_range(1), help="with --upcycle or --partition: experts per token (default 2)")
     mb.add_argument("--noise-scale", type=_float_range(0.0), help="with --upcycle: N(0, s) noise on each copy (default 0)")
     mb.add_argument("out_dir", metavar="OUT", help="output directory: Hugging Face for Hugging Face bases, a run for jmoe bases")
     mb.add_argument("--seed", type=_int_range(0, 2**32 - 1), default=0, help="seed of random gates and expert noise")

@@ -559,3 +559,53 @@ def build_moe(config: str | Path | BuildPlan, out: str | Path, *, force: bool = 
     log(f"wrote {out} ({arch}, {cfg.num_params() / 1e6:.2f}M parameters, {cfg.num_params(active=True) / 1e6:.2f}M "
         "active)")
     return report
+
+
+# ------------------------------------------------------------------ partitioning
+
+
+def partition_run(model: str | Path, out: str | Path, *, num_experts: int, top_k: int = 2, force: bool = False,
+                  step: int | None = None, log: Callable[[str], None] = print) -> dict:
+    """Union of Experts' MLP experts as a command: every dense FFN of the jmoe run `model`
+    split into `num_experts` slices under a zero router (`jmoe.merge.experts.partition`),
+    written as run `out`, which `jmoe train --resume-from out` fine-tunes. The report has the
+    validation loss of the dense model and of the partitioned one (equal with top_k =
+    num_experts; the sum of k slices otherwise, until the router trains). Everything is
+    checked before the weights are read."""
+    from jmoe.data import eval_batches, load_corpus
+    from jmoe.merge.experts import partition
+    from jmoe.merge.staging import check_output_dir, staged_dir
+    from jmoe.train import rundir
+    from jmoe.train.trainer import evaluate
+
+    model = Path(model)
+    if not rundir.is_run_dir(model):
+        raise ValueError(f"--partition: {model} is not a jmoe run (it takes a dense jmoe run; a Hugging Face model "
+                         "is upcycled with --upcycle)")
+    cfg, _, _ = rundir.read_config(model)
+    if cfg.moe is not None or cfg.adapter is not None:
+        raise ValueError(f"--partition: {model} is not a dense model (it has MoE layers or adapters)")
+    for name, v, hi in (("--partition", num_experts, cfg.d_ff), ("--top-k", top_k, num_experts)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
+            raise ValueError(f"{name} {v!r} must be an integer in [1, {hi}]")
+    if cfg.d_ff % num_experts:
+        raise ValueError(f"--partition {num_experts} must divide the model's FFN width d_ff={cfg.d_ff}")
+    out = check_output_dir(out, flag="OUT", force=force, force_flag="--force")
+    t0 = time.perf_counter()
+    cfg, tc, params, router_state, saved, at = rundir.load_run(model, step)
+    new_params, new_cfg = partition(params, cfg, num_experts=num_experts, top_k=top_k)
+    val = eval_batches(load_corpus(tc.data).val, tc.eval_batches, tc.batch_size, tc.seq_len)
+    before = evaluate(params, None, cfg, val)["val_loss"]
+    after = evaluate(new_params, None, new_cfg, val)["val_loss"]
+    report = {"source": str(model.absolute()), "step": at, "num_experts": num_experts, "top_k": top_k,
+              "dense_val_loss": before, "val_loss": after,
+              "active_params": new_cfg.num_params(active=True), "total_params": new_cfg.num_params()}
+    with staged_dir(out) as tmp:
+        rundir.save_model_run(tmp, new_cfg, tc, jax.tree.map(np.asarray, new_params), None, at, saved.get("data", {}),
+                              meta={"partitioned_from": report["source"]})
+        report["wall_s"] = time.perf_counter() - t0
+        rundir.write_report(tmp, report)
+    log(f"partitioned every FFN into {num_experts} experts, top-{top_k} ({report['active_params']:,} of "
+        f"{report['total_params']:,} parameters active); validation loss {before:.4f} dense, {after:.4f} partitioned; "
+        f"wrote {out} (fine-tune it with jmoe train --resume-from {out})")
+    return report

@@ -218,6 +218,34 @@ def test_upcycling_a_jmoe_run_gives_a_run_that_computes_the_dense_model(jmoe_den
         assert moved == ("router" in jax.tree_util.keystr(path)), jax.tree_util.keystr(path)
 
 
+def test_partitioning_a_jmoe_run_gives_a_run_of_ffn_slices(jmoe_dense_run, tmp_path, capsys):
+    from jmoe.train import load_run
+
+    full, half = tmp_path / "full", tmp_path / "half"
+    assert main(["moe-build", str(jmoe_dense_run), str(full), "--partition", "4", "--top-k", "4", "--quiet"]) == 0
+    assert main(["moe-build", str(jmoe_dense_run), str(half), "--partition", "4", "--quiet"]) == 0
+    dcfg, _, dparams, _, _, _ = load_run(jmoe_dense_run)
+    ids = np.random.default_rng(0).integers(0, 256, (2, 16))
+    want, _ = jit_lm_apply(dparams, ids, dcfg)
+    for out, k in ((full, 4), (half, 2)):
+        cfg, _, params, _, _, _ = load_run(out)
+        assert cfg.moe.num_experts == 4 and cfg.moe.top_k == k and cfg.moe.d_ff == 12
+        got, _ = jit_lm_apply(params, ids, cfg)
+        assert np.allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4) == (k == 4)  # every slice: dense
+        report = json.loads((out / "report.json").read_text())
+        assert (abs(report["val_loss"] - report["dense_val_loss"]) < 1e-4) == (k == 4)
+        assert report["active_params"] < report["total_params"] or k == 4
+    capsys.readouterr()
+    for argv, message in ((["--partition", "5"], "--partition 5 must divide the model's FFN width d_ff=48"),
+                          (["--partition", "4", "--top-k", "5"], "--top-k 5 must be an integer in [1, 4]"),
+                          (["--partition", "4", "--upcycle", "2"], "--partition cannot be combined with --upcycle")):
+        assert main(["moe-build", str(jmoe_dense_run), str(tmp_path / "bad"), *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1 and not (tmp_path / "bad").exists()
+    assert main(["moe-build", str(full), str(tmp_path / "bad"), "--partition", "2"]) == 2
+    assert "is not a dense model" in capsys.readouterr().err
+
+
 def _at(tree, path):
     for k in path:
         tree = tree[k.key]
