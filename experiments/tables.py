@@ -87,6 +87,7 @@ ROUTING = (  # results file, what the experiment compares
     ("pregate", "pre-gating (Read-ME) vs per-layer routing: quality and expert-cache hits"),
     ("mowst", "Mowst: a weak expert that skips the model where it is confident"),
     ("union_of_experts", "selective heads (Union of Experts) vs every head and a fixed half-size attention"),
+    ("home", "HoME multi-task head vs MMoE and one shared mixture"),
 )
 
 
@@ -332,6 +333,30 @@ def uoe(results: Path) -> str:
             f"{data['examples']} test examples per task; code {data['code_version']}; UOE's experts: {targets}):\n\n"
             + table(["unlearning", "stopping step", f"{data['forget']}: accuracy kept", "other tasks: accuracy kept"],
                     rows, "-rrr")
+            + "\n" + table(["claim", "mean ± sd over seeds", "difference a - b", "verdict"], claims))
+
+
+@renderer
+def home(results: Path) -> str:
+    """Multi-task heads on the frozen task-mixture MoE: parameters, mean and per-task validation
+    loss, zero expert units and degraded gate weights, and the claims."""
+    data = load(results, "home")
+    kinds = list(data["head_loss"])
+    rows = [["the model alone", "", mean_sd(summary_of(data["model_loss"])), "", ""]]
+    for k in kinds:
+        st = data["stats"][k]
+        experts = f" ({data['experts'][k]} experts)" if data["experts"][k] else ""
+        rows.append([k, f"{data['head_params'][k]:,}{experts}", mean_sd(summary_of(data["head_loss"][k])),
+                     mean_sd(summary_of(st["zero_share"]), 3), mean_sd(summary_of(st["degraded_share"]), 3)])
+    per_task = [[t, mean_sd(summary_of(data["model_per_task"][t]))]
+                + [mean_sd(summary_of(data["per_task"][k][t])) for k in kinds] for t in data["model_per_task"]]
+    claims = [_claim_row(c) for c in data["claims"]]
+    return (f"`{data['command']}` (the tiny MoE trained {data['steps']} steps on the task mixture, frozen; heads "
+            f"trained {data['head_steps']} steps at lr {data['lr']}; validation: {data['eval_windows']} windows per "
+            f"task; seeds {', '.join(map(str, data['seeds']))}; code {data['code_version']}):\n\n"
+            + table(["head", "parameters", "validation loss, mean over tasks", "expert units at 0",
+                     "gate weights under 0.01"], rows, "-rrrr")
+            + "\n" + table(["task", "the model alone", *kinds], per_task, "-" + "r" * (1 + len(kinds)))
             + "\n" + table(["claim", "mean ± sd over seeds", "difference a - b", "verdict"], claims))
 
 
