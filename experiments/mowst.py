@@ -111,7 +111,7 @@ def score_mowst(src: Path, seed: int, window: int, a) -> dict:
     mcfg, _, weak = load_mowst(out, cfg.vocab_size)
     val = eval_batches(load_corpus(tc.data).val, tc.eval_batches, tc.batch_size, tc.seq_len)
     sweep = {str(t): evaluate_mowst(cfg, params, state or None, weak, mcfg, val, t) for t in THRESHOLDS}
-    dec = MowstDecoder(cfg, params, state, weak, mcfg, 0.5)
+    dec = MowstDecoder(cfg, params, state, weak, mcfg, 0.5, batch_size=1)
     engine = Engine(cfg, params, state, batch_size=1)
     prompts = prompts_of(val)
     for run in (dec, engine):  # compile every shape first

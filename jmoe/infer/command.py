@@ -246,7 +246,7 @@ def run_generate(args, out=None, err=None) -> int:
 
         mcfg, threshold, weak = load_mowst(args.ckpt, model.cfg.vocab_size)
         engine = MowstDecoder(model.cfg, model.params, model.state, weak, mcfg,
-                              threshold if mowst["threshold"] is None else mowst["threshold"])
+                              threshold if mowst["threshold"] is None else mowst["threshold"], batch_size=args.batch_size)
     elif offload is None:
         engine = model.engine(args.batch_size, contrast)
     else:

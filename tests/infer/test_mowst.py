@@ -1,6 +1,7 @@
 """Mowst decoding (`jmoe.infer.mowst`): the lazy, cached decoder equals the teacher-forced
-threshold rule computed by full forwards, token by token; the extremes of the threshold are
-the weak expert alone and the plain engine; skipped tokens are counted."""
+threshold rule computed by full forwards, token by token, in batches of any size; the
+extremes of the threshold are the weak expert alone and the plain engine; skipped tokens are
+counted."""
 
 import jax
 import jax.numpy as jnp
@@ -50,11 +51,11 @@ def _median_confidence(mowst):
     return float(jnp.median(weak_outputs(mowst, toks, MCFG)[1]))
 
 
-@pytest.mark.parametrize("max_pending", [2, 8])
-def test_lazy_decoding_equals_the_threshold_rule(model, max_pending):
+@pytest.mark.parametrize("max_pending, batch_size", [(2, 32), (8, 2), (8, 1)])
+def test_lazy_decoding_equals_the_threshold_rule(model, max_pending, batch_size):
     params, mowst = model
     threshold = _median_confidence(mowst)
-    dec = MowstDecoder(CFG, params, None, mowst, MCFG, threshold, max_pending=max_pending)
+    dec = MowstDecoder(CFG, params, None, mowst, MCFG, threshold, max_pending=max_pending, batch_size=batch_size)
     gens, stats = dec.generate(PROMPTS, max_new_tokens=10)
     weak = 0
     for p, g in zip(PROMPTS, gens):
@@ -72,7 +73,9 @@ def test_threshold_extremes_are_the_weak_expert_and_the_plain_engine(model):
     strong, s1 = MowstDecoder(CFG, params, None, mowst, MCFG, 1.0).generate(PROMPTS, max_new_tokens=9)
     assert [g.token_ids for g in strong] == [g.token_ids for g in plain] and s1.weak_tokens == 0
     weak, s0 = MowstDecoder(CFG, params, None, mowst, MCFG, 0.0, max_pending=4).generate(PROMPTS, max_new_tokens=9)
-    assert s0.weak_tokens == 27 and s0.strong_calls == 3 * 2  # only the catch-ups after 4 waiting tokens
+    assert s0.weak_tokens == 27 and s0.strong_calls == 2  # only the catch-ups after 4 waiting tokens, batched
+    one = MowstDecoder(CFG, params, None, mowst, MCFG, 0.0, max_pending=4, batch_size=1)
+    assert one.generate(PROMPTS, max_new_tokens=9)[1].strong_calls == 3 * 2  # one prompt at a time
     for p, g in zip(PROMPTS, weak):
         seq = list(p)
         for _ in range(9):
@@ -89,6 +92,9 @@ def test_sampling_is_deterministic_for_a_seed_and_stops(model):
     b = dec.generate(PROMPTS, max_new_tokens=8, sampling=sampling, seed=4)[0]
     c = dec.generate(PROMPTS, max_new_tokens=8, sampling=sampling, seed=5)[0]
     assert [g.token_ids for g in a] == [g.token_ids for g in b] != [g.token_ids for g in c]
+    one = MowstDecoder(CFG, params, None, mowst, MCFG, _median_confidence(mowst), batch_size=1)
+    assert [g.token_ids for g in one.generate(PROMPTS, max_new_tokens=8, sampling=sampling, seed=4)[0]] == \
+        [g.token_ids for g in a]  # a row's tokens do not depend on the others
     first = a[0].token_ids[2]
     stopped = dec.generate(PROMPTS[:1], max_new_tokens=8, sampling=sampling, seed=4, stop_ids=[first])[0][0]
     assert stopped.finish_reason == "stop" and first not in stopped.token_ids
@@ -100,5 +106,7 @@ def test_bad_arguments(model):
         MowstDecoder(CFG, params, None, mowst, MCFG, 1.5)
     with pytest.raises(ValueError, match="max_pending"):
         MowstDecoder(CFG, params, None, mowst, MCFG, 0.5, max_pending=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        MowstDecoder(CFG, params, None, mowst, MCFG, 0.5, batch_size=0)
     with pytest.raises(ValueError, match="weak/embed has shape"):
         MowstDecoder(CFG, params, None, mowst, MowstConfig(embed_dim=3, window=2, hidden=16, gate_hidden=8))
