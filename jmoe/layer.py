@@ -253,7 +253,10 @@ def layer_body(
     if isinstance(experts, ExpertList) and not getattr(dispatch, "takes_expert_list", False):
         experts = experts.stack()
     with jax.named_scope("dispatch"):
-        y, dropped = dispatch(experts, xt, ffn_routing(routing, cfg), cfg)
+        to_experts = ffn_routing(routing, cfg)
+        y, dropped = dispatch(experts, xt, to_experts, cfg)
+    # a dispatch that computes fewer FFN slots than it is given (compressed experts) says how many
+    computed = dispatch.computed_slots(to_experts, cfg) if hasattr(dispatch, "computed_slots") else None
     if router.extra_output is not None:
         with jax.named_scope("flop_free_experts"):
             y = y + router.extra_output(params["router"], xt, routing, cfg).astype(y.dtype)
@@ -262,7 +265,7 @@ def layer_body(
             y = y + shared_output(params["shared"], params.get("shared_gate"), xt, cfg, partial_sum).astype(y.dtype)
     with jax.named_scope("aux"):
         aux = moe_aux(routing, dropped, cfg, seq_len=seq_len, reduce=reduce, shards=shards, global_counts=balance_counts,
-                      skipped=skipped)
+                      skipped=skipped, computed=computed)
     return y, aux
 
 
@@ -295,9 +298,11 @@ def moe_aux(
     shards: int = 1,
     global_counts: jax.Array | None = None,
     skipped: jax.Array | float = 0.0,
+    computed: jax.Array | None = None,
 ) -> MoEAux:
     """Losses and statistics of one routing; `reduce` sums over the shards of the batch.
-    skipped: FFN slots online expert skipping dropped from `routing` (this shard's)."""
+    skipped: FFN slots online expert skipping dropped from `routing` (this shard's).
+    computed: FFN slots the dispatch computed in full (this shard's; default every FFN slot)."""
     router = ROUTERS.get(cfg.router)
     E = cfg.num_ffn_choices
     C = routing.num_choices
@@ -320,7 +325,7 @@ def moe_aux(
         tokens_per_expert=counts,
         dropped_fraction=reduce(dropped) / jnp.maximum(ffn_slots, 1.0),
         router_entropy=entropy,
-        experts_per_token=ffn_slots / tokens,
+        experts_per_token=(ffn_slots if computed is None else reduce(jnp.asarray(computed, jnp.float32))) / tokens,
         zero_compute_fraction=(jnp.sum(counts) - ffn_slots) / selected,
         skipped_fraction=skipped / jnp.maximum(ffn_slots + skipped, 1.0),
         routing=routing,

@@ -142,6 +142,15 @@ def compressed_dispatch(expert_params, x, routing, cfg):
     return y.astype(dt if cfg.dtype is None else jnp.dtype(cfg.dtype)), jnp.zeros((), jnp.float32)
 
 
+def computed_slots(routing, cfg) -> jax.Array:
+    """The slots computed in full: each token's valid slots among its k - n heaviest."""
+    keep = routing.expert_ids.shape[1] - cfg.dispatch_options.num_compressed
+    w = jnp.where(routing.mask, routing.weights, 0.0)
+    rank = jnp.argsort(-w, axis=-1, stable=True)
+    return jnp.sum(jnp.take_along_axis(routing.mask, rank, axis=-1)[:, :keep])
+
+
+compressed_dispatch.computed_slots = computed_slots
 compressed_dispatch.expert_vectors = expert_vectors
 compressed_dispatch.keep_when_serving = True
 compressed_dispatch.takes_expert_list = True

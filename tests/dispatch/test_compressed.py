@@ -105,6 +105,17 @@ def test_ones_vectors_drop_the_lowest_experts():
 
     want, _ = dense_dispatch({k: v for k, v in params["experts"].items() if not k.startswith("ce_")}, x, dropped, plain)
     np.testing.assert_allclose(y, want, atol=2e-5)
+    assert float(aux.experts_per_token) == 2.0  # the compressed expert is not computed
+
+
+def test_experts_per_token_counts_the_computed_slots_of_masked_routings():
+    cfg = cfg_for(3, 1, router="top_p", router_options={"threshold": 0.3})
+    x = jax.random.normal(jax.random.key(3), (11, D))
+    _, aux = moe_layer(random_params(cfg), x, cfg)
+    r = aux.routing
+    w = np.where(r.mask, r.weights, 0.0)
+    main = np.take_along_axis(np.asarray(r.mask), np.argsort(-w, axis=-1, kind="stable"), axis=-1)[:, :2]
+    np.testing.assert_allclose(float(aux.experts_per_token), main.sum() / 11, rtol=1e-6)
 
 
 def test_masked_slots_and_one_hot_expert():
