@@ -229,7 +229,7 @@ def _train_data(args) -> str | None:
 
 def cmd_evaluate(args) -> int:
     from jmoe import evals
-    from jmoe.infer.command import contrast_from_args, steered_config
+    from jmoe.infer.command import contrast_from_args, router_options, steered_config
     from jmoe.infer.load import open_model, select_experts
     from jmoe.merge.experts.premoe import query_sequences
 
@@ -238,7 +238,7 @@ def cmd_evaluate(args) -> int:
     if out is not None and not out.parent.is_dir():
         raise ValueError(f"--out {out}: directory {out.parent} does not exist")
     # config and tokenizer checked before the weights load
-    source = open_model(args.ckpt, step=args.step, skip_ratio=args.skip_ratio)
+    source = open_model(args.ckpt, step=args.step, skip_ratio=args.skip_ratio, router_options=router_options(args))
     source.check_subset(args.expert_subset)
     steered = steered_config(args, source)
     contrast = contrast_from_args(args, steered)
@@ -303,9 +303,13 @@ def cmd_eval(args) -> int:
     from jmoe.data import eval_batches, load_corpus
     from jmoe.train.trainer import evaluate, load_run
 
+    from jmoe.infer.command import router_options
+    from jmoe.infer.load import with_router_options
+
     run_cfg, tc = _run_to_read(args)
     if args.skip_ratio is not None and not run_cfg.moe_layers:
         raise ValueError(f"--skip-ratio: {args.ckpt} has no MoE layers whose experts could be skipped")
+    with_router_options(run_cfg, router_options(args))  # checked before any work
     corpus = load_corpus(args.data if args.data is not None else tc.data)
     from jmoe.train.finetune import corpus_for
 
@@ -314,6 +318,7 @@ def cmd_eval(args) -> int:
     model_cfg, tc, params, router_state, saved, step = load_run(args.ckpt, args.step)
     if args.skip_ratio is not None:
         model_cfg = model_cfg.with_moe(skip_ratio=args.skip_ratio)
+    model_cfg = with_router_options(model_cfg, router_options(args))
     if args.data is None and corpus.sha256 != saved.get("data", {}).get("sha256"):
         print("note: the corpus on this machine differs from the one the run was trained on", file=sys.stderr)
     ev = evaluate(params, router_state, model_cfg, batches)
@@ -346,11 +351,30 @@ def cmd_trace(args) -> int:
     return run_trace(args)
 
 
+def _router_option(text: str) -> tuple:
+    """KEY=VALUE -> (key, the value read as a YAML scalar: numbers, booleans, strings)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} must be KEY=VALUE")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else value
+    except yaml.YAMLError:
+        parsed = None
+    if isinstance(parsed, (list, dict)) or (parsed is None and value.strip()):
+        raise argparse.ArgumentTypeError(f"{text!r}: the value must be a number, a boolean or a word")
+    return key.strip(), parsed
+
+
 def _add_expert_selection_args(p, subset: bool = True) -> None:
     """--skip-ratio (online expert skipping) and, for commands that run PreMoe runs, --expert-subset."""
     p.add_argument("--skip-ratio", type=_float_range(0.0, 1.0), metavar="R",
                    help="online expert skipping: a token skips each expert whose routing weight is below R times "
                         "its largest one (MC-MoE), in [0, 1] (default: the model's setting)")
+    p.add_argument("--router-option", type=_router_option, action="append", metavar="KEY=VALUE",
+                   help="run with this option of the router instead of the model's (repeatable; e.g. THOR's "
+                        "inference=ensemble: each layer the mean of every expert)")
     if subset:
         p.add_argument("--expert-subset", metavar="auto|all|TASK",
                        help="a PreMoe run (jmoe compress --method premoe): run a task's experts only; auto (default) "

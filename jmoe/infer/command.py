@@ -131,6 +131,12 @@ def steered_config(args, source):
         raise ValueError(f"--steer-experts: {e}") from None
 
 
+def router_options(args) -> dict | None:
+    """The --router-option (key, value) pairs as one dict (later ones win), or None."""
+    pairs = getattr(args, "router_option", None)
+    return dict(pairs) if pairs else None
+
+
 def task_config(args, cfg, source: str):
     """cfg running as the task of --task (its task head's output for that task), checked
     before the weights are read; cfg itself without the flag."""
@@ -202,7 +208,8 @@ def run_generate(args, out=None, err=None) -> int:
         raise ValueError("--stream and --json cannot be combined")
     if args.min_p >= 1.0:
         raise ValueError(f"argument --min-p: {args.min_p} must be < 1")
-    source = open_model(args.ckpt, step=args.step, skip_ratio=getattr(args, "skip_ratio", None))
+    source = open_model(args.ckpt, step=args.step, skip_ratio=getattr(args, "skip_ratio", None),
+                        router_options=router_options(args))
     cfg = source.cfg
     if args.top_k > cfg.vocab_size:
         raise ValueError(f"--top-k {args.top_k} exceeds the model's vocabulary of {cfg.vocab_size} tokens "

@@ -136,8 +136,21 @@ class ModelSource:
                      kind=self.kind, step=step)
 
 
+def with_router_options(cfg: LMConfig, options: dict | None, flag: str = "--router-option") -> LMConfig:
+    """cfg with `options` merged into every MoE layer's router options (e.g. THOR's
+    {"inference": "ensemble"}), checked by the router's own options; ValueError naming `flag`."""
+    if not options:
+        return cfg
+    if not cfg.moe_layers:
+        raise ValueError(f"{flag}: the model has no MoE layers")
+    try:
+        return cfg.with_moe(router_options={**cfg.moe.router_options.to_dict(), **options})
+    except ValueError as e:
+        raise ValueError(f"{flag}: {e}") from None
+
+
 def open_model(path: str | Path, *, step: int | None = None, tokenizer: bool = True,
-               skip_ratio: float | None = None) -> ModelSource:
+               skip_ratio: float | None = None, router_options: dict | None = None) -> ModelSource:
     """Describe the model at `path` without reading its weights.
 
     path: a jmoe run directory (byte-level tokenizer; `step` picks a checkpoint, default the
@@ -145,10 +158,20 @@ def open_model(path: str | Path, *, step: int | None = None, tokenizer: bool = T
       tokenizer.json when `tokenizer`).
     skip_ratio: run with online expert skipping at this ratio (`MoEConfig.skip_ratio`)
       instead of the model's own setting.
+    router_options: router options to run with instead of the model's (`with_router_options`).
     Raises ValueError (one line) when the directory is neither, its config or tokenizer is
     missing or broken, or its router cannot decode token by token.
     """
     source = _open(path, step, tokenizer)
+    if router_options:
+        cfg = with_router_options(source.cfg, router_options)
+        load_plain = source._load
+
+        def load_with_options():
+            cfg, params, state, at = load_plain()
+            return with_router_options(cfg, router_options), params, state, at
+
+        source = dataclasses.replace(source, cfg=cfg, _load=load_with_options)
     if skip_ratio is None:
         return source
     if not source.cfg.moe_layers:

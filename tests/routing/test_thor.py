@@ -117,3 +117,26 @@ def test_an_ensemble_model_decodes_with_its_cache_as_full_forwards():
     one, _ = lm_apply(params, jnp.asarray([[1, 2, 3]], jnp.int32), MODEL)
     mean, _ = lm_apply(params, jnp.asarray([[1, 2, 3]], jnp.int32), model)
     assert not np.allclose(one, mean)
+
+
+def test_the_cli_runs_a_thor_run_with_the_ensemble(tmp_path, capsys):
+    import json
+
+    from jmoe.cli import main
+    from tests.train.conftest import MICRO
+
+    run = tmp_path / "thor"
+    assert main(["train", "--out", str(run), "--steps", "2", "--eval-every", "2", "--ckpt-every", "2", "--quiet",
+                 *MICRO, "--set", "moe.router=thor", "--set", "moe.top_k=1"]) == 0
+    capsys.readouterr()
+    losses = []
+    for extra in ([], ["--router-option", "inference=ensemble"]):
+        assert main(["eval", "--ckpt", str(run), "--batches", "1", "--json", *extra]) == 0
+        losses.append(json.loads(capsys.readouterr().out)["val_loss"])
+    assert losses[0] != losses[1]
+    assert main(["generate", "--ckpt", str(run), "--prompt", "ab", "--max-new-tokens", "3", "--router-option",
+                 "inference=ensemble", "--router-option", "expert=1"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", str(run), "--router-option", "inference=all"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--router-option: MoEConfig.thor.inference" in err and len(err.splitlines()) == 1
