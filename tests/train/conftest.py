@@ -41,3 +41,28 @@ def lock_held(run: Path):
 @pytest.fixture
 def micro_args():
     return list(MICRO)
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    """A run of the MICRO MoE trained 4 steps (one per test module)."""
+    from jmoe.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "src"
+    assert main(["train", "--out", str(out), "--steps", "4", "--eval-every", "4", "--ckpt-every", "4", "--quiet",
+                 *MICRO]) == 0
+    return out
+
+
+def refused_in_one_line(args: list[str], message: str, src: Path, tmp_path: Path, capsys) -> None:
+    """`jmoe args[0] --ckpt src args[1:]` ("{tmp}" and "{src}" filled in) exits 2 with one line
+    on stderr holding `message`, and changes nothing under tmp_path or src."""
+    from tests.infer.test_generate_cli import run
+    from tests.test_bad_input import snapshot, unchanged
+
+    argv = [a.format(tmp=tmp_path, src=src) for a in args]
+    before = snapshot(tmp_path, src)
+    code, _, err = run([argv[0], "--ckpt", str(src), *argv[1:]], capsys)
+    err = err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert unchanged(before, snapshot(tmp_path, src))

@@ -15,7 +15,7 @@ from jmoe.nn import LMConfig, init_lm
 from jmoe.nn.mowst import MowstConfig, init_mowst, token_nll, weak_outputs
 from jmoe.train.mowst import evaluate_mowst, train_mowst
 from tests.infer.test_generate_cli import run
-from tests.test_bad_input import snapshot, unchanged
+from tests.train.conftest import refused_in_one_line
 
 MOE = MoEConfig(num_experts=4, top_k=2, d_model=16, d_ff=8)
 CFG = LMConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=4, d_ff=16, max_seq_len=32, moe=MOE)
@@ -67,19 +67,9 @@ def test_the_gate_trusts_the_weak_expert_where_it_predicts_better():
 
 
 @pytest.fixture(scope="module")
-def src_run(tmp_path_factory):
-    from tests.train.conftest import MICRO
-
-    out = tmp_path_factory.mktemp("runs") / "src"
-    assert main(["train", "--out", str(out), "--steps", "4", "--eval-every", "4", "--ckpt-every", "4", "--quiet",
-                 *MICRO]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def mowst_dir(src_run, tmp_path_factory):
+def mowst_dir(micro_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("mowst") / "m"
-    assert main(["mowst", "--ckpt", str(src_run), "--out", str(out), "--rounds", "1", "--weak-steps", "3",
+    assert main(["mowst", "--ckpt", str(micro_run), "--out", str(out), "--rounds", "1", "--weak-steps", "3",
                  "--strong-steps", "2", "--window", "2", "--hidden", "16", "--threshold", "0.4", "--quiet"]) == 0
     return out
 
@@ -111,13 +101,8 @@ def test_cli_writes_a_run_that_generates_with_skips(mowst_dir, capsys):
     (["generate", "--mowst"], "is not a Mowst run"),
     (["generate", "--mowst-threshold", "0.3"], "--mowst-threshold needs --mowst"),
 ])
-def test_bad_input_is_one_line_and_changes_nothing(src_run, tmp_path, capsys, args, message):
-    argv = [a.format(tmp=tmp_path, src=src_run) for a in args]
-    before = snapshot(tmp_path, src_run)
-    code, _, err = run([argv[0], "--ckpt", str(src_run), *argv[1:]], capsys)
-    err = err.strip()
-    assert code == 2 and message in err and len(err.splitlines()) == 1, err
-    assert unchanged(before, snapshot(tmp_path, src_run))
+def test_bad_input_is_one_line_and_changes_nothing(micro_run, tmp_path, capsys, args, message):
+    refused_in_one_line(args, message, micro_run, tmp_path, capsys)
 
 
 def test_mowst_runs_refuse_a_second_mowst_and_other_decoders(mowst_dir, tmp_path, capsys):

@@ -18,7 +18,7 @@ from jmoe.nn.task_head import TaskHeadConfig, head_config, init_task_head
 from jmoe.train import rundir
 from jmoe.train.task_head import evaluate_task_head, train_task_head
 from tests.infer.test_generate_cli import run
-from tests.test_bad_input import snapshot, unchanged
+from tests.train.conftest import refused_in_one_line
 from tests.util import greedy_by_full_forwards
 
 MOE = MoEConfig(num_experts=4, top_k=2, d_model=16, d_ff=8)
@@ -114,24 +114,14 @@ def test_bad_configs_are_named():
 
 
 @pytest.fixture(scope="module")
-def src_run(tmp_path_factory):
-    from tests.train.conftest import MICRO
-
-    out = tmp_path_factory.mktemp("runs") / "src"
-    assert main(["train", "--out", str(out), "--steps", "4", "--eval-every", "4", "--ckpt-every", "4", "--quiet",
-                 *MICRO]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def head_dir(src_run, tmp_path_factory):
+def head_dir(micro_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("head") / "h"
-    assert main(["task-head", "--ckpt", str(src_run), "--out", str(out), "--tasks", "addition,prose", "--steps", "30",
+    assert main(["task-head", "--ckpt", str(micro_run), "--out", str(out), "--tasks", "addition,prose", "--steps", "30",
                  "--lr", "0.01", "--hidden", "16", "--eval-batches", "1", "--quiet"]) == 0
     return out
 
 
-def test_cli_writes_a_run_that_evaluates_and_decodes_per_task(src_run, head_dir, capsys):
+def test_cli_writes_a_run_that_evaluates_and_decodes_per_task(micro_run, head_dir, capsys):
     config = json.loads((head_dir / "config.json").read_text())
     assert config["model"]["task_head"]["tasks"] == ["addition", "prose"]
     assert config["model"]["task_head"]["kind"] == "home" and config["model"]["task_head"]["task"] is None
@@ -139,16 +129,16 @@ def test_cli_writes_a_run_that_evaluates_and_decodes_per_task(src_run, head_dir,
     prose = report["scores"]["tasks"]["prose"]
     assert prose["head_loss"] < prose["model_loss"] and report["rows"] == 2
     # the model's own weights are the source run's, bit for bit
-    _, _, src, _, _, _ = rundir.load_run(src_run)
+    _, _, src, _, _, _ = rundir.load_run(micro_run)
     _, _, headed, _, _, _ = rundir.load_run(head_dir)
     assert set(headed) == set(src) | {"task_head"}
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(src), jax.tree.leaves({k: headed[k] for k in src})))
     scores = {}
-    for ckpt in (src_run, head_dir):
+    for ckpt in (micro_run, head_dir):
         code, out, _ = run(["evaluate", "--ckpt", str(ckpt), "--tasks", "prose", "--max-windows", "2", "--json"], capsys)
         assert code == 0
         scores[ckpt] = json.loads(out)["results"][0]["value"]
-    assert scores[head_dir] < scores[src_run]  # prose scored with its own output
+    assert scores[head_dir] < scores[micro_run]  # prose scored with its own output
     code, out, err = run(["generate", "--ckpt", str(head_dir), "--prompt", "ab", "--max-new-tokens", "3"], capsys)
     assert code == 0 and "without --task it runs as the model it was trained on" in err
     code, out, _ = run(["generate", "--ckpt", str(head_dir), "--task", "prose", "--prompt", "ab", "--max-new-tokens", "3",
@@ -163,13 +153,8 @@ def test_cli_writes_a_run_that_evaluates_and_decodes_per_task(src_run, head_dir,
     (["task-head", "--out", "{src}"], "not empty"),
     (["generate", "--task", "prose"], "has no task head"),
 ])
-def test_bad_input_is_one_line_and_changes_nothing(src_run, tmp_path, capsys, args, message):
-    argv = [a.format(tmp=tmp_path, src=src_run) for a in args]
-    before = snapshot(tmp_path, src_run)
-    code, _, err = run([argv[0], "--ckpt", str(src_run), *argv[1:]], capsys)
-    err = err.strip()
-    assert code == 2 and message in err and len(err.splitlines()) == 1, err
-    assert unchanged(before, snapshot(tmp_path, src_run))
+def test_bad_input_is_one_line_and_changes_nothing(micro_run, tmp_path, capsys, args, message):
+    refused_in_one_line(args, message, micro_run, tmp_path, capsys)
 
 
 def test_head_runs_refuse_a_second_head_and_unknown_tasks(head_dir, tmp_path, capsys):
