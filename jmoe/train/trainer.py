@@ -414,6 +414,9 @@ def _check_inputs(model_cfg: LMConfig, tc: TrainConfig, out: Path, corpus: Corpu
     run can start at all: nothing is written yet, and nothing expensive is done."""
     if tc.seq_len > model_cfg.max_seq_len:
         raise TrainError(f"seq_len={tc.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
+    if model_cfg.task_head is not None:
+        raise TrainError("the model has a task head, which jmoe train does not train: train the model it was made "
+                         "from, then jmoe task-head")
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} exists and is not a directory")
     for flag, source in (("--distill-from", tc.distill_from), ("--resume-from", tc.init_from)):

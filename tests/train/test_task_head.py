@@ -162,3 +162,5 @@ def test_head_runs_refuse_a_second_head_and_unknown_tasks(head_dir, tmp_path, ca
     assert code == 2 and "has a task head already" in err and not (tmp_path / "x").exists()
     code, _, err = run(["generate", "--ckpt", str(head_dir), "--task", "sorting"], capsys)
     assert code == 2 and "--task: task 'sorting' has no output in this model's head" in err.strip()
+    code, _, err = run(["train", "--resume-from", str(head_dir), "--out", str(tmp_path / "t"), "--steps", "2"], capsys)
+    assert code == 2 and "jmoe train does not train" in err and not (tmp_path / "t").exists()
