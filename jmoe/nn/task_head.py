@@ -23,6 +23,7 @@ Kinds (`head_config`):
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -117,7 +118,7 @@ def init_task_head(key: jax.Array, cfg: TaskHeadConfig) -> dict:
 def head_params(cfg: TaskHeadConfig) -> int:
     """Parameters of the head."""
     shapes = jax.eval_shape(lambda: init_home(jax.random.key(0), cfg.home))
-    return sum(int(jnp.prod(jnp.asarray(a.shape))) for a in jax.tree.leaves(shapes))
+    return sum(math.prod(a.shape) for a in jax.tree.leaves(shapes))
 
 
 def task_head_delta(head: dict, h: jax.Array, cfg: TaskHeadConfig) -> jax.Array:
