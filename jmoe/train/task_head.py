@@ -99,7 +99,8 @@ def train_task_head(cfg: LMConfig, params: dict, state: dict | None, head: dict,
 
 def evaluate_task_head(cfg: LMConfig, params: dict, state: dict | None, head: dict,
                        val: Sequence[np.ndarray]) -> dict:
-    """Validation of the head: val[t] [N, B, S+1] windows of task t (cfg.task_head.tasks[t]).
+    """Validation of the head: val holds one array of windows [N, B, S+1] per task, in the
+    order of cfg.task_head.tasks.
     Returns {"tasks": {name: {"model_loss", "head_loss"}}, "model_loss", "head_loss" (means
     over tasks), "zero_share" (of the head's expert units), "gates" {name: mean gate weight
     of each expert its task mixes}}."""
