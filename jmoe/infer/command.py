@@ -145,8 +145,10 @@ def task_config(args, cfg, source: str):
         return cfg
     if cfg.task_head is None:
         raise ValueError(f"--task: {source} has no task head (jmoe task-head trains one)")
+    from jmoe.nn.task_head import as_task
+
     try:
-        return cfg.replace(task_head=cfg.task_head.replace(task=name))
+        return as_task(cfg, name)
     except ValueError as e:
         raise ValueError(f"--task: {e}") from None
 

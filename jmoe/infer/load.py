@@ -52,10 +52,9 @@ class Model:
 
     def for_task(self, name: str) -> "Model":
         """The model running as task `name` of its task head (`jmoe.nn.task_head`)."""
-        if self.cfg.task_head is None:
-            raise ValueError(f"{self.source or 'the model'} has no task head")
-        cfg = self.cfg.replace(task_head=self.cfg.task_head.replace(task=name))
-        return dataclasses.replace(self, cfg=cfg, _engine=None)
+        from jmoe.nn.task_head import as_task
+
+        return dataclasses.replace(self, cfg=as_task(self.cfg, name), _engine=None)
 
     def encode(self, text: str, *, chat: bool = False) -> list[int]:
         """A prompt's ids (see `encode_prompt`)."""

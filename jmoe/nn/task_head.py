@@ -87,6 +87,13 @@ class TaskHeadConfig:
         return cls(**d)
 
 
+def as_task(cfg, name: str):
+    """The model config `cfg` (an `LMConfig` with a task head) running as task `name`."""
+    if cfg.task_head is None:
+        raise ValueError("the model has no task head (jmoe task-head trains one)")
+    return cfg.replace(task_head=cfg.task_head.replace(task=name))
+
+
 def head_config(tasks, kind: str, d_model: int, *, hidden: int | None = None, experts: int = 8,
                 feature_gate_rank: int = 16) -> TaskHeadConfig:
     """The head of `kind` over `tasks` (`jmoe.evals.Task`s): HoME with one shared, one

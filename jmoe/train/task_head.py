@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from jmoe.nn.attention import rms_norm
+from jmoe.nn.mowst import token_nll
 from jmoe.nn.task_head import KINDS, TaskHeadConfig, head_config, head_params, init_task_head, task_head_deltas
 from jmoe.nn.transformer import LMConfig, lm_hidden, unembed
 
@@ -32,8 +33,7 @@ WEIGHT_DECAY = 0.01
 
 def _row_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Mean next-token NLL of each row: logits [B, S, V], targets [B, S] -> [B]."""
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0], axis=-1)
+    return jnp.mean(token_nll(logits, targets), axis=-1)
 
 
 def head_forward(cfg: LMConfig, params: dict, state: dict | None, head: dict, tokens: jax.Array,
