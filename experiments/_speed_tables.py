@@ -458,9 +458,10 @@ def adapters(d: Record) -> list[str]:
                        for n in ("mixlora", "smora", "dynmole", "frozen") if n in rows)
     memory = ", ".join(f"{n} {rows[n]['memory_ratio_to_lora']:.2f}x" for n in ("mixlora", "smora", "dynmole")
                        if n in rows and rows[n]["memory_ratio_to_lora"] is not None)
+    why = (": the k experts' activations and the chunked loop's gathers cost more than plain LoRA's one extra matmul "
+           "pair" if "NOT met" in d["verdict"] else "")
     result = (f"step time over plain LoRA's (median and range of per-round ratios): {others}; scratch memory {memory}. "
-              f"{d['verdict']}: the k experts' activations and the chunked loop's gathers cost more than plain "
-              "LoRA's one extra matmul pair (`results/bench_adapters.json`)")
+              f"{d['verdict']}{why} (`results/bench_adapters.json`)")
     return [what, code(command(d["meta"])), result]
 
 

@@ -2,17 +2,20 @@
 parameters.
 
 One dense SwiGLU FFN (d, f) on T tokens, frozen; the step is the forward and the gradient
-with respect to the adapter's parameters (what fine-tuning computes). Adapters, sized to
-about the same trainable parameters:
+with respect to the adapter's parameters (what fine-tuning computes). The frozen weights are
+arguments of the compiled step, as in fine-tuning: closed over, they would be constants that
+XLA folds into products at compile time (minutes of compiling, and not the step fine-tuning
+runs). Adapters, sized to about the same trainable parameters:
   lora     rank E * r on gate, up and down
   mixlora  E LoRA experts of rank r, top-k (MixLoRA)
   smora    one LoRA of rank E * r, k * r active ranks per token (SMoRA)
   dynmole  E LoRA experts of rank r per projection, hybrid routing (DynMoLE)
   frozen   the frozen FFN's forward and its input gradient alone (the floor)
 Rounds are interleaved and the median is reported, with each ratio to plain LoRA measured in
-the same run; memory is the compiled step's scratch memory (XLA's memory analysis). Goal: MixLoRA at most 1.3x plain LoRA's step time.
+the same run; memory is the compiled step's scratch memory (XLA's memory analysis).
+Goal: MixLoRA at most 1.3x plain LoRA's step time.
 
-    python experiments/bench_adapters.py            # d=512 f=1408 T=4096, 7 rounds
+    python experiments/bench_adapters.py            # d=512 f=1408 T=4096, 11 rounds
     python experiments/bench_adapters.py --quick    # smaller, 3 rounds (a smoke run)
 """
 
@@ -52,7 +55,7 @@ def count(tree) -> int:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     d, f, T, E, k, r = (128, 352, 1024, 8, 2, 4) if args.quick else (512, 1408, 4096, 8, 2, 8)
@@ -70,25 +73,27 @@ def main(argv=None):
         params = jax.tree.map(lambda a: a + 0.01, params)  # B != 0: a trained adapter's work
         state = kind.init_state(shapes, cfg) if kind.init_state else None
 
-        def loss(p, x, kind=kind, cfg=cfg, state=state):
+        def loss(p, x, base, probe, kind=kind, cfg=cfg, state=state):
             y, aux = kind.apply(base, p, x, "swiglu", cfg, state=state)
             return jnp.sum(y * probe) + aux.loss
 
         steps[name] = (jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), params)
         sizes[name] = count(params)
-    steps["frozen"] = (jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(ffn(base, x, "swiglu") * probe), argnums=1)), {})
+    frozen = lambda p, x, base, probe: jnp.sum(ffn(base, x, "swiglu") * probe)
+    steps["frozen"] = (jax.jit(jax.value_and_grad(frozen, argnums=1)), {})
     sizes["frozen"] = 0
+    inputs = (x, base, probe)  # the frozen weights are arguments, as in fine-tuning (not constants XLA folds)
     memory = {}
     for name, (fn, p) in steps.items():
         log(f"compiling {name} ({sizes[name]:,} trainable parameters)")
-        jax.block_until_ready(fn(p, x))
-        stats = fn.lower(p, x).compile().memory_analysis()
+        jax.block_until_ready(fn(p, *inputs))
+        stats = fn.lower(p, *inputs).compile().memory_analysis()
         memory[name] = int(stats.temp_size_in_bytes) if stats is not None else None  # the step's scratch memory
     times = {name: [] for name in steps}
     for i in range(rounds):
         for name, (fn, p) in steps.items():
             t0 = time.perf_counter()
-            jax.block_until_ready(fn(p, x))
+            jax.block_until_ready(fn(p, *inputs))
             times[name].append(time.perf_counter() - t0)
         log(f"round {i + 1}/{rounds}")
     med = {n: statistics.median(t) for n, t in times.items()}
