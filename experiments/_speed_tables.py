@@ -458,8 +458,9 @@ def adapters(d: Record) -> list[str]:
                        for n in ("mixlora", "smora", "dynmole", "frozen") if n in rows)
     memory = ", ".join(f"{n} {rows[n]['memory_ratio_to_lora']:.2f}x" for n in ("mixlora", "smora", "dynmole")
                        if n in rows and rows[n]["memory_ratio_to_lora"] is not None)
-    why = (": the k experts' activations and the chunked loop's gathers cost more than plain LoRA's one extra matmul "
-           "pair" if "NOT met" in d["verdict"] else "")
+    why = (": the chunked loop's backward, which recomputes each chunk and scatters the gradient of its wide rows "
+           "(the token's input, x W_gate and x W_up), costs more than plain LoRA's extra matmuls"
+           if "NOT met" in d["verdict"] else "")
     result = (f"step time over plain LoRA's (median and range of per-round ratios): {others}; scratch memory {memory}. "
               f"{d['verdict']}{why} (`results/bench_adapters.json`)")
     return [what, code(command(d["meta"])), result]
