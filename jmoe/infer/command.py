@@ -18,6 +18,7 @@ from jmoe.infer.offload import format_bytes
 from jmoe.infer.offload_commands import check_new_file
 from jmoe.infer.sampling import SamplingParams
 from jmoe.infer.trace import recorder_for
+from jmoe.nn.task_head import as_task
 
 OFFLOAD_FLAGS = ("expert_cache", "expert_memory", "predictor_trace", "expert_store_path")
 
@@ -143,12 +144,8 @@ def task_config(args, cfg, source: str):
     name = getattr(args, "task", None)
     if name is None:
         return cfg
-    if cfg.task_head is None:
-        raise ValueError(f"--task: {source} has no task head (jmoe task-head trains one)")
-    from jmoe.nn.task_head import as_task
-
     try:
-        return as_task(cfg, name)
+        return as_task(cfg, name, source)
     except ValueError as e:
         raise ValueError(f"--task: {e}") from None
 

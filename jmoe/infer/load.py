@@ -15,6 +15,7 @@ from jmoe.infer.engine import Engine, Generation, GenerationStats
 from jmoe.infer.forward import check_servable
 from jmoe.infer.sampling import SamplingParams
 from jmoe.infer.tokenizer import Tokenizer, load_tokenizer
+from jmoe.nn.task_head import as_task
 from jmoe.nn.transformer import LMConfig
 
 
@@ -52,9 +53,7 @@ class Model:
 
     def for_task(self, name: str) -> "Model":
         """The model running as task `name` of its task head (`jmoe.nn.task_head`)."""
-        from jmoe.nn.task_head import as_task
-
-        return dataclasses.replace(self, cfg=as_task(self.cfg, name), _engine=None)
+        return dataclasses.replace(self, cfg=as_task(self.cfg, name, self.source or "the model"), _engine=None)
 
     def encode(self, text: str, *, chat: bool = False) -> list[int]:
         """A prompt's ids (see `encode_prompt`)."""

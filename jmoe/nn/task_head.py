@@ -87,10 +87,11 @@ class TaskHeadConfig:
         return cls(**d)
 
 
-def as_task(cfg, name: str):
-    """The model config `cfg` (an `LMConfig` with a task head) running as task `name`."""
+def as_task(cfg, name: str, source: str = "the model"):
+    """The model config `cfg` (an `LMConfig` with a task head) running as task `name`;
+    `source` names the model in the error when it has no head."""
     if cfg.task_head is None:
-        raise ValueError("the model has no task head (jmoe task-head trains one)")
+        raise ValueError(f"{source} has no task head (jmoe task-head trains one)")
     return cfg.replace(task_head=cfg.task_head.replace(task=name))
 
 
