@@ -459,7 +459,7 @@ def adapters(d: Record) -> list[str]:
     memory = ", ".join(f"{n} {rows[n]['memory_ratio_to_lora']:.2f}x" for n in ("mixlora", "smora", "dynmole")
                        if n in rows and rows[n]["memory_ratio_to_lora"] is not None)
     why = (": the chunked loop's backward, which recomputes each chunk and scatters the gradient of its wide rows "
-           "(the token's input, x W_gate and x W_up), costs more than plain LoRA's extra matmuls"
+           "(every expert's x A, x W_gate and x W_up), costs more than plain LoRA's extra matmuls"
            if "NOT met" in d["verdict"] else "")
     result = (f"step time over plain LoRA's (median and range of per-round ratios): {others}; scratch memory {memory}. "
               f"{d['verdict']}{why} (`results/bench_adapters.json`)")

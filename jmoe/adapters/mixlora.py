@@ -5,10 +5,11 @@ W_e = W + (alpha / r) A_e B_e; a softmax router picks k experts per token and re
 their weights. The frozen `x W_gate` and `x W_up` are computed once per token, and because
 W_down is linear, sum_e w_e h_e W_down = (sum_e w_e h_e) W_down runs once per token too. The
 token-slots are sorted by expert and each expert's LoRA factors run on its slots, through the
-dropless machinery of `jmoe.dispatch`: grouped matmuls, or on CPU the chunked loop; small
-adapters (E * r <= 32) run every expert's A at once and mask each slot to its expert's
-columns instead (option `impl`). So the layer costs one frozen FFN plus the k experts' small
-matmuls and their k activations.
+dropless machinery of `jmoe.dispatch`: grouped matmuls, or on CPU the chunked loop (which
+takes every expert's gate and up A on every token at once, a rank E * r matmul, so that its
+rows stay narrow); small adapters (E * r <= 32) run every expert's A at once and mask each
+slot to its expert's columns instead (option `impl`). So the layer costs one frozen FFN plus
+the experts' small matmuls and the k activations of each token.
 Auxiliary loss: aux_loss_coef * E * sum_e f_e P_e (Mixtral's, k at balance), with f_e the
 share of tokens routed to e and P_e the mean router probability.
 """
@@ -124,44 +125,60 @@ def _masked(base, params, x, activation, cfg, ids, weights, key):
 
 def _chunked(base, params, x, activation, cfg, order, sizes, weights, key):
     """The dropless chunked loop of `jmoe.dispatch.chunked` with each expert's adapted FFN up to
-    its hidden activation: a token-slot's row carries [LoRA input, x W_gate, x W_up] (and the
-    dropout mask of the down LoRA's input), its expert returns [h, (alpha / r) h A_d B_d]."""
-    k, s = cfg.top_k, cfg.scaling
+    its hidden activation, on narrow rows. Every expert's A of the gate and up LoRAs runs on
+    every token at once (x A: rank E * r, the cost of a plain LoRA of that rank), so a
+    token-slot's row carries [x A_up, x A_gate, x W_up, x W_gate] (and the dropout mask of the
+    down LoRA's input) rather than x itself; its expert picks its own r columns (a one-hot
+    selection, `sel`) and returns [h, h A_d] with h A_d placed in its expert's columns, so
+    the weighted sum over a token's slots meets every B_down at once, as one matmul of rank
+    E * r. Rows of 2 E r + 2 f and outputs of f + E r instead of d + 2 f and f + d: the loop's
+    gathers and scatters, which are most of its cost on CPU, move fewer bytes."""
+    E, k, r, s = cfg.num_experts, cfg.top_k, cfg.rank, cfg.scaling
     act = ACTIVATIONS.get(activation)
     T, d = x.shape
     dt = x.dtype
     f = base["w_down"].shape[0]
     k_in, k_h = jax.random.split(key) if key is not None else (None, None)
-    up0 = x @ base["w_up"].astype(dt)
-    parts = [dropout(x, cfg.dropout, k_in), up0]
+    xs = dropout(x, cfg.dropout, k_in)
+    wide = lambda a: jnp.moveaxis(a.astype(dt), 0, 1).reshape(a.shape[1], E * r)  # [E, n, r] -> [n, E * r]
+    lora_in = [n for n in ("up", "gate") if n in params and (n == "up" or act.gated)]
+    parts = [xs @ wide(params[n]["A"]) for n in lora_in]
+    parts.append(x @ base["w_up"].astype(dt))
     if act.gated:
         parts.append(x @ base["w_gate"].astype(dt))
     h_mask = "down" in params and k_h is not None and cfg.dropout > 0
     if h_mask:  # one dropout mask per token for the down LoRA's input (inverted dropout)
         parts.append(dropout(jnp.ones((T, f), dt), cfg.dropout, k_h))
     rows = jnp.concatenate(parts, axis=-1)
+    z_at = {n: i * E * r for i, n in enumerate(lora_in)}
+    o = len(lora_in) * E * r  # where x W_up starts
 
-    def expert(p, r):
-        xs, u = r[:, :d], r[:, d:d + f]
-        lora = lambda name, v: s * ((v @ p[name]["A"].astype(dt)) @ p[name]["B"].astype(dt))
-        if "up" in p:
-            u = u + lora("up", xs)
+    def expert(p, row):
+        pick = lambda n: row[:, z_at[n]:z_at[n] + E * r] @ p["sel"]  # [n, r]: this expert's x A_n
+        u = row[:, o:o + f]
+        if "up" in z_at:
+            u = u + s * (pick("up") @ p["up"]["B"].astype(dt))
         if act.gated:
-            g = r[:, d + f:d + 2 * f]
-            if "gate" in p:
-                g = g + lora("gate", xs)
+            g = row[:, o + f:o + 2 * f]
+            if "gate" in z_at:
+                g = g + s * (pick("gate") @ p["gate"]["B"].astype(dt))
             h = act.fn(g) * u
         else:
             h = act.fn(u)
         if "down" not in p:
             return h
-        hl = h * r[:, -f:] if h_mask else h
-        return jnp.concatenate([h, lora("down", hl)], axis=-1)
+        hl = h * row[:, -f:] if h_mask else h
+        return jnp.concatenate([h, (hl @ p["down"]["A"].astype(dt)) @ p["sel"].T], axis=-1)
 
-    experts = {n: v for n, v in params.items() if n != "router"}
+    experts = {n: {"B": params[n]["B"]} for n in lora_in}
+    if "down" in params:
+        experts["down"] = {"A": params["down"]["A"]}
+    experts["sel"] = lax.stop_gradient(jnp.eye(E * r, dtype=dt).reshape(E * r, E, r).transpose(1, 0, 2))  # [E, E*r, r]
     out = chunked_expert_combine(rows, weights.reshape(-1), order, sizes, experts, expert, k, cfg.options.block_size)
     y = out[:, :f] @ base["w_down"].astype(dt)
-    return y + out[:, f:] if "down" in params else y
+    if "down" in params:
+        y = y + s * (out[:, f:] @ params["down"]["B"].astype(dt).reshape(E * r, d))
+    return y
 
 
 def _grouped(base, params, x, activation, cfg, order, sizes, weights, key):
