@@ -460,7 +460,7 @@ def adapters(d: Record) -> list[str]:
                        if n in rows and rows[n]["memory_ratio_to_lora"] is not None)
     why = (": the chunked loop's backward, which recomputes each chunk and scatters the gradient of its wide rows "
            "(every expert's x A, x W_gate and x W_up), costs more than plain LoRA's extra matmuls"
-           if "NOT met" in d["verdict"] else "")
+           if not d["goal_met"] else "")
     result = (f"step time over plain LoRA's (median and range of per-round ratios): {others}; scratch memory {memory}. "
               f"{d['verdict']}{why} (`results/bench_adapters.json`)")
     return [what, code(command(d["meta"])), result]

@@ -110,8 +110,9 @@ def main(argv=None):
         print(f"{row['adapter']:<9} {row['trainable_params']:>10,} {row['step_ms']:>9.1f} {row['ratio_to_lora']:>7.2f} "
               f"{row['ratio_min']:>6.2f}-{row['ratio_max']:<6.2f} {mem:>11.1f} {mr:>7.2f}")
     mix = next(r for r in rows if r["adapter"] == "mixlora")["ratio_to_lora"]
+    met = mix <= 1.3
     verdict = f"MixLoRA step {mix:.2f}x plain LoRA's at equal trainable parameters (goal <= 1.3x: " \
-              f"{'met' if mix <= 1.3 else 'NOT met'})"
+              f"{'met' if met else 'NOT met'})"
     print("\n" + verdict)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": "python experiments/bench_adapters.py" + (" --quick" if args.quick else ""),
@@ -119,7 +120,7 @@ def main(argv=None):
             "machine": platform.machine(), "jax": jax.__version__, "rounds": rounds,
             "shape": {"d_model": d, "d_ff": f, "tokens": T, "num_experts": E, "top_k": k, "rank": r},
             "statistic": "median seconds; ratios per round, median and range"}
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows, "verdict": verdict}, indent=1))
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows, "verdict": verdict, "goal_met": met}, indent=1))
     print(f"wrote {args.out}")
 
 
