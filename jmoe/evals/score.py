@@ -70,13 +70,12 @@ def exact_match(engine, tokenizer: Tokenizer, task: Task, examples: Sequence[Exa
 def _nll_sums(cfg):
     """jit of (params, router state, tokens [B, S + 1]) -> [B] summed next-token NLL (nats),
     compiled once per model config (not once per task)."""
-    from jmoe.nn import lm_apply
+    from jmoe.nn import lm_apply, token_nll
 
     @jax.jit
     def nll_sums(params, state, tokens):
         logits, _ = lm_apply(params, tokens[:, :-1], cfg, state=state)
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-        return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0].sum(-1)
+        return token_nll(logits, tokens[:, 1:]).sum(-1)
 
     return nll_sums
 

@@ -2,7 +2,7 @@
 
 from jmoe.nn.module import ParamModule, RouterState
 from jmoe.nn.moe import MoE
-from jmoe.nn.transformer import LMAux, LMConfig, TransformerLM, init_lm, init_lm_state, lm_apply
+from jmoe.nn.transformer import LMAux, LMConfig, TransformerLM, init_lm, init_lm_state, lm_apply, token_nll
 from jmoe.nn.presets import PRESETS, preset
 
 __all__ = [
@@ -17,4 +17,5 @@ __all__ = [
     "init_lm_state",
     "lm_apply",
     "preset",
+    "token_nll",
 ]

@@ -137,12 +137,6 @@ def confidence(gate: dict, disp: jax.Array) -> jax.Array:
     return jax.nn.sigmoid((h @ gate["1"]["w"] + gate["1"]["b"])[..., 0])
 
 
-def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Per-token next-token NLL [B, S] float32 of logits [B, S, V] against targets [B, S]."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-
-
 def weak_outputs(params: dict, tokens: jax.Array, mcfg: MowstConfig) -> tuple[jax.Array, jax.Array]:
     """(weak logits [B, S, V], confidence C [B, S]) of tokens [B, S]."""
     logits = weak_logits(params["weak"], tokens, mcfg)

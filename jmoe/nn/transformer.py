@@ -350,6 +350,12 @@ def update_lm_state(state: dict, counts: dict, cfg: LMConfig) -> dict:
     return out
 
 
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-token next-token NLL [B, S] (nats, float32) of logits [B, S, V] against targets [B, S]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
 def lm_apply(
     params: dict,
     tokens: jax.Array,

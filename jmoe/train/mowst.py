@@ -28,9 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jmoe.nn.mowst import (MowstConfig, check_mowst_params, init_mowst, mowst_loss, mowst_scores, token_nll,
-                           weak_outputs)
-from jmoe.nn.transformer import LMConfig, lm_apply, update_lm_state
+from jmoe.nn.mowst import MowstConfig, check_mowst_params, init_mowst, mowst_loss, mowst_scores, weak_outputs
+from jmoe.nn.transformer import LMConfig, lm_apply, token_nll, update_lm_state
 
 MOWST_FILE = "mowst.safetensors"
 WEIGHT_DECAY = 5e-4

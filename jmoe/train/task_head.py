@@ -24,9 +24,8 @@ import numpy as np
 import optax
 
 from jmoe.nn.attention import rms_norm
-from jmoe.nn.mowst import token_nll
 from jmoe.nn.task_head import KINDS, TaskHeadConfig, head_config, head_params, init_task_head, task_head_deltas
-from jmoe.nn.transformer import LMConfig, lm_hidden, unembed
+from jmoe.nn.transformer import LMConfig, lm_hidden, token_nll, unembed
 
 WEIGHT_DECAY = 0.01
 

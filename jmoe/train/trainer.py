@@ -24,7 +24,7 @@ import optax
 
 from jmoe.data import Corpus, eval_batches, load_corpus, train_batch
 from jmoe.losses import needs_step_counts
-from jmoe.nn.transformer import LMConfig, init_lm, lm_apply, stack_padded, update_lm_state
+from jmoe.nn.transformer import LMConfig, init_lm, lm_apply, stack_padded, token_nll, update_lm_state
 from jmoe.parallel import ExpertParallel, batch_sharding, global_array, is_primary, make_mesh, shardings, to_host
 from jmoe.progress import Progress
 from jmoe.train import rundir
@@ -95,8 +95,7 @@ class Placement:
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy (nats). logits: [B, S, V]; targets: [B, S] int."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+    return jnp.mean(token_nll(logits, targets))
 
 
 def _moe_metrics(auxes) -> dict:

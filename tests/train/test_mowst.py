@@ -11,8 +11,8 @@ import pytest
 
 from jmoe import MoEConfig
 from jmoe.cli import main
-from jmoe.nn import LMConfig, init_lm
-from jmoe.nn.mowst import MowstConfig, init_mowst, token_nll, weak_outputs
+from jmoe.nn import LMConfig, init_lm, token_nll
+from jmoe.nn.mowst import MowstConfig, init_mowst, weak_outputs
 from jmoe.train.mowst import evaluate_mowst, train_mowst
 from tests.infer.test_generate_cli import run
 from tests.train.conftest import refused_in_one_line
