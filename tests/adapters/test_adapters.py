@@ -138,6 +138,25 @@ def test_adapted_ffn_equals_its_definition_forward_and_gradient(kind, kw):
     tree_allclose(g_fast, g_ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("activation,targets", [("gelu", ("gate", "up", "down")), ("gelu", ("up",)),
+                                                ("swiglu", ("gate",)), ("swiglu", ("down",))])
+def test_mixlora_implementations_agree_forward_and_gradient(activation, targets):
+    """chunked (narrow rows of every expert's x A) and grouped equal masked, for a plain (gelu,
+    which ignores a gate LoRA) and a gated activation, on any subset of the projections."""
+    base = init_ffn(jax.random.key(0), D, F, activation)
+    x = jax.random.normal(jax.random.key(2), (3 * T, D))
+    shapes = {"gate": (D, F), "up": (D, F), "down": (F, D)}
+    out = {}
+    for impl in ("masked", "chunked", "grouped"):
+        cfg = _cfg("mixlora", ffn_targets=targets, options=dict(impl=impl, block_size=8))
+        params = ADAPTERS.get("mixlora").init(jax.random.key(1), {t: shapes[t] for t in targets}, cfg, "float32")
+        params = jax.tree.map(lambda a: a + 0.1, params)
+        loss = lambda p, x, cfg=cfg: jnp.sum(ADAPTERS.get("mixlora").apply(base, p, x, activation, cfg)[0] ** 2)
+        out[impl] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+    for impl in ("chunked", "grouped"):
+        tree_allclose(out[impl], out["masked"], rtol=1e-4, atol=1e-4)
+
+
 def test_mixlora_with_every_token_on_one_expert_and_empty_experts():
     cfg = _cfg("mixlora", top_k=1)
     params, base = _params("mixlora", cfg)
