@@ -84,7 +84,10 @@ def _apply(base, params, x, activation, cfg, *, state=None, key=None):
     return y, aux
 
 
-MASKED_MAX_RANK = 32  # "auto" takes the masked path while num_experts * rank is at most this
+MASKED_MAX_RANK = 32
+""""auto" takes the masked path while num_experts * rank is at most this. Training step of the
+chunked path over the masked one on XLA:CPU (d=512, f=1408, 4,096 tokens, k=2, 2 cores):
+1.05x at E * r = 16, 0.99x and 1.00x at 32 (E=8, r=4 and E=4, r=8), 0.93x at 64."""
 
 
 def _masked(base, params, x, activation, cfg, ids, weights, key):
