@@ -7,13 +7,14 @@ parameters (on the FFN's gate, up and down projections):
 
   lora     rank E * r
   mixlora  E experts of rank r, top-2 (MixLoRA)
-  smora    one LoRA of rank E * r, 2 * r ranks active per token (SMoRA)
+  smora    one LoRA of rank 23, 2 * r ranks active per token (SMoRA: its router over the
+           ranks is as large as A, so rank 23 holds the parameters of a rank-32 LoRA)
   dynmole  E experts of rank r per projection, top-p 0.75, at least 2 (DynMoLE)
 
 and scored by exact match on each task's test split; three seeds, claims paired by seed.
 Claim (MixLoRA's): MixLoRA above LoRA on the mean exact match (and, finer grained, below it in
 validation loss on the task mixture). Step time: see
-experiments/bench_adapters.py. Writes experiments/results/lora_experts.{json,png}; runs are
+experiments/bench_adapters.py. Writes experiments/results/lora_experts_<preset>.{json,png}; runs are
 cached by configuration and code version (train in slices with --train-only).
 
     python experiments/lora_experts.py --preset tiny                  # the quick version
@@ -43,7 +44,8 @@ E, R = 8, 4
 ADAPTERS = {
     "lora": AdapterConfig(kind="lora", rank=E * R),
     "mixlora": AdapterConfig(kind="mixlora", rank=R, num_experts=E, top_k=2),
-    "smora": AdapterConfig(kind="smora", rank=E * R, top_k=2 * R),
+    # SMoRA's rank router is as large as A: rank 23 is LoRA's parameter count (+0.6% at tiny and small)
+    "smora": AdapterConfig(kind="smora", rank=23, top_k=2 * R),
     "dynmole": AdapterConfig(kind="dynmole", rank=R, num_experts=E, top_k=2),
 }
 
@@ -127,7 +129,7 @@ def main(argv=None):
                            scores=scores, frozen_base=frozen, tasks=[t.name for t in tasks],
                            val_loss={k: _zoo.val_losses(rs) for k, rs in runs.items()})
     payload["command"] += f" --preset {a.preset}"
-    _zoo.save("lora_experts", payload, fig)
+    _zoo.save(f"lora_experts_{a.preset}", payload, fig)
     print(json.dumps(payload["trainable_params"]))
 
 

@@ -48,6 +48,14 @@ def load(results: Path, name: str) -> dict:
     return json.loads(path.read_text())
 
 
+def by_preset(results: Path, name: str) -> dict:
+    """{preset: the results of `name`_<preset>.json} for the base sizes measured (tiny, small)."""
+    found = {p: load(results, f"{name}_{p}") for p in ("tiny", "small") if (results / f"{name}_{p}.json").exists()}
+    if not found:
+        raise FileNotFoundError(str(results / f"{name}_tiny.json"))
+    return found
+
+
 def num(x: float, digits: int = 4) -> str:
     return f"{x:,.1f}" if abs(x) >= 100 else f"{x:.{digits}f}"
 
@@ -207,8 +215,12 @@ def quantize(results: Path) -> str:
 
 @renderer
 def lora_experts(results: Path) -> str:
-    """LoRA against MixLoRA, SMoRA and DynMoLE on a frozen dense model: per task and the claims."""
-    data = load(results, "lora_experts")
+    """LoRA against MixLoRA, SMoRA and DynMoLE on a frozen dense model of each base size
+    measured: per task and the claims."""
+    return "\n".join(_lora_experts_one(data) for data in by_preset(results, "lora_experts").values())
+
+
+def _lora_experts_one(data: dict) -> str:
     tasks, scores = data["tasks"], data["scores"]
     rows = []
     for name, per_seed in [("frozen base", data["frozen_base"]), *scores.items()]:
@@ -251,10 +263,7 @@ def merging_benchmark(results: Path) -> str:
     """Multi-task merging of language models from each base size measured (tiny, small): the
     normalised score of every method per task, its mean and how long the merge took, the
     claims; with both sizes, every method's score from the small base against the tiny one."""
-    found = {p: load(results, f"merging_benchmark_{p}") for p in ("tiny", "small")
-             if (results / f"merging_benchmark_{p}.json").exists()}
-    if not found:
-        raise FileNotFoundError(str(results / "merging_benchmark_tiny.json"))
+    found = by_preset(results, "merging_benchmark")
     parts = [_merging_benchmark_one(data) for data in found.values()]
     if len(found) == 2:
         parts.append(_merging_scale(found["tiny"], found["small"]))
