@@ -424,6 +424,12 @@ def _add_offload_args(g) -> None:
     o.add_argument("--expert-store-path", metavar="FILE", help="the safetensors file of --expert-store disk")
 
 
+def cmd_place(args) -> int:
+    from jmoe.parallel.placement.command import run_place
+
+    return run_place(args)
+
+
 def cmd_trace_report(args) -> int:
     from jmoe.infer.offload_commands import run_trace_report
 
@@ -944,6 +950,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--reuse-bins", type=_int_range(1, 4096), default=32, help="bins of the reuse-distance histograms (default 32)")
     tr.add_argument("--no-plot", action="store_true", help="write report.json only")
     tr.set_defaults(func=cmd_trace_report)
+
+    from jmoe.parallel.placement import PLACEMENTS
+
+    pc = sub.add_parser("place", help="place experts (and replicas of hot ones) on a mesh's devices from a routing trace: "
+                                      "EPLB, ExFlow, MoETuner, greedy, round robin (JSON)")
+    pc.add_argument("--trace", required=True, metavar="FILE", help="routing trace (.npz, from jmoe trace)")
+    where = pc.add_mutually_exclusive_group(required=True)
+    where.add_argument("--mesh", help='device mesh whose expert axis the experts go on, e.g. "data=2,expert=8"')
+    where.add_argument("--devices", type=_int_range(1), help="devices of the expert axis")
+    pc.add_argument("--method", default="eplb", choices=PLACEMENTS.names(), help="placement algorithm (default eplb)")
+    pc.add_argument("--redundant", type=_int_range(0), default=0, metavar="R",
+                    help="extra slots per MoE layer for replicas of hot experts (eplb; default 0)")
+    pc.add_argument("--option", type=_router_option, action="append", metavar="KEY=VALUE",
+                    help="an option of the method (repeatable; e.g. num_groups=4, num_nodes=2 for eplb)")
+    pc.add_argument("--out", required=True, metavar="FILE", help="the placement to write (.json)")
+    pc.set_defaults(func=cmd_place)
 
     from jmoe.infer.cachesim import CACHE_POLICIES
 
