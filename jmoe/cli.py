@@ -202,6 +202,10 @@ def _build_train_configs(args):
             "distill_weight": args.distill_weight,
             "distill_temperature": args.distill_temperature,
             "train_only": args.train_only,
+            "placement": None if args.placement is None else str(Path(args.placement).absolute()),
+            "rebalance_every": args.rebalance_every,
+            "rebalance_method": args.rebalance_method,
+            "redundant_experts": args.redundant_experts,
         }.items()
         if v is not None
     }
@@ -846,6 +850,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--distill-temperature", type=float, help="softmax temperature of distillation (default 1)")
     t.add_argument("--mesh", help='device mesh, e.g. "data=2,expert=4" (axes: data, fsdp, expert, model)')
     t.add_argument("--ep-impl", help="expert-parallel token exchange: auto | padded | ragged | allgather")
+    p = t.add_argument_group("expert placement (with --mesh ...,expert=N)")
+    p.add_argument("--placement", metavar="FILE", help="run the experts on this placement (from jmoe place)")
+    p.add_argument("--rebalance-every", type=_int_range(1), metavar="N",
+                   help="re-place the experts every N steps from the expert loads of those steps")
+    p.add_argument("--rebalance-method", metavar="NAME", help="placement method of --rebalance-every (default eplb)")
+    p.add_argument("--redundant-experts", type=_int_range(0), metavar="R",
+                   help="extra slots per MoE layer for replicas of hot experts (--rebalance-every; default 0)")
     _add_distributed_args(t)
     t.add_argument("--stop-after", type=_int_range(1), metavar="N", help="stop with a checkpoint after N steps in this process (resume later with --resume)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

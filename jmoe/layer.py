@@ -170,6 +170,7 @@ def moe_layer(
     ep: Any = None,
     carry: Any = None,
     balance_counts: jax.Array | None = None,
+    slots: jax.Array | None = None,
 ) -> tuple[jax.Array, MoEAux]:
     """Apply a sparse MoE layer.
 
@@ -185,6 +186,8 @@ def moe_layer(
         recurrent router), or None at the first layer.
       balance_counts: [C] selected-slot counts of the whole optimizer step, for the
         global-scope balance loss under gradient accumulation.
+      slots: [S] an expert placement of the layer on `ep`'s mesh (the expert of each slot,
+        `jmoe.parallel.placement`); the result does not depend on it (ignored without `ep`).
     Returns:
       y: [..., d_model] in the compute dtype (cfg.dtype, or x's dtype).
       aux: `MoEAux` with losses, load statistics and the `Routing`.
@@ -193,7 +196,7 @@ def moe_layer(
     _check_input(x, cfg)
     _check_params(params, cfg)
     if ep is not None:
-        return ep.apply(params, x, cfg, state=state, key=key, carry=carry, balance_counts=balance_counts)
+        return ep.apply(params, x, cfg, state=state, key=key, carry=carry, balance_counts=balance_counts, slots=slots)
     return _moe_layer(params, x, cfg, state, key, carry, balance_counts)
 
 

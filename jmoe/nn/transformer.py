@@ -344,6 +344,13 @@ def update_lm_state(state: dict, counts: dict, cfg: LMConfig) -> dict:
         if layer.startswith("adapter/"):
             out[layer] = adapters_lib.update_adapter_state(s, counts[layer], cfg)
             continue
+        if layer.startswith("placement/"):  # expert placement: changed only by re-placing
+            out[layer] = s
+            continue
+        if layer.startswith("placement_load/"):  # loads since the last re-placement
+            idx = layer.split("/", 1)[1]
+            out[layer] = s + counts[idx][: s.shape[0]].astype(s.dtype)
+            continue
         moe = cfg.moe_for(int(layer))
         update = ROUTERS.get(moe.router).update_state
         out[layer] = s if update is None else update(s, counts[layer], moe)
@@ -373,7 +380,8 @@ def lm_apply(
     Args:
       params: from `init_lm`.
       tokens: [B, S] int token ids.
-      state: router state per MoE layer (from `init_lm_state`), if any.
+      state: router state per MoE layer (from `init_lm_state`), if any; "placement/<layer>"
+        entries place that layer's experts on `ep`'s mesh (`jmoe.train.rebalance`).
       key: PRNG key for stochastic routing (training); None is deterministic.
       positions: [B, S] positions (default 0..S-1).
       ep: a `jmoe.parallel.ExpertParallel`: run the MoE layers expert-parallel on its mesh.
@@ -495,7 +503,7 @@ def decoder_layers(
             elif cfg.is_moe_layer(i):
                 y, aux = moe_layer(
                     p["moe"], h, moe_config(i), state=state.get(str(i)), key=layer_keys[i], ep=ep, carry=carry,
-                    balance_counts=balance_counts.get(str(i)),
+                    balance_counts=balance_counts.get(str(i)), slots=state.get(f"placement/{i}"),
                 )
                 carry = aux.routing.carry
                 auxes.append(aux)

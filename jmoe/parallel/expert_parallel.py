@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -70,8 +71,63 @@ class ExpertParallel:
         return Exchange(self.resolved_impl(), axis_size(self.mesh, "expert"), tensor_parallel,
                         ragged_supported(self.platform))
 
-    def apply(self, params, x, cfg, *, state=None, key=None, carry=None, balance_counts=None):
-        return ep_moe_layer(params, x, cfg, self, state=state, key=key, carry=carry, balance_counts=balance_counts)
+    def apply(self, params, x, cfg, *, state=None, key=None, carry=None, balance_counts=None, slots=None):
+        return ep_moe_layer(params, x, cfg, self, state=state, key=key, carry=carry, balance_counts=balance_counts,
+                            slots=slots)
+
+
+def physical_ids(slots: jax.Array, expert_ids: jax.Array, num_experts: int, first_token) -> jax.Array:
+    """The slot each token-slot's expert runs in (`jmoe.parallel.placement`).
+
+    slots: [S] int, the expert of each slot (every one of the `num_experts` at least once);
+    expert_ids: [T, k] experts of T tokens; first_token: the index of row 0 over all token
+    shards. Expert e with r copies sends token t to its copy t mod r (copies in slot order), so
+    a replicated expert's tokens split evenly between its copies. Returns [T, k] slot ids.
+    """
+    count = jnp.maximum(jnp.bincount(slots, length=num_experts), 1)  # [E] copies
+    by_expert = jnp.argsort(slots, stable=True).astype(jnp.int32)  # slots grouped by expert
+    first_copy = jnp.cumsum(count) - count  # [E] where each expert's group starts
+    e = jnp.clip(expert_ids, 0, num_experts - 1)
+    t = first_token + jnp.arange(expert_ids.shape[0], dtype=jnp.int32)[:, None]
+    return jnp.take(by_expert, first_copy[e] + t % count[e])
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacedExchange:
+    """A token exchange over the slots of a placement: each token-slot goes to a copy of its
+    expert (`physical_ids`), then `exchange` moves it to the device of that slot. The expert
+    weights it is given are the device's slots."""
+
+    exchange: Any
+    slots: jax.Array
+    num_experts: int
+    first_token: Any
+
+    def __call__(self, expert_params, x, routing, cfg):
+        ids = physical_ids(self.slots, routing.expert_ids, self.num_experts, self.first_token)
+        return self.exchange(expert_params, x, routing.replace(expert_ids=ids), cfg)
+
+
+def placed_experts(experts, slots: jax.Array):
+    """The expert weights in their slots: every leaf [E, ...] -> [S, ...] (copies repeated).
+    Gradients flow back to the experts (summed over copies), so a placement changes no result."""
+    return jax.tree.map(lambda w: jnp.take(w, slots, axis=0), experts)
+
+
+def _check_slots(slots, experts, n: int) -> int:
+    """The number of experts (rows of the expert weights); ValueErrors for slots that cannot
+    hold them on `n` devices (found at trace time, before any computation)."""
+    from jmoe.experts import ExpertList
+
+    if isinstance(experts, ExpertList):
+        raise ValueError("an expert placement needs experts of one shape (stacked weights), not an ExpertList")
+    E = jax.tree.leaves(experts)[0].shape[0]
+    if slots.ndim != 1 or not jnp.issubdtype(slots.dtype, jnp.integer):
+        raise ValueError(f"placement slots must be a 1-D integer array, got shape {slots.shape} dtype {slots.dtype}")
+    if slots.shape[0] < E or slots.shape[0] % n:
+        raise ValueError(f"a placement of {slots.shape[0]} slots cannot hold the layer's {E} experts on the mesh's "
+                         f"{n} expert devices (needs >= {E} slots, a multiple of {n})")
+    return E
 
 
 def _gather_sharded_dims(tree, specs, axis: str):
@@ -95,8 +151,8 @@ def _sharded_on(specs, axis: str) -> bool:
     return False
 
 
-def _check(cfg, mesh, n, T, shards, seq_len):
-    if cfg.num_experts % n:
+def _check(cfg, mesh, n, T, shards, seq_len, placed=False):
+    if cfg.num_experts % n and not placed:
         raise ValueError(f"num_experts={cfg.num_experts} is not divisible by the mesh's expert axis ({n})")
     if n > 1 and cfg.dispatch not in MESH_DISPATCHES:
         raise ValueError(
@@ -116,11 +172,14 @@ def aux_specs(token_spec: P, num_ffn_choices: int) -> MoEAux:
     return MoEAux(**fields, routing=token_spec, num_ffn_choices=num_ffn_choices)
 
 
-def ep_moe_layer(params, x, cfg, ep: ExpertParallel, *, state=None, key=None, carry=None, balance_counts=None):
+def ep_moe_layer(params, x, cfg, ep: ExpertParallel, *, state=None, key=None, carry=None, balance_counts=None,
+                 slots=None):
     """`moe_layer` on `ep.mesh`. x: [..., d] (global); returns (y [..., d], MoEAux).
 
     The aux's routing arrays (and the carry) are per token, sharded like the tokens; its
-    losses and loads are global.
+    losses and loads are global. slots: [S] the expert of each slot of an expert placement
+    (`jmoe.parallel.placement`; slot j on device j // (S / n)), or None for the default layout
+    (expert e on device e // (E / n)). The result does not depend on the placement.
     """
     mesh = ep.mesh
     n = axis_size(mesh, "expert")
@@ -128,7 +187,14 @@ def ep_moe_layer(params, x, cfg, ep: ExpertParallel, *, state=None, key=None, ca
     shards = math.prod(axis_size(mesh, a) for a in taxes)
     seq_len = sequence_length(x.shape)
     xt = flatten_tokens(x, cfg)
-    _check(cfg, mesh, n, xt.shape[0], shards, seq_len)
+    num_experts = None
+    if n == 1:  # one expert device: every layout is the same
+        slots = None
+    if slots is not None:
+        slots = jnp.asarray(slots)
+        num_experts = _check_slots(slots, params["experts"], n)
+        params = {**params, "experts": placed_experts(params["experts"], slots)}
+    _check(cfg, mesh, n, xt.shape[0], shards, seq_len, placed=slots is not None)
     pspecs = partition_specs(params, mesh, DEFAULT_RULES)
     model_axis = axis_size(mesh, "model") > 1
     tp = model_axis and all(_sharded_on(pspecs["experts"][name], "model") for name in pspecs["experts"])
@@ -148,14 +214,17 @@ def ep_moe_layer(params, x, cfg, ep: ExpertParallel, *, state=None, key=None, ca
                 out[name] = tree if is_tp else _gather_sharded_dims(tree, pspecs[name], "model")
         return out
 
-    def local(params, xt, state, key, carry, balance_counts):
+    def local(params, xt, state, key, carry, balance_counts, slots):
+        idx = 0  # this token shard's index
+        for a in taxes:
+            idx = idx * axis_size(mesh, a) + lax.axis_index(a)
         if has_key:  # a different jitter per token shard
-            idx = 0
-            for a in taxes:
-                idx = idx * axis_size(mesh, a) + lax.axis_index(a)
             key = jax.random.fold_in(key, idx)
+        dispatch_fn = dispatch or DISPATCHERS.get(cfg.dispatch)
+        if slots is not None:
+            dispatch_fn = PlacedExchange(dispatch_fn, slots, num_experts, idx * xt.shape[0])
         return layer_body(
-            gathered(params), xt, cfg, dispatch=dispatch or DISPATCHERS.get(cfg.dispatch), state=state,
+            gathered(params), xt, cfg, dispatch=dispatch_fn, state=state,
             key=key if has_key else None, carry=carry, balance_counts=balance_counts, seq_len=seq_len,
             reduce=psum, shards=shards, partial_sum=(lambda v: lax.psum(v, "model")) if tp_shared else (lambda v: v),
         )
@@ -166,9 +235,10 @@ def ep_moe_layer(params, x, cfg, ep: ExpertParallel, *, state=None, key=None, ca
     fn = jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(pspecs, tok_spec, jax.tree.map(lambda _: P(), state), P(), tok_spec, P()),
+        in_specs=(pspecs, tok_spec, jax.tree.map(lambda _: P(), state), P(), tok_spec, P(),
+                  P()),
         out_specs=(tok_spec, aux_specs(tok_spec, cfg.num_ffn_choices)),
         check_vma=False,
     )
-    y, aux = fn(params, xt, state, key_arg, carry, balance_counts)
+    y, aux = fn(params, xt, state, key_arg, carry, balance_counts, slots)
     return y.reshape(x.shape[:-1] + (cfg.d_model,)), aux

@@ -31,6 +31,13 @@ class TrainConfig:
     train_only: names of parameter-tree keys (e.g. ("router",)): only the parameters under
       such a key train, the others stay bitwise unchanged and take no optimizer state
       (router-only fine-tuning of a built or merged MoE model). None: everything trains.
+    placement: an expert placement file (`jmoe place`): where each MoE layer's experts (and
+      replicas of hot ones) run on the mesh's expert axis from the first step.
+    rebalance_every, rebalance_method, redundant_experts: every `rebalance_every` steps (0:
+      never) re-place the experts from the expert loads of the steps since the last
+      re-placement with `rebalance_method` (a `jmoe.parallel.placement` method), with
+      `redundant_experts` extra slots per MoE layer for replicas. The layer's result does not
+      depend on the placement, so a re-placement changes no number of the run.
     consistency_weight: THOR's consistency regulariser: every step runs the model twice with
       independent random choices (stochastic routers such as "thor", router jitter) and trains
       on both cross-entropies plus this weight times the mean symmetric KL of their next-token
@@ -64,6 +71,10 @@ class TrainConfig:
     base_from: str | None = None
     train_only: tuple[str, ...] | None = None
     consistency_weight: float = option(0.0, ge=0.0)
+    placement: str | None = None
+    rebalance_every: int = option(0, ge=0)
+    rebalance_method: str = "eplb"
+    redundant_experts: int = option(0, ge=0)
 
     def __post_init__(self):
         if self.train_only is not None:
@@ -104,5 +115,5 @@ class TrainConfig:
 # buffers from the MoE layer's dispatch and its capacity option.
 _RETIRED = ("ep_capacity_factor",)
 _WRITTEN_WHEN_SET = ("init_from", "distill_from", "distill_weight", "distill_temperature", "base_from", "train_only",
-                     "consistency_weight")
+                     "consistency_weight", "placement", "rebalance_every", "rebalance_method", "redundant_experts")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}

@@ -15,6 +15,7 @@ import optax
 
 from jmoe.adapters import init_adapter_state, init_adapters
 from jmoe.nn.transformer import LMConfig, init_lm, init_lm_state
+from jmoe.train import rebalance
 from jmoe.train.config import TrainConfig
 
 
@@ -59,6 +60,8 @@ def init_train_state(model_cfg: LMConfig, tc: TrainConfig, tx) -> dict:
         "rng": jax.random.key_data(k_run),
     }
     router_state = init_adapter_state(model_cfg) if tc.base_from else init_lm_state(model_cfg)
+    if not tc.base_from:
+        router_state = {**router_state, **rebalance.initial_state(model_cfg, tc)}
     if router_state:
         state["router_state"] = router_state
     return state

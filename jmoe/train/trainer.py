@@ -30,7 +30,7 @@ from jmoe.progress import Progress
 from jmoe.train import rundir
 from jmoe.train.checkpoint import CheckpointStore
 from jmoe.train.config import TrainConfig
-from jmoe.train import finetune
+from jmoe.train import finetune, rebalance
 from jmoe.train.errors import NonFiniteLoss, TrainError
 from jmoe.train.metrics import MetricsLog
 from jmoe.train.plot import plot_run
@@ -447,6 +447,12 @@ def _check_inputs(model_cfg: LMConfig, tc: TrainConfig, out: Path, corpus: Corpu
         raise TrainError("the model has adapters but no frozen model to train them on (TrainConfig.base_from)")
     if tc.train_only:
         _check_train_only(model_cfg, tc)
+    if tc.base_from and rebalance.uses_placement(tc):
+        raise TrainError("fine-tuning adapters runs on one device: it takes no expert placement")
+    try:
+        rebalance.check(model_cfg, tc)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
     corpus = corpus if corpus is not None else load_corpus(tc.data)
     if (tc.base_from or tc.init_from) and corpus.tokenizer is None:
         corpus = finetune.corpus_for(corpus, tc.base_from or tc.init_from)
@@ -576,6 +582,11 @@ def _step_loop(run: _Run, state: dict, start: int, end: int, train_step, teacher
             tps = tokens_per_step / np.mean(step_times[-20:]) if step_times else None
             _check_finite(m, done, last_good_ckpt, run.store, bar)
             _log_step(run, done, m, tps, last_eval, bar)
+            if tc.rebalance_every and done % tc.rebalance_every == 0:
+                router_state, record = rebalance.rebalanced(state["router_state"], run.model_cfg, tc)
+                state = {**state, "router_state": router_state}
+                if run.primary:
+                    run.metrics.append({"kind": "rebalance", "step": done, **record})
             if done % tc.eval_every == 0 or done == tc.steps:
                 last_eval = _evaluate_and_log(run, state, done, eval_step, val)
             if done % tc.ckpt_every == 0 or done == end:

@@ -11,7 +11,7 @@ from jmoe.cli import main
 from jmoe.infer.trace import trace_from_routings
 from jmoe.parallel.placement import (
     PLACEMENTS,
-    Placement,
+    ExpertPlacement,
     PlacementStats,
     device_load,
     excess_load,
@@ -142,7 +142,7 @@ def test_moetuner_balances_and_maps_clusters_to_keep_pairs_together():
     # its clusters of layer 1 went to the devices that keep the most pairs: no relabelling does better
     device = np.argsort(pl.slots, axis=1) // 4  # [L, E] device of each expert
     for perm in itertools.permutations(range(4)):
-        other = Placement(slots=np.stack([pl.slots[0], np.argsort(np.asarray(perm)[device[1]], kind="stable")]),
+        other = ExpertPlacement(slots=np.stack([pl.slots[0], np.argsort(np.asarray(perm)[device[1]], kind="stable")]),
                           num_experts=16, num_devices=4)
         assert traffic(pl, two.pairs) <= traffic(other, two.pairs) + 1e-12
 
@@ -159,11 +159,11 @@ def test_every_method_places_every_expert_evenly(stats, method):
 
 
 def test_measures_by_hand():
-    pl = Placement(slots=np.array([[0, 1, 2, 0]]), num_experts=3, num_devices=2)  # expert 0 on both devices
+    pl = ExpertPlacement(slots=np.array([[0, 1, 2, 0]]), num_experts=3, num_devices=2)  # expert 0 on both devices
     load = np.array([[10.0, 4.0, 2.0]])
     assert device_load(pl, load).tolist() == [[9.0, 7.0]]
     assert excess_load(pl, load).tolist() == [pytest.approx(1.0 / 8.0)]
-    two = Placement(slots=np.array([[0, 1], [1, 0]]), num_experts=2, num_devices=2)
+    two = ExpertPlacement(slots=np.array([[0, 1], [1, 0]]), num_experts=2, num_devices=2)
     pairs = np.array([[[3.0, 1.0], [0.0, 0.0]]])  # 3 tokens 0 -> 0 (split), 1 token 0 -> 1 (kept)
     assert traffic(two, pairs) == pytest.approx(3 / 4)
     m = measures(two, PlacementStats(np.array([[1.0, 1.0], [2.0, 2.0]]), pairs))
@@ -177,12 +177,12 @@ def test_measures_by_hand():
 ])
 def test_a_bad_placement_is_one_line(slots, n, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
-        Placement(slots=np.array(slots), num_experts=3, num_devices=n)
+        ExpertPlacement(slots=np.array(slots), num_experts=3, num_devices=n)
 
 
 def test_a_placement_is_checked_against_its_mesh_and_model(tmp_path):
-    pl = Placement(slots=np.array([[0, 1, 2, 3], [3, 2, 1, 0]]), num_experts=4, num_devices=2, layers=(1, 3))
-    back = Placement.load(pl.save(tmp_path / "p.json"))
+    pl = ExpertPlacement(slots=np.array([[0, 1, 2, 3], [3, 2, 1, 0]]), num_experts=4, num_devices=2, layers=(1, 3))
+    back = ExpertPlacement.load(pl.save(tmp_path / "p.json"))
     assert back.slots.tolist() == pl.slots.tolist() and back.layers == (1, 3)
     with pytest.raises(ValueError, match="over 2 devices; the mesh's expert axis has 4"):
         back.check_fits(4)
@@ -192,10 +192,10 @@ def test_a_placement_is_checked_against_its_mesh_and_model(tmp_path):
         back.check_model(4, (0, 1))
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="is not valid JSON"):
-        Placement.load(tmp_path / "bad.json")
+        ExpertPlacement.load(tmp_path / "bad.json")
     (tmp_path / "other.json").write_text(json.dumps({"slots": [[0]]}))
     with pytest.raises(ValueError, match="is not a jmoe placement"):
-        Placement.load(tmp_path / "other.json")
+        ExpertPlacement.load(tmp_path / "other.json")
 
 
 @pytest.mark.parametrize("method, kw, message", [
@@ -227,7 +227,7 @@ def test_jmoe_place_writes_a_placement_better_than_round_robin(tmp_path, capsys)
     line = capsys.readouterr().out
     assert "excess load" in line and "round robin" in line
     d = json.loads(out.read_text())
-    pl = Placement.load(out)
+    pl = ExpertPlacement.load(out)
     assert pl.num_devices == 4 and pl.num_slots == 20 and pl.method == "eplb"
     assert d["measures"]["eplb"]["excess_load"] < d["measures"]["round_robin"]["excess_load"]
     assert main(["place", "--trace", str(trace), "--devices", "4", "--method", "exflow", "--out", str(out)]) == 0
@@ -247,6 +247,35 @@ def test_jmoe_place_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, a
     trace = zipf_trace(tokens=200).save(tmp_path / "t.npz")
     argv = ["place", "--trace", str(trace), "--out", str(tmp_path / "p.json"), *[a.format(tmp=tmp_path) for a in args]]
     before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+# ----------------------------------------------------------------------------- jmoe train
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rebalance-every", "2"], "--rebalance-every needs a mesh with an expert axis of 2 or more devices"),
+    (["--mesh", "data=2", "--placement", "{tmp}/p.json"], "--placement needs a mesh with an expert axis"),
+    (["--mesh", "expert=4", "--redundant-experts", "4"], "--redundant-experts needs --rebalance-every"),
+    (["--mesh", "expert=4", "--rebalance-every", "2", "--rebalance-method", "nope"], "unknown placement method 'nope'"),
+    (["--mesh", "expert=4", "--rebalance-every", "2", "--rebalance-method", "greedy", "--redundant-experts", "4"],
+     "places one copy of each expert"),
+    (["--mesh", "expert=4", "--rebalance-every", "2", "--redundant-experts", "3"], "do not split evenly"),
+    (["--mesh", "expert=4", "--placement", "{tmp}/missing.json"], "--placement: placement file"),
+    (["--mesh", "expert=2", "--placement", "{tmp}/p.json"], "the placement is over 4 devices; the mesh's expert axis has 2"),
+    (["--mesh", "expert=4", "--placement", "{tmp}/p8.json"], "for 8 experts per layer; the model has 4"),
+])
+def test_jmoe_train_refuses_a_placement_it_cannot_run(tmp_path, capsys, args, message):
+    from tests.train.conftest import MICRO
+
+    ExpertPlacement(slots=np.tile(np.arange(4), (2, 1)), num_experts=4, num_devices=4, layers=(0, 1)).save(tmp_path / "p.json")
+    ExpertPlacement(slots=np.tile(np.arange(8), (2, 1)), num_experts=8, num_devices=4).save(tmp_path / "p8.json")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    argv = ["train", "--out", str(tmp_path / "run"), "--steps", "2", "--quiet", *MICRO,
+            *[a.format(tmp=tmp_path) for a in args]]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err

@@ -5,7 +5,7 @@ from jmoe.parallel.placement.base import (
     NEEDS_PAIRS,
     NO_REPLICAS,
     PLACEMENTS,
-    Placement,
+    ExpertPlacement,
     PlacementStats,
     device_load,
     excess_load,
@@ -15,5 +15,5 @@ from jmoe.parallel.placement.base import (
 )
 from jmoe.parallel.placement import eplb, exflow, moetuner, simple  # noqa: F401,E402  (fill the registry)
 
-__all__ = ["NEEDS_PAIRS", "NO_REPLICAS", "PLACEMENTS", "Placement", "PlacementStats", "device_load", "excess_load",
+__all__ = ["NEEDS_PAIRS", "NO_REPLICAS", "PLACEMENTS", "ExpertPlacement", "PlacementStats", "device_load", "excess_load",
            "measures", "place", "traffic"]

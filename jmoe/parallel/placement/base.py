@@ -125,7 +125,7 @@ class PlacementStats:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Placement:
+class ExpertPlacement:
     """A placement of `num_experts` experts per MoE layer over `num_devices` devices.
 
     slots: [L, S] int, the expert of each physical slot (slot j on device j // (S / n)).
@@ -219,7 +219,7 @@ class Placement:
                 "options": self.options, "slots": self.slots.tolist()}
 
     @staticmethod
-    def from_dict(d: Any, source: str = "placement") -> "Placement":
+    def from_dict(d: Any, source: str = "placement") -> "ExpertPlacement":
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ValueError(f"{source} is not a jmoe placement (no \"format\": \"{FORMAT}\")")
         if d.get("version") != VERSION:
@@ -235,7 +235,7 @@ class Placement:
         if slots.dtype == object:
             raise ValueError(f"{source}: slots must be a rectangular list of lists of expert ids")
         try:
-            return Placement(slots=slots, num_experts=d["num_experts"], num_devices=d["num_devices"],
+            return ExpertPlacement(slots=slots, num_experts=d["num_experts"], num_devices=d["num_devices"],
                              layers=d.get("layers"), method=str(d.get("method", "")),
                              options=dict(d.get("options") or {}))
         except ValueError as e:
@@ -256,7 +256,7 @@ class Placement:
         return path
 
     @staticmethod
-    def load(path) -> "Placement":
+    def load(path) -> "ExpertPlacement":
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"placement file {str(path)!r} does not exist")
@@ -264,13 +264,13 @@ class Placement:
             d = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"placement file {str(path)!r} is not valid JSON ({type(e).__name__})") from None
-        return Placement.from_dict(d, source=f"placement file {str(path)!r}")
+        return ExpertPlacement.from_dict(d, source=f"placement file {str(path)!r}")
 
 
 # ----------------------------------------------------------------------------- measures
 
 
-def device_load(placement: Placement, load: np.ndarray) -> np.ndarray:
+def device_load(placement: ExpertPlacement, load: np.ndarray) -> np.ndarray:
     """[L, n] token-slots each device receives: `load` [L, E] split evenly between copies."""
     load = np.asarray(load, dtype=np.float64)
     if load.shape != (placement.num_layers, placement.num_experts):
@@ -279,14 +279,14 @@ def device_load(placement: Placement, load: np.ndarray) -> np.ndarray:
     return np.einsum("le,len->ln", load, placement.shares())
 
 
-def excess_load(placement: Placement, load: np.ndarray) -> np.ndarray:
+def excess_load(placement: ExpertPlacement, load: np.ndarray) -> np.ndarray:
     """[L] (max - mean) / mean of each layer's device loads (0 for a layer without tokens)."""
     d = device_load(placement, load)
     mean = d.mean(-1)
     return np.where(mean > 0, (d.max(-1) - mean) / np.where(mean > 0, mean, 1.0), 0.0)
 
 
-def traffic(placement: Placement, pairs: np.ndarray) -> float:
+def traffic(placement: ExpertPlacement, pairs: np.ndarray) -> float:
     """The share of consecutive-layer expert pairs (`pairs` [L - 1, E, E]) whose experts are on
     different devices, each expert's copy chosen evenly and independently (0 without pairs)."""
     pairs = np.asarray(pairs, dtype=np.float64)
@@ -301,7 +301,7 @@ def traffic(placement: Placement, pairs: np.ndarray) -> float:
     return float(1.0 - together / total)
 
 
-def measures(placement: Placement, stats: PlacementStats) -> dict:
+def measures(placement: ExpertPlacement, stats: PlacementStats) -> dict:
     """{"excess_load": mean over layers, "excess_load_per_layer": [L], "traffic": share or None}."""
     ex = excess_load(placement, stats.load)
     return {"excess_load": float(ex.mean()), "excess_load_per_layer": [float(x) for x in ex],
@@ -318,7 +318,7 @@ def slots_of(device: np.ndarray) -> np.ndarray:
 
 
 def place(stats: PlacementStats, method: str, num_devices: int, num_slots: int | None = None,
-          options: dict | None = None) -> Placement:
+          options: dict | None = None) -> ExpertPlacement:
     """The placement of `method` for `stats` over `num_devices` devices with `num_slots` slots per
     layer (default E: no replica). Checks the request first (one-line ValueErrors)."""
     fn: Callable = PLACEMENTS.get(method)
@@ -338,5 +338,5 @@ def place(stats: PlacementStats, method: str, num_devices: int, num_slots: int |
         raise ValueError(f"placement method {method!r} needs the inter-layer pairs of a routing trace "
                          "(statistics with load only were given)")
     slots = np.asarray(fn(stats, num_devices, S, opts))
-    return Placement(slots=slots, num_experts=E, num_devices=num_devices, layers=stats.layers, method=method,
+    return ExpertPlacement(slots=slots, num_experts=E, num_devices=num_devices, layers=stats.layers, method=method,
                      options=opts.to_dict())

@@ -1,0 +1,120 @@
+"""Expert placement in training: a run's MoE layers on a placement of the mesh's expert axis,
+re-placed every `TrainConfig.rebalance_every` steps from the loads of the steps since the last
+re-placement (`jmoe train --placement FILE | --rebalance-every N`).
+
+The placement lives in the router state, as data the jitted step reads:
+
+  "placement/<layer>"       [S] int32  the expert of each slot (`jmoe.parallel.placement`)
+  "placement_load/<layer>"  [E] f32    token-slots per expert since the last re-placement
+                                       (rebalancing runs only; summed inside the step)
+
+so a re-placement is a new value of the same shape (no recompilation), and checkpoints keep
+both, which makes a resumed run re-place exactly as an uninterrupted one. Expert weights and
+their optimizer state stay stored per expert, sharded over the expert axis; each step places
+the weights into their slots and their gradients flow back to them, so a re-placement moves
+no state at rest and the run's numbers do not depend on it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jmoe.nn.transformer import LMConfig
+from jmoe.train.config import TrainConfig
+
+SLOTS, LOAD = "placement/", "placement_load/"
+
+
+def uses_placement(tc: TrainConfig) -> bool:
+    return tc.placement is not None or tc.rebalance_every > 0
+
+
+def expert_devices(tc: TrainConfig) -> int:
+    from jmoe.parallel.mesh import parse_mesh_spec
+
+    return parse_mesh_spec(tc.mesh).get("expert", 1) if tc.mesh else 1
+
+
+def check(model_cfg: LMConfig, tc: TrainConfig):
+    """The run's starting `ExpertPlacement` (None without one); ValueErrors naming the flag for
+    settings that cannot run, found before anything is written."""
+    from jmoe.parallel.placement import NO_REPLICAS, PLACEMENTS, ExpertPlacement, PlacementStats, place
+
+    if tc.redundant_experts and not tc.rebalance_every:
+        raise ValueError("--redundant-experts needs --rebalance-every (a --placement file holds its own replicas)")
+    if not uses_placement(tc):
+        return None
+    flag = "--placement" if tc.placement is not None else "--rebalance-every"
+    n = expert_devices(tc)
+    if n < 2:
+        raise ValueError(f"{flag} needs a mesh with an expert axis of 2 or more devices (--mesh ...,expert=N)")
+    if not model_cfg.moe_layers:
+        raise ValueError(f"{flag}: the model has no MoE layers to place")
+    sizes = {model_cfg.moe_for(i).num_experts for i in model_cfg.moe_layers}
+    if len(sizes) > 1:
+        raise ValueError(f"{flag}: the MoE layers have different numbers of experts ({sorted(sizes)})")
+    E = sizes.pop()
+    layers = tuple(model_cfg.moe_layers)
+    if tc.rebalance_every:
+        PLACEMENTS.get(tc.rebalance_method)
+        if tc.rebalance_method in NO_REPLICAS and tc.redundant_experts:
+            raise ValueError(f"--rebalance-method {tc.rebalance_method} places one copy of each expert: it takes no "
+                             f"redundant experts (got {tc.redundant_experts})")
+        if (E + tc.redundant_experts) % n:
+            raise ValueError(f"{E} experts + {tc.redundant_experts} redundant slots do not split evenly over the "
+                             f"mesh's {n} expert devices")
+    if tc.placement is not None:
+        try:
+            placement = ExpertPlacement.load(tc.placement)
+            placement.check_fits(n)
+            placement.check_model(E, layers)
+        except ValueError as e:
+            raise ValueError(f"--placement: {e}") from None
+        if tc.rebalance_every and placement.num_slots != E + tc.redundant_experts:
+            raise ValueError(f"--placement has {placement.num_slots} slots per layer; --rebalance-every with "
+                             f"{tc.redundant_experts} redundant experts re-places into {E + tc.redundant_experts}")
+        return placement
+    # rebalancing from the default layout: the redundant slots start as copies of uniform load
+    stats = PlacementStats(np.ones((len(layers), E)), layers=layers)
+    return place(stats, "eplb" if tc.redundant_experts else "round_robin", n, E + tc.redundant_experts)
+
+
+def initial_state(model_cfg: LMConfig, tc: TrainConfig) -> dict:
+    """The placement entries of a fresh run's router state ({} without a placement)."""
+    import jax.numpy as jnp
+
+    placement = check(model_cfg, tc)
+    if placement is None:
+        return {}
+    E = placement.num_experts
+    out = {}
+    for row, layer in zip(placement.slots, model_cfg.moe_layers):
+        out[f"{SLOTS}{layer}"] = jnp.asarray(row, jnp.int32)
+        if tc.rebalance_every:
+            out[f"{LOAD}{layer}"] = jnp.zeros((E,), jnp.float32)
+    return out
+
+
+def rebalanced(router_state: dict, model_cfg: LMConfig, tc: TrainConfig) -> tuple[dict, dict]:
+    """(the router state re-placed from its accumulated loads, with the loads reset; the record
+    of the re-placement: method, excess load of the old and the new placement on those loads)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jmoe.parallel.placement import ExpertPlacement, PlacementStats, excess_load, place
+
+    layers = tuple(model_cfg.moe_layers)
+    host = jax.device_get({k: v for k, v in router_state.items() if k.startswith((SLOTS, LOAD))})
+    load = np.stack([host[f"{LOAD}{i}"] for i in layers]).astype(np.float64)
+    old_slots = np.stack([host[f"{SLOTS}{i}"] for i in layers])
+    n = expert_devices(tc)
+    old = ExpertPlacement(slots=old_slots, num_experts=load.shape[1], num_devices=n, layers=layers)
+    new = place(PlacementStats(load, layers=layers), tc.rebalance_method, n, old.num_slots)
+    out = dict(router_state)
+    for row, i in zip(new.slots, layers):
+        for key, value in ((f"{SLOTS}{i}", jnp.asarray(row, jnp.int32)),
+                           (f"{LOAD}{i}", jnp.zeros(load.shape[1], jnp.float32))):
+            out[key] = jax.device_put(value, router_state[key].sharding)
+    record = {"method": tc.rebalance_method, "excess_load_before": float(excess_load(old, load).mean()),
+              "excess_load_after": float(excess_load(new, load).mean())}
+    return out, record

@@ -1,0 +1,11 @@
+"""Expert placements and rebalancing on 8 simulated CPU devices (see test_multidevice.py)."""
+
+import pytest
+
+from tests.parallel.test_multidevice import PLACEMENT, run_on_eight_devices
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PLACEMENT)
+def test_placement_on_eight_simulated_devices(name):
+    run_on_eight_devices(name)
