@@ -101,6 +101,8 @@ VARIANTS = {
     "pregate": lambda: tiny(router="pregate"),
     "smha": lambda: tiny().replace(attention=AttentionConfig(head_top_k=2)),
     "heads2": lambda: tiny().replace(n_heads=2, d_head=32),
+    # DeepSeek-like routing: 64 narrow experts, top-8, the same active FFN width as top2
+    "e64": lambda: tiny(num_experts=64, top_k=8, d_ff=64),
 }
 
 

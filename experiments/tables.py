@@ -325,6 +325,34 @@ def pleas_merge(results: Path) -> str:
 
 
 @renderer
+def placement(results: Path) -> str:
+    """Excess load and cross-device traffic of every placement method per trace source and
+    device count (held-out half of each trace), and the claims."""
+    data = load(results, "placement")
+    rows = []
+    for source, by_n in data["results"].items():
+        for n, per_seed in by_n.items():
+            for name in data["methods"]:
+                vals = lambda f: summary_of([s[name][f] for s in per_seed])  # noqa: E731
+                rows.append([source, n, name, f"{per_seed[0][name]['redundant_share']:.0%}",
+                             mean_sd(vals("excess_load"), 3), mean_sd(vals("traffic"), 3), f"{vals('seconds')['mean']:.1f}"])
+    claims = []
+    for c in data["claims"]:
+        if "difference" in c:
+            claims.append(_claim_row(c, 3))
+        else:
+            lo, hi = c["a_summary"]["ci95"]
+            claims.append([c["claim"], mean_sd(c["a_summary"], 3), f"95% CI {lo:.3f}..{hi:.3f}", f"**{c['verdict']}**"])
+    seeds = ", ".join(str(s) for s in data["seeds"])
+    return (f"`{data['command']}` (seeds {seeds}; code {data['code_version']}; placements made from the first half "
+            f"of each {data['tokens']:,}-token trace, judged on the second half: excess load per layer and window of "
+            f"{data['window']:,} tokens, averaged; traffic over the whole half; seconds to place on this machine):\n\n"
+            + table(["trace", "devices", "placement", "redundant slots", "excess load", "cross-device traffic",
+                     "seconds"], rows, "--r-rrr")
+            + "\n" + table(["claim", "mean ± sd over seeds", "interval", "verdict"], claims))
+
+
+@renderer
 def uoe(results: Path) -> str:
     """Unlearning one task in one expert (UOE) against the whole model, at each one's stopping point."""
     data = load(results, "uoe")
