@@ -120,7 +120,7 @@ def claims_of(results: dict) -> list[dict]:
             where = f"{source}, {n} devices"
             share = per_seed[0]["eplb"]["redundant_share"]
             s = summary(values("eplb", "excess_load"))
-            out.append({"claim": f"{where}: EPLB ({share:.0%} redundant) excess load <= 0.15", "a": "eplb",
+            out.append({"claim": f"{where}: EPLB ({share:.1%} redundant) excess load <= 0.15", "a": "eplb",
                         "a_summary": s, "verdict": _zoo.goal_verdict(s, 0.15, higher_is_better=False)})
             cut = [1 - a / b for a, b in zip(values("exflow", "traffic"), values("round_robin", "traffic"))]
             s = summary(cut)
@@ -185,6 +185,8 @@ def main(argv=None):
                                                                              for k, by_n in results.items()},
                            methods={k: list(v) for k, v in METHODS.items()}, tokens=TOKENS, window=WINDOW,
                            trained_runs=[str(d) for d in dirs], sources=a.sources)
+    if a.sources != list(DEVICES):
+        payload["command"] += " --sources " + " ".join(a.sources)
     _zoo.save("placement", payload, plot(results))
 
 

@@ -334,7 +334,7 @@ def placement(results: Path) -> str:
         for n, per_seed in by_n.items():
             for name in data["methods"]:
                 vals = lambda f: summary_of([s[name][f] for s in per_seed])  # noqa: E731
-                rows.append([source, n, name, f"{per_seed[0][name]['redundant_share']:.0%}",
+                rows.append([source, n, name, f"{per_seed[0][name]['redundant_share']:.1%}",
                              mean_sd(vals("excess_load"), 3), mean_sd(vals("traffic"), 3), f"{vals('seconds')['mean']:.1f}"])
     claims = []
     for c in data["claims"]:
@@ -348,7 +348,7 @@ def placement(results: Path) -> str:
             f"of each {data['tokens']:,}-token trace, judged on the second half: excess load per layer and window of "
             f"{data['window']:,} tokens, averaged; traffic over the whole half; seconds to place on this machine):\n\n"
             + table(["trace", "devices", "placement", "redundant slots", "excess load", "cross-device traffic",
-                     "seconds"], rows, "--r-rrr")
+                     "seconds"], rows, "-r-rrrr")
             + "\n" + table(["claim", "mean ± sd over seeds", "interval", "verdict"], claims))
 
 

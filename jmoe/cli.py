@@ -849,7 +849,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--distill-weight", type=float, help="weight of the distillation loss (default 0.5)")
     t.add_argument("--distill-temperature", type=float, help="softmax temperature of distillation (default 1)")
     t.add_argument("--mesh", help='device mesh, e.g. "data=2,expert=4" (axes: data, fsdp, expert, model)')
-    t.add_argument("--ep-impl", help="expert-parallel token exchange: auto | padded | ragged | allgather")
+    t.add_argument("--ep-impl", help="expert-parallel token exchange: auto | padded | ragged | allgather, or fssdp (experts sharded over every device, materialised where the tokens are)")
     p = t.add_argument_group("expert placement (with --mesh ...,expert=N)")
     p.add_argument("--placement", metavar="FILE", help="run the experts on this placement (from jmoe place)")
     p.add_argument("--rebalance-every", type=_int_range(1), metavar="N",

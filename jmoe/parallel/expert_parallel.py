@@ -36,26 +36,32 @@ from jmoe.parallel.exchange import (  # noqa: F401  (re-exported)
     ragged_offsets,
     ragged_supported,
 )
+from jmoe.parallel.fssdp import FSSDP_RULES, SparseGather
 from jmoe.parallel.mesh import axis_size, token_axes
 from jmoe.parallel.rules import DEFAULT_RULES, partition_specs
 from jmoe.registry import BALANCE_LOSSES, DISPATCHERS
 
-EP_IMPLS = ("auto",) + EXCHANGES
+EP_IMPLS = ("auto",) + EXCHANGES + ("fssdp",)
 
 
 @dataclasses.dataclass(frozen=True)
 class ExpertParallel:
     """Run MoE layers expert-parallel on `mesh`; pass as `moe_layer(..., ep=ExpertParallel(mesh))`.
 
-    impl: the token exchange, "auto" | "padded" | "ragged" | "allgather".
+    impl: the token exchange, "auto" | "padded" | "ragged" | "allgather"; or "fssdp": no
+      exchange, the experts sharded over every device come to the tokens instead
+      (`jmoe.parallel.fssdp`), at most `fssdp_experts` of them per layer and step (None: all).
     """
 
     mesh: Mesh
     impl: str = "auto"
+    fssdp_experts: int | None = None
 
     def __post_init__(self):
         if self.impl not in EP_IMPLS:
             raise ValueError(f"ExpertParallel.impl={self.impl!r} is unknown; known: {', '.join(EP_IMPLS)}")
+        if self.fssdp_experts is not None and (self.impl != "fssdp" or self.fssdp_experts < 1):
+            raise ValueError(f"ExpertParallel.fssdp_experts={self.fssdp_experts!r} needs impl='fssdp' and a value >= 1")
 
     def resolved_impl(self) -> str:
         if self.impl != "auto":
@@ -151,6 +157,20 @@ def _sharded_on(specs, axis: str) -> bool:
     return False
 
 
+def _check_fssdp(params, cfg, mesh, taxes, slots) -> None:
+    N = math.prod(axis_size(mesh, a) for a in taxes)
+    if slots is not None:
+        raise ValueError("an expert placement places experts for expert parallelism; FSSDP shards every expert "
+                         "over every device instead (use one or the other)")
+    if axis_size(mesh, "model") > 1:
+        raise ValueError(f"FSSDP runs on data axes only; mesh {dict(mesh.shape)} has a model axis")
+    E = jax.tree.leaves(params["experts"])[0].shape[0]
+    if E % N:
+        raise ValueError(f"FSSDP shards whole experts over the mesh's {N} devices: {E} experts do not split evenly")
+    if cfg.dispatch != "dropless":
+        raise ValueError(f"MoEConfig.dispatch={cfg.dispatch!r} cannot run under FSSDP, which is dropless")
+
+
 def _check(cfg, mesh, n, T, shards, seq_len, placed=False):
     if cfg.num_experts % n and not placed:
         raise ValueError(f"num_experts={cfg.num_experts} is not divisible by the mesh's expert axis ({n})")
@@ -194,12 +214,18 @@ def ep_moe_layer(params, x, cfg, ep: ExpertParallel, *, state=None, key=None, ca
         slots = jnp.asarray(slots)
         num_experts = _check_slots(slots, params["experts"], n)
         params = {**params, "experts": placed_experts(params["experts"], slots)}
-    _check(cfg, mesh, n, xt.shape[0], shards, seq_len, placed=slots is not None)
-    pspecs = partition_specs(params, mesh, DEFAULT_RULES)
+    fssdp = ep.impl == "fssdp"
+    if fssdp:
+        _check_fssdp(params, cfg, mesh, taxes, slots)
+    _check(cfg, mesh, 1 if fssdp else n, xt.shape[0], shards, seq_len, placed=slots is not None)
+    pspecs = partition_specs(params, mesh, FSSDP_RULES if fssdp else DEFAULT_RULES)
     model_axis = axis_size(mesh, "model") > 1
-    tp = model_axis and all(_sharded_on(pspecs["experts"][name], "model") for name in pspecs["experts"])
+    tp = not fssdp and model_axis and all(_sharded_on(pspecs["experts"][name], "model") for name in pspecs["experts"])
     tp_shared = "shared" in params and model_axis and _sharded_on(pspecs["shared"], "model")
-    dispatch = ep.exchange(tp) if n > 1 else None
+    if fssdp:
+        dispatch = SparseGather(taxes, tuple(axis_size(mesh, a) for a in taxes), ep.fssdp_experts)
+    else:
+        dispatch = ep.exchange(tp) if n > 1 else None
     tok_spec = P(taxes or None)
     has_key = key is not None
     psum = (lambda v: lax.psum(v, taxes)) if taxes else (lambda v: v)
@@ -209,6 +235,8 @@ def ep_moe_layer(params, x, cfg, ep: ExpertParallel, *, state=None, key=None, ca
         slices kept only where the computation is tensor-parallel."""
         out = dict(params)
         for name, is_tp in (("experts", tp), ("shared", tp_shared)):
+            if name == "experts" and fssdp:  # materialised by the dispatch
+                continue
             if name in params:
                 tree = _gather_sharded_dims(params[name], pspecs[name], "fsdp")
                 out[name] = tree if is_tp else _gather_sharded_dims(tree, pspecs[name], "model")

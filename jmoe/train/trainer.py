@@ -26,6 +26,8 @@ from jmoe.data import Corpus, eval_batches, load_corpus, train_batch
 from jmoe.losses import needs_step_counts
 from jmoe.nn.transformer import LMConfig, init_lm, lm_apply, stack_padded, token_nll, update_lm_state
 from jmoe.parallel import ExpertParallel, batch_sharding, global_array, is_primary, make_mesh, shardings, to_host
+from jmoe.parallel.fssdp import FSSDP_RULES
+from jmoe.parallel.rules import DEFAULT_RULES
 from jmoe.progress import Progress
 from jmoe.train import rundir
 from jmoe.train.checkpoint import CheckpointStore
@@ -62,12 +64,14 @@ class Placement:
         self.ep = (
             ExpertParallel(self.mesh, tc.ep_impl) if self.mesh is not None and tc else None
         )
+        # FSSDP keeps whole experts, and their optimizer state, sharded over every device
+        self.rules = FSSDP_RULES if tc is not None and tc.ep_impl == "fssdp" else DEFAULT_RULES
 
     def shardings(self, abstract):
         if self.mesh is None:
             one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             return jax.tree.map(lambda _: one, abstract)
-        return shardings(abstract, self.mesh)
+        return shardings(abstract, self.mesh, self.rules)
 
     def abstract(self, abstract):
         """ShapeDtypeStructs carrying this placement's shardings (for restoring checkpoints)."""

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-ROUTING, TRAINING, PLACEMENT = ["md_ep_routing.py"], ["md_ep_training.py"], ["md_placement.py"]
-FILES = sorted(p.name for p in (Path(__file__).parent / "multidevice").glob("md_*.py") if p.name not in ROUTING + TRAINING + PLACEMENT)
+ROUTING, TRAINING, PLACEMENT, FSSDP = ["md_ep_routing.py"], ["md_ep_training.py"], ["md_placement.py"], ["md_fssdp.py"]
+FILES = sorted(p.name for p in (Path(__file__).parent / "multidevice").glob("md_*.py") if p.name not in ROUTING + TRAINING + PLACEMENT + FSSDP)
 
 
 def run_on_eight_devices(name: str) -> None:
