@@ -176,6 +176,19 @@ def expert_parallel(d: Record) -> list[str]:
     return [what, code(command(d)), result]
 
 
+def fssdp(d: Record) -> list[str]:
+    cfg = d["config"]
+    what = (f"FSSDP vs expert parallelism: bytes one device sends per forward+backward of an MoE layer, E={cfg['num_experts']}, "
+            f"k={cfg['top_k']}, d={cfg['d_model']}, f={cfg['d_ff']}, {d['device']}")
+    per = "; ".join(f"{r['tokens_per_expert']:,.0f} tokens per expert: padded all-to-all {r['ep_bytes'] / 1e6:.1f} MB, "
+                    f"least exchange {r['ep_min_bytes'] / 1e6:.1f} MB, FSSDP {r['fssdp_bytes'] / 1e6:.1f} MB"
+                    for r in d["rows"])
+    result = (f"{per}. FSSDP's bytes follow the experts materialised, not the tokens (an all-reduce of each expert in "
+              f"use forward and of its gradient backward: 2x an all-gather's bytes); it sends less than the least "
+              f"token exchange above {d['crossover_tokens_per_expert']:,.0f} tokens per expert (`results/bench_fssdp.json`)")
+    return [what, code(command(d)), result]
+
+
 KERNEL_SHAPES = {"mixtral": "Mixtral", "deepseek": "DeepSeek-V3"}
 
 
@@ -475,6 +488,7 @@ ROWS = (  # renderer, results files it reads, what it measures, the commands tha
      ("python experiments/bench_moe_layer.py",)),
     (expert_parallel, ("bench_expert_parallel",), "expert-parallel bytes moved per token",
      ("python experiments/bench_expert_parallel.py",)),
+    (fssdp, ("bench_fssdp",), "FSSDP vs expert parallelism: bytes per step", ("python experiments/bench_fssdp.py",)),
     (kernels, ("bench_kernels_NVIDIA_H100_80GB_HBM3", "bench_kernels_NVIDIA_H100_80GB_HBM3_tokens32768",
                "bench_kernels_cpu_interpret"), "Pallas grouped matmul on an H100",
      ("python experiments/bench_kernels.py", "python experiments/bench_kernels.py --tokens 32768")),
