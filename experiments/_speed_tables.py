@@ -189,6 +189,21 @@ def fssdp(d: Record) -> list[str]:
     return [what, code(command(d)), result]
 
 
+def rebalance(d: Record) -> list[str]:
+    cfg = d["config"]
+    what = (f"expert-parallel step (forward+backward) on a skewed layer, default layout vs EPLB placement of its loads "
+            f"(E={cfg['num_experts']}, k={cfg['top_k']}, 8 redundant slots), {d['tokens']:,} tokens, {d['device']}")
+    per = "; ".join(f"{r['exchange']}: step {r['ratio_placed_over_default']:.2f}x ({r['ratio_range'][0]:.2f}-"
+                    f"{r['ratio_range'][1]:.2f}), dropped {r['dropped_fraction']['default']:.1%} -> "
+                    f"{r['dropped_fraction']['eplb']:.1%}" for r in d["rows"])
+    ex = d["rows"][0]["excess_load"]
+    result = (f"placed / default: {per}; hottest device's excess load {ex['default']:.2f} -> {ex['eplb']:.2f}. Simulated "
+              "devices share the cores and the padded buffers do not shrink with balance, so these step times do not show "
+              "the balance (the capacity step computes the slots it no longer drops); on real devices a step waits for "
+              "the hottest one (`results/bench_rebalance.json`)")
+    return [what, code(command(d)), result]
+
+
 KERNEL_SHAPES = {"mixtral": "Mixtral", "deepseek": "DeepSeek-V3"}
 
 
@@ -488,6 +503,8 @@ ROWS = (  # renderer, results files it reads, what it measures, the commands tha
      ("python experiments/bench_moe_layer.py",)),
     (expert_parallel, ("bench_expert_parallel",), "expert-parallel bytes moved per token",
      ("python experiments/bench_expert_parallel.py",)),
+    (rebalance, ("bench_rebalance",), "expert-parallel steps with and without re-placing the experts",
+     ("python experiments/bench_rebalance.py",)),
     (fssdp, ("bench_fssdp",), "FSSDP vs expert parallelism: bytes per step", ("python experiments/bench_fssdp.py",)),
     (kernels, ("bench_kernels_NVIDIA_H100_80GB_HBM3", "bench_kernels_NVIDIA_H100_80GB_HBM3_tokens32768",
                "bench_kernels_cpu_interpret"), "Pallas grouped matmul on an H100",
