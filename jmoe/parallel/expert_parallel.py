@@ -12,6 +12,11 @@ decides whether the exchange may drop token-slots and how many.
 Balance losses and load statistics are computed from counts and probabilities summed over
 all token shards, so the layer's outputs, aux losses and gradients equal the single-device
 layer's when nothing is dropped.
+
+Two variations keep that equality: an expert placement (`slots`, `jmoe.parallel.placement`)
+puts experts, and copies of hot ones, in the slots of its choice, each token going to a copy of
+its expert; and impl="fssdp" (`jmoe.parallel.fssdp`) exchanges no tokens, materialising the
+experts in use where the tokens are.
 """
 
 from __future__ import annotations
@@ -263,8 +268,7 @@ def ep_moe_layer(params, x, cfg, ep: ExpertParallel, *, state=None, key=None, ca
     fn = jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(pspecs, tok_spec, jax.tree.map(lambda _: P(), state), P(), tok_spec, P(),
-                  P()),
+        in_specs=(pspecs, tok_spec, jax.tree.map(lambda _: P(), state), P(), tok_spec, P(), P()),
         out_specs=(tok_spec, aux_specs(tok_spec, cfg.num_ffn_choices)),
         check_vma=False,
     )

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -243,16 +241,10 @@ class ExpertPlacement:
 
     def save(self, path, extra: dict | None = None) -> Path:
         """Write the placement (and `extra` fields, e.g. measures) as JSON, atomically."""
+        from jmoe.train.metrics import atomic_write_text
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({**self.to_dict(), **(extra or {})}, f, indent=1)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, json.dumps({**self.to_dict(), **(extra or {})}, indent=1))
         return path
 
     @staticmethod
