@@ -198,6 +198,7 @@ def _build_train_configs(args):
             "keep_ckpts": args.keep_ckpts,
             "mesh": args.mesh,
             "ep_impl": args.ep_impl,
+            "fssdp_experts": args.fssdp_experts,
             "distill_from": None if args.distill_from is None else str(Path(args.distill_from).absolute()),
             "distill_weight": args.distill_weight,
             "distill_temperature": args.distill_temperature,
@@ -850,6 +851,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--distill-temperature", type=float, help="softmax temperature of distillation (default 1)")
     t.add_argument("--mesh", help='device mesh, e.g. "data=2,expert=4" (axes: data, fsdp, expert, model)')
     t.add_argument("--ep-impl", help="expert-parallel token exchange: auto | padded | ragged | allgather, or fssdp (experts sharded over every device, materialised where the tokens are)")
+    t.add_argument("--fssdp-experts", type=_int_range(1), metavar="M", help="with --ep-impl fssdp: the most experts "
+                   "a MoE layer gathers per step (default: all); token-slots of experts beyond them are dropped and counted")
     p = t.add_argument_group("expert placement (with --mesh ...,expert=N)")
     p.add_argument("--placement", metavar="FILE", help="run the experts on this placement (from jmoe place)")
     p.add_argument("--rebalance-every", type=_int_range(1), metavar="N",

@@ -354,11 +354,9 @@ def reuse_distance_histogram(trace: RoutingTrace, bins: int = 32, kind: str = "d
     return out
 
 
-def coactivation(trace: RoutingTrace, lookahead: int = 1) -> np.ndarray:
-    """[L - lookahead, E, E] P(expert j at MoE layer l + lookahead | expert i at MoE layer l),
-    over the tokens of the trace: (tokens using i at l and j at l + lookahead) / (tokens using
-    i at l). Rows of experts never used at l are 0. With k slots each row sums to the mean
-    number of experts at layer l + lookahead (k when no slot is unused)."""
+def pair_counts(trace: RoutingTrace, lookahead: int = 1) -> np.ndarray:
+    """[L - lookahead, E, E] token counts: pairs[l, i, j] = tokens using expert i at MoE layer l
+    and expert j at MoE layer l + lookahead (every pair of their k x k choices)."""
     _check_trace(trace)
     L, E = trace.num_layers, trace.num_experts
     if not isinstance(lookahead, (int, np.integer)) or isinstance(lookahead, bool) or not 1 <= lookahead < L:
@@ -369,10 +367,21 @@ def coactivation(trace: RoutingTrace, lookahead: int = 1) -> np.ndarray:
     for l in range(L - lookahead):
         a, b = ids[:, l, :, None], ids[:, l + lookahead, None, :]
         v = (a >= 0) & (b >= 0)
-        pair = np.bincount(np.broadcast_to(a * E + b, v.shape)[v], minlength=E * E).reshape(E, E)
-        n_i = np.bincount(ids[:, l][ids[:, l] >= 0], minlength=E)
-        out[l] = pair / np.maximum(n_i, 1)[:, None]
+        out[l] = np.bincount(np.broadcast_to(a * E + b, v.shape)[v], minlength=E * E).reshape(E, E)
     return out
+
+
+def coactivation(trace: RoutingTrace, lookahead: int = 1) -> np.ndarray:
+    """[L - lookahead, E, E] P(expert j at MoE layer l + lookahead | expert i at MoE layer l),
+    over the tokens of the trace: (tokens using i at l and j at l + lookahead) / (tokens using
+    i at l). Rows of experts never used at l are 0. With k slots each row sums to the mean
+    number of experts at layer l + lookahead (k when no slot is unused)."""
+    pairs = pair_counts(trace, lookahead)
+    ids = trace.expert_ids.astype(np.int64)
+    E = trace.num_experts
+    for l in range(len(pairs)):
+        pairs[l] /= np.maximum(np.bincount(ids[:, l][ids[:, l] >= 0], minlength=E), 1)[:, None]
+    return pairs
 
 
 # ----------------------------------------------------------------------------- report

@@ -21,6 +21,9 @@ class TrainConfig:
     mesh: None for one device, or a mesh spec such as "data=2,expert=4" (see jmoe.parallel).
     ep_impl: how MoE layers move tokens on a mesh (jmoe.parallel.ExpertParallel); how many
       token-slots they may drop there is the MoE layer's dispatch ("dropless" or "capacity").
+    fssdp_experts: with ep_impl "fssdp", the most experts a MoE layer materialises per step
+      (the sparse all-gather's size; None: every expert). The token-slots of experts in use
+      beyond the first M are dropped and counted, as a capacity is.
     init_from: a run directory whose latest parameters (and router state) start this run, with a
       fresh optimizer (recovery fine-tuning of a merged or compressed model).
     distill_from, distill_weight, distill_temperature: knowledge distillation from another run's
@@ -64,6 +67,7 @@ class TrainConfig:
     log_every: int = option(1, ge=1)
     mesh: str | None = None
     ep_impl: str = option("auto", choices=EP_IMPLS)
+    fssdp_experts: int | None = option(None, ge=1)
     init_from: str | None = None
     distill_from: str | None = None
     distill_weight: float = option(0.5, ge=0.0, le=1.0)
@@ -89,6 +93,8 @@ class TrainConfig:
             from jmoe.parallel.mesh import parse_mesh_spec
 
             parse_mesh_spec(self.mesh)
+        if self.fssdp_experts is not None and self.ep_impl != "fssdp":
+            raise ValueError(f"TrainConfig.fssdp_experts={self.fssdp_experts} needs ep_impl='fssdp' (got {self.ep_impl!r})")
 
     def replace(self, **changes) -> "TrainConfig":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
@@ -114,6 +120,6 @@ class TrainConfig:
 # Fields of earlier layouts that no longer exist: the expert-parallel exchange now sizes its
 # buffers from the MoE layer's dispatch and its capacity option.
 _RETIRED = ("ep_capacity_factor",)
-_WRITTEN_WHEN_SET = ("init_from", "distill_from", "distill_weight", "distill_temperature", "base_from", "train_only",
+_WRITTEN_WHEN_SET = ("fssdp_experts", "init_from", "distill_from", "distill_weight", "distill_temperature", "base_from", "train_only",
                      "consistency_weight", "placement", "rebalance_every", "rebalance_method", "redundant_experts")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}

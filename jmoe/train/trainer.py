@@ -62,7 +62,7 @@ class Placement:
     def __init__(self, mesh_spec: str | None, tc: TrainConfig | None = None):
         self.mesh = make_mesh(mesh_spec) if mesh_spec else None
         self.ep = (
-            ExpertParallel(self.mesh, tc.ep_impl) if self.mesh is not None and tc else None
+            ExpertParallel(self.mesh, tc.ep_impl, fssdp_experts=tc.fssdp_experts) if self.mesh is not None and tc else None
         )
         # FSSDP keeps whole experts, and their optimizer state, sharded over every device
         self.rules = FSSDP_RULES if tc is not None and tc.ep_impl == "fssdp" else DEFAULT_RULES

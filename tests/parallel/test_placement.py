@@ -267,6 +267,7 @@ def test_jmoe_place_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, a
     (["--mesh", "expert=4", "--placement", "{tmp}/missing.json"], "--placement: placement file"),
     (["--mesh", "expert=2", "--placement", "{tmp}/p.json"], "the placement is over 4 devices; the mesh's expert axis has 2"),
     (["--mesh", "expert=4", "--placement", "{tmp}/p8.json"], "for 8 experts per layer; the model has 4"),
+    (["--mesh", "data=4", "--fssdp-experts", "2"], "fssdp_experts=2 needs ep_impl='fssdp'"),
 ])
 def test_jmoe_train_refuses_a_placement_it_cannot_run(tmp_path, capsys, args, message):
     from tests.train.conftest import MICRO

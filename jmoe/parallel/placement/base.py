@@ -104,17 +104,15 @@ class PlacementStats:
     @staticmethod
     def from_trace(trace) -> "PlacementStats":
         """Loads and consecutive-layer pairs of a routing trace (`jmoe.infer.trace.RoutingTrace`)."""
+        from jmoe.infer.locality import pair_counts
+
         ids = trace.expert_ids.astype(np.int64)  # [N, L, k], -1 = unused
         N, L, k = ids.shape
         E = trace.num_experts
         layer = np.broadcast_to(np.arange(L)[None, :, None], ids.shape)
         used = ids >= 0
         load = np.bincount((layer[used] * E + ids[used]), minlength=L * E).reshape(L, E)
-        pairs = np.zeros((L - 1, E, E))
-        for l in range(L - 1):
-            a, b = ids[:, l, :, None], ids[:, l + 1, None, :]
-            v = (a >= 0) & (b >= 0)
-            pairs[l] = np.bincount(np.broadcast_to(a * E + b, v.shape)[v], minlength=E * E).reshape(E, E)
+        pairs = pair_counts(trace) if L > 1 else np.zeros((0, E, E))
         layers = None if trace.layers is None else tuple(int(x) for x in trace.layers)
         return PlacementStats(load=load, pairs=pairs, layers=layers)
 

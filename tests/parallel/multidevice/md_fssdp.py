@@ -77,8 +77,16 @@ def test_training_with_fssdp_equals_one_device(tmp_path):
                      moe=jmoe.MoEConfig(num_experts=8, top_k=2, d_model=32, d_ff=16, dispatch_options=dict(block_size=32)))
     tc = TrainConfig(steps=3, batch_size=8, seq_len=32, eval_every=3, eval_batches=2, ckpt_every=3, warmup_steps=2)
     corpus = load_corpus(None)
-    losses = []
-    for name, t in (("one", tc), ("fssdp", tc.replace(mesh="data=8", ep_impl="fssdp"))):
+    losses, dropped = [], []
+    fssdp = tc.replace(mesh="data=8", ep_impl="fssdp")
+    for name, t in (("one", tc), ("fssdp", fssdp), ("all8", fssdp.replace(fssdp_experts=8)),
+                    ("two", fssdp.replace(fssdp_experts=2))):
         train(model, t, tmp_path / name, corpus=corpus, progress=False, log=lambda m: None)
-        losses.append([r["loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl") if r["kind"] == "train"])
+        recs = [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if r["kind"] == "train"]
+        losses.append([r["loss"] for r in recs])
+        dropped.append(np.mean([r["dropped"] for r in recs]))
     np.testing.assert_allclose(losses[1], losses[0], rtol=2e-5)
+    np.testing.assert_allclose(losses[2], losses[0], rtol=2e-5)  # M = E gathers every expert
+    assert dropped[0] == dropped[2] == 0.0
+    # two experts per layer and step: most token-slots of 8 experts in use are dropped and counted
+    assert dropped[3] > 0.5 and not np.allclose(losses[3], losses[0], rtol=1e-4)
