@@ -16,7 +16,7 @@ than uniform GPTQ at the same average width (2 and 3 bits); online skipping of >
 expert slots within the noise; PreMoe with half the experts keeping >= 95% of every task's
 metric; 4-bit decoding faster than float. Quantized runs are cached under
 experiments/results/quant_runs by source run, method and code version. Writes
-experiments/results/quantize.{json,png}.
+experiments/results/quantize_<preset>.{json,png}.
 
     python experiments/quantize.py [--preset small] [--steps N] [--seeds 0 1 2]
 """
@@ -275,7 +275,8 @@ def main(argv=None):
             value = f"{_zoo.fmt_ci(c['a_summary'])} -> " if "a_summary" in c else ""
             print(f"{c['claim']}: {value}{c['verdict']}")
     _zoo.RESULTS.mkdir(exist_ok=True)
-    plot(per_seed, _zoo.RESULTS / "quantize.png")
+    name = f"quantize_{a.preset}"
+    plot(per_seed, _zoo.RESULTS / f"{name}.png")
     payload = _zoo.payload("quantize", a.steps or preset(a.preset)["train"]["steps"], a.seeds, claims,
                            preset=a.preset, data=data, group_size=GROUP_SIZE, quant_code_version=QUANT_VERSION,
                            per_seed=per_seed, tasks=[t.name for t in tasks], wall_s=time.perf_counter() - t0)
@@ -283,8 +284,8 @@ def main(argv=None):
                           + (f" --steps {a.steps}" if a.steps else "") + " --seeds " + " ".join(map(str, a.seeds))
                           + ("" if a.variants == list(QUANT) else " --variants " + " ".join(a.variants))
                           + ("" if a.tasks == "all" else f" --tasks {a.tasks}"))
-    (_zoo.RESULTS / "quantize.json").write_text(json.dumps(payload, indent=1))
-    print(f"wrote {_zoo.RESULTS / 'quantize.json'} and {_zoo.RESULTS / 'quantize.png'}")
+    (_zoo.RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1))
+    print(f"wrote {_zoo.RESULTS / name}.json and .png")
 
 
 if __name__ == "__main__":

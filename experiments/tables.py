@@ -189,8 +189,12 @@ def task_mixture(results: Path) -> str:
 
 @renderer
 def quantize(results: Path) -> str:
-    """Quantized experts, online skipping and PreMoe: the numbers per variant and the claims."""
-    data = load(results, "quantize")
+    """Quantized experts, online skipping and PreMoe: the numbers per variant and the claims, for
+    each base size measured."""
+    return "\n".join(_quantize_one(data) for data in by_preset(results, "quantize").values())
+
+
+def _quantize_one(data: dict) -> str:
     per_seed = data["per_seed"]
     variants = list(per_seed[0]["variants"])
     rows = [["float", "32", mean_sd(summary_of([s["float"]["val_loss"] for s in per_seed])), "1.000"]]
