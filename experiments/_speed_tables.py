@@ -183,9 +183,10 @@ def fssdp(d: Record) -> list[str]:
     per = "; ".join(f"{r['tokens_per_expert']:,.0f} tokens per expert: padded all-to-all {r['ep_bytes'] / 1e6:.1f} MB, "
                     f"least exchange {r['ep_min_bytes'] / 1e6:.1f} MB, FSSDP {r['fssdp_bytes'] / 1e6:.1f} MB"
                     for r in d["rows"])
-    result = (f"{per}. FSSDP's bytes follow the experts materialised, not the tokens (an all-reduce of each expert in "
-              f"use forward and of its gradient backward: 2x an all-gather's bytes); it sends less than the least "
-              f"token exchange above {d['crossover_tokens_per_expert']:,.0f} tokens per expert (`results/bench_fssdp.json`)")
+    ops = ", ".join(f"{op} {b / 1e6:.1f} MB" for op, b in d["rows"][-1]["fssdp_collectives"].items())
+    result = (f"{per}. FSSDP's bytes follow the experts materialised, not the tokens ({ops}); it sends less than the "
+              f"least token exchange above {d['crossover_tokens_per_expert']:,.0f} tokens per expert "
+              f"(`results/bench_fssdp.json`)")
     return [what, code(command(d)), result]
 
 

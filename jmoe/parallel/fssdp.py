@@ -4,14 +4,15 @@ Training via Fully Sharded Sparse Data Parallelism"): the experts come to the to
 Instead of expert parallelism's token all-to-alls, every device keeps its tokens (the mesh's
 token axes are all data axes) and the expert weights, with their optimizer state, are sharded
 whole experts at a time over every device (`FSSDP_RULES`: expert e on device e // (E / N)).
-Each MoE layer counts, over all devices, the experts its tokens route to and materialises only
-those on every device: a sparse all-gather of at most M experts (`ExpertParallel(...,
-impl="fssdp", fssdp_experts=M)`; M = E by default). Each owner contributes its experts to
-an [M, ...] buffer that is summed over the devices (a broadcast from each owner), so the bytes
-moved follow the experts in use, not E. The tokens then run through the materialised experts
-with the layer's dropless grouped matmul, on their own device. The gradient of the
-materialisation is the sum of the M experts' gradients over the devices, each owner keeping
-its own: only the materialised experts' gradients move.
+Each MoE layer materialises the experts on every device, then runs its own tokens through them
+with the layer's dropless grouped matmul. With every expert (M = E, the default) that is a
+plain all-gather of the shards, whose gradient is a reduce-scatter: each owner receives the
+sum of its experts' gradients over the devices. With a budget of M < E experts per layer and
+step (`ExpertParallel(..., impl="fssdp", fssdp_experts=M)`), the layer counts, over all
+devices, the experts its tokens route to and materialises only those: a sparse all-gather,
+each owner contributing its experts in use to an [M, ...] buffer that is summed over the
+devices (a broadcast from each owner; the gradient goes back the same way), so the bytes
+moved follow M, not E (twice an all-gather's bytes per expert: worth it below E / 2).
 
 With M at least the number of experts in use (always with M = E) the layer equals the
 single-device layer, outputs and gradients; with a smaller M, the first M experts in use (by
@@ -62,6 +63,12 @@ class SparseGather:
         for a, n in zip(self.axes, self.sizes):
             me = me * n + lax.axis_index(a)
         ids, mask = routing.expert_ids, routing.mask
+        compute_cfg = cfg if cfg.dispatch == "dropless" else cfg.replace(dispatch="dropless")
+        impl = DROPLESS_IMPLS.get(resolve_impl(compute_cfg.dispatch_options.impl))
+        if M == E:  # every expert: a plain all-gather, whose gradient is a reduce-scatter
+            experts = jax.tree.map(lambda w: lax.all_gather(w, self.axes, axis=0, tiled=True), expert_params)
+            y = impl(experts, x, jnp.clip(ids, 0, E - 1), jnp.where(mask, routing.weights, 0.0), mask, compute_cfg)
+            return y, jnp.zeros((), jnp.float32)
         local_counts = jnp.bincount(jnp.where(mask, ids, E).reshape(-1), length=E + 1)[:E]
         in_use = lax.psum(local_counts, self.axes) > 0  # [E], the same on every device
         chosen = jnp.argsort(~in_use, stable=True)[:M].astype(jnp.int32)  # experts in use first, by id
@@ -77,8 +84,6 @@ class SparseGather:
         experts = jax.tree.map(materialise, expert_params)
         sid = jnp.take(slot_of, jnp.clip(ids, 0, E - 1))
         keep = mask & (sid >= 0)
-        compute_cfg = cfg if cfg.dispatch == "dropless" else cfg.replace(dispatch="dropless")
-        impl = DROPLESS_IMPLS.get(resolve_impl(compute_cfg.dispatch_options.impl))
         y = impl(experts, x, jnp.maximum(sid, 0), jnp.where(keep, routing.weights, 0.0), keep, compute_cfg)
         return y, jnp.sum(mask & ~keep).astype(jnp.float32)
 
