@@ -170,7 +170,7 @@ def expert_parallel(d: Record) -> list[str]:
                        f"{mesh_axes(r['mesh'])['expert'] / k:.1f})" for r in gathered)
     native = [r["native_ragged_bytes_per_token"] / r["minimum_bytes_per_token"] for r in rows if r["impl"] == "ragged"]
     what = f"expert-parallel bytes moved per token, E={cfg['num_experts']}, k={k}, {d['device']}"
-    result = (f"padded all-to-all {span(padded)}x the minimum (capacity factor {cfg['capacity_factor']:g}), all-gather "
+    result = (f"padded all-to-all {span(padded)}x the minimum (capacity factor {cfg['dispatch_options']['capacity_factor']:g}), all-gather "
               f"{gather}, native `ragged_all_to_all` {span(native)}x (measured from its offsets: CPU runs it as an "
               "all-gather emulation)")
     return [what, code(command(d)), result]
@@ -198,10 +198,14 @@ def rebalance(d: Record) -> list[str]:
                     f"{r['ratio_range'][1]:.2f}), dropped {r['dropped_fraction']['default']:.1%} -> "
                     f"{r['dropped_fraction']['eplb']:.1%}" for r in d["rows"])
     ex = d["rows"][0]["excess_load"]
-    result = (f"placed / default: {per}; hottest device's excess load {ex['default']:.2f} -> {ex['eplb']:.2f}. Simulated "
-              "devices share the cores and the padded buffers do not shrink with balance, so these step times do not show "
-              "the balance (the capacity step computes the slots it no longer drops); on real devices a step waits for "
-              "the hottest one (`results/bench_rebalance.json`)")
+    sent = "; ".join(f"{r['exchange']} {r['bytes_sent']['default'] / 1e6:.1f} -> {r['bytes_sent']['eplb'] / 1e6:.1f} MB"
+                     for r in d["rows"] if "bytes_sent" in r)
+    sent = (f". Bytes one device sends per step: {sent} (the placed layer gathers the expert weights, "
+            f"{d['expert_bytes'] / 1e6:.2f} MB each, into their slots every step and their gradients back)") if sent else ""
+    result = (f"placed / default: {per}; hottest device's excess load {ex['default']:.2f} -> {ex['eplb']:.2f}{sent}. "
+              "Simulated devices share the cores and the padded buffers do not shrink with balance, so these step times do "
+              "not show the balance (the capacity step computes the slots it no longer drops); on real devices a step waits "
+              "for the hottest one (`results/bench_rebalance.json`)")
     return [what, code(command(d)), result]
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import statistics
@@ -59,6 +60,22 @@ def shape_bytes(text: str) -> int:
     return total
 
 
+def group_size(line: str) -> int:
+    """Devices in each replica group of a collective's HLO line, in any of XLA's spellings:
+    explicit ({{0,1,2,3},...}), iota ([G,n]<=[N]) or mesh axes (mesh['x'=2,'y'=4] {'y'})."""
+    explicit = re.search(r"replica_groups=\{\{([\d,]+)\}", line)
+    if explicit:
+        return len(explicit.group(1).split(","))
+    iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", line)
+    if iota:
+        return int(iota.group(2))
+    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+    if mesh:
+        sizes = {a: int(v) for a, v in re.findall(r"'(\w+)'=(\d+)", mesh.group(1))}
+        return math.prod(sizes[a] for a in re.findall(r"'(\w+)'", mesh.group(2)))
+    return 1
+
+
 def bytes_sent_per_device(hlo: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for line in hlo.splitlines():
@@ -66,8 +83,7 @@ def bytes_sent_per_device(hlo: str) -> dict[str, float]:
         if not m:
             continue
         result, op = m.group(1), m.group(2)
-        groups = re.search(r"replica_groups=\{\{([\d,]+)\}", line)
-        n = len(groups.group(1).split(",")) if groups else 1
+        n = group_size(line)
         if n <= 1:
             continue
         b = shape_bytes(result)

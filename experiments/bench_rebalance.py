@@ -8,8 +8,10 @@ all-to-all, dropless (buffers for the worst case) and with capacity factor 1.25 
 1.25x the mean load per device: a skewed layer drops token-slots there).
 
 Printed side by side: the median step-time ratio placed / default over the rounds, the share of
-token-slots each drops, and the excess load of the hottest device ((max - mean) / mean of the
-token-slots each device receives). Simulated devices share the machine's cores, and the padded
+token-slots each drops, the excess load of the hottest device ((max - mean) / mean of the
+token-slots each device receives), and the bytes one device sends per step, read from the
+compiled HLO (as in bench_expert_parallel.py): the placed layer gathers the expert weights
+into their slots every step (and their gradients back), which the default layout does not. Simulated devices share the machine's cores, and the padded
 exchange sizes its buffers from the capacity rule, not from the loads: the time a balanced
 placement saves on real devices, where the step waits for the most loaded one, is the excess
 load, not this ratio. Writes experiments/results/bench_rebalance.json.
@@ -34,9 +36,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import jmoe
-from jmoe.parallel import ExpertParallel, make_mesh
-from jmoe.parallel.placement import ExpertPlacement, PlacementStats, excess_load, place
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_expert_parallel import bytes_sent_per_device  # noqa: E402
+
+import jmoe  # noqa: E402
+from jmoe.parallel import ExpertParallel, make_mesh, shard_tree  # noqa: E402
+from jmoe.parallel.placement import ExpertPlacement, PlacementStats, excess_load, place  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "bench_rebalance.json"
 
@@ -57,19 +62,21 @@ def main(argv=None):
     _, aux = jmoe.moe_layer(params, x, cfg)
     load = np.asarray(aux.tokens_per_expert, np.float64)[None, : cfg.num_experts]
     ep = ExpertParallel(make_mesh("data=1,expert=8"), impl="padded")
+    params = shard_tree(params, ep.mesh)  # the experts on the expert axis, as a training run keeps them
     default = ExpertPlacement(slots=np.arange(16)[None], num_experts=16, num_devices=8)
     placed = place(PlacementStats(load), "eplb", 8, 24)
     layouts = {"default": (None, default), "eplb": (jnp.asarray(placed.slots[0]), placed)}
     rows = []
     for name, c in (("dropless", cfg), ("capacity 1.25", cfg.replace(dispatch="capacity",
                                                                       dispatch_options=dict(capacity_factor=1.25)))):
-        fns = {}
+        fns, sent = {}, {}
         for layout, (slots, _) in layouts.items():
             def loss(p, x, c=c, slots=slots):
                 y, aux = jmoe.moe_layer(p, x, c, ep=ep, slots=slots)
                 return jnp.sum(y ** 2), aux.dropped_fraction
 
             fns[layout] = jax.jit(jax.value_and_grad(loss, has_aux=True))
+            sent[layout] = bytes_sent_per_device(fns[layout].lower(params, x).compile().as_text())
             jax.block_until_ready(fns[layout](params, x))
         times = {k: [] for k in fns}
         for _ in range(a.rounds):  # alternating, side by side
@@ -82,16 +89,19 @@ def main(argv=None):
         row = {"exchange": name, "step_s": {k: statistics.median(v) for k, v in times.items()},
                "ratio_placed_over_default": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)],
                "dropped_fraction": dropped,
-               "excess_load": {k: float(excess_load(pl, load)[0]) for k, (_, pl) in layouts.items()}}
+               "excess_load": {k: float(excess_load(pl, load)[0]) for k, (_, pl) in layouts.items()},
+               "bytes_sent": {k: sum(v.values()) for k, v in sent.items()}, "collectives": sent}
         rows.append(row)
         print(f"{name:>14}: step placed / default {row['ratio_placed_over_default']:.2f}x "
               f"({min(ratios):.2f}-{max(ratios):.2f}); dropped {dropped['default']:.1%} -> {dropped['eplb']:.1%}; "
-              f"excess load {row['excess_load']['default']:.2f} -> {row['excess_load']['eplb']:.2f}", flush=True)
+              f"excess load {row['excess_load']['default']:.2f} -> {row['excess_load']['eplb']:.2f}; bytes sent per "
+              f"device {row['bytes_sent']['default'] / 1e6:.1f} -> {row['bytes_sent']['eplb'] / 1e6:.1f} MB", flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
         "command": "python experiments/bench_rebalance.py" + (f" --rounds {a.rounds}" if a.rounds != 7 else ""),
         "config": cfg.to_dict(), "tokens": a.tokens, "device": f"{jax.device_count()} simulated cpu devices",
-        "load": load[0].tolist(), "slots": placed.slots[0].tolist(), "rows": rows}, indent=1))
+        "load": load[0].tolist(), "slots": placed.slots[0].tolist(),
+        "expert_bytes": sum(w[0].nbytes for w in jax.tree.leaves(params["experts"])), "rows": rows}, indent=1))
     print(f"wrote {RESULTS}")
 
 

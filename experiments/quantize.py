@@ -19,6 +19,7 @@ experiments/results/quant_runs by source run, method and code version. Writes
 experiments/results/quantize_<preset>.{json,png}.
 
     python experiments/quantize.py [--preset small] [--steps N] [--seeds 0 1 2]
+    python experiments/quantize.py --seeds 1 --results-only    # a slice: one seed's measurements
 """
 
 from __future__ import annotations
@@ -257,9 +258,11 @@ def main(argv=None):
     ap.add_argument("--variants", nargs="+", choices=list(QUANT), default=list(QUANT),
                     help="quantized variants (default all; hqq4 is always included: decoding is timed on it)")
     ap.add_argument("--train-only", action="store_true", help="train the seeds' models and stop (slices)")
+    ap.add_argument("--results-only", action="store_true", help="measure the seeds' models, cache their results and "
+                    "stop, without the report (slices: one seed per process)")
     a = ap.parse_args(argv)
     a.variants = sorted(set(a.variants) | {"hqq4"}, key=list(QUANT).index)
-    if len(a.seeds) < 2:
+    if len(a.seeds) < 2 and not (a.train_only or a.results_only):
         ap.error("--seeds needs at least two seeds for an interval")
     data = mix_spec(",".join(t.name for t in evals.resolve_tasks("all")))  # the model learns every task
     tasks = evals.resolve_tasks(a.tasks)
@@ -268,6 +271,8 @@ def main(argv=None):
         return
     t0 = time.perf_counter()
     per_seed = [seed_results(r, tasks, a) for r in results]
+    if a.results_only:
+        return
     claims = claims_of(per_seed, tasks)
     _zoo.print_claims([c for c in claims if "difference" in c])
     for c in claims:
