@@ -125,6 +125,15 @@ def placed_experts(experts, slots: jax.Array):
     return jax.tree.map(lambda w: jnp.take(w, slots, axis=0), experts)
 
 
+def _local_slots(experts, slots: jax.Array, n: int):
+    """Inside `shard_map`: this expert device's S / n slots of the (gathered) experts [E, ...].
+    The gather is an all-gather of the expert shards, so their gradients go back to their owners
+    as a reduce-scatter."""
+    per = slots.shape[0] // n
+    mine = lax.dynamic_slice_in_dim(slots, lax.axis_index("expert") * per, per)
+    return placed_experts(experts, mine)
+
+
 def _check_slots(slots, experts, n: int) -> int:
     """The number of experts (rows of the expert weights); ValueErrors for slots that cannot
     hold them on `n` devices (found at trace time, before any computation)."""
@@ -218,7 +227,6 @@ def ep_moe_layer(params, x, cfg, ep: ExpertParallel, *, state=None, key=None, ca
     if slots is not None:
         slots = jnp.asarray(slots)
         num_experts = _check_slots(slots, params["experts"], n)
-        params = {**params, "experts": placed_experts(params["experts"], slots)}
     fssdp = ep.impl == "fssdp"
     if fssdp:
         _check_fssdp(params, cfg, mesh, taxes, slots)
@@ -235,9 +243,10 @@ def ep_moe_layer(params, x, cfg, ep: ExpertParallel, *, state=None, key=None, ca
     has_key = key is not None
     psum = (lambda v: lax.psum(v, taxes)) if taxes else (lambda v: v)
 
-    def gathered(params):
+    def gathered(params, slots):
         """The layer's parameters as the body uses them: FSDP shards gathered, tensor-parallel
-        slices kept only where the computation is tensor-parallel."""
+        slices kept only where the computation is tensor-parallel, and under a placement this
+        device's slots of the experts."""
         out = dict(params)
         for name, is_tp in (("experts", tp), ("shared", tp_shared)):
             if name == "experts" and fssdp:  # materialised by the dispatch
@@ -245,6 +254,8 @@ def ep_moe_layer(params, x, cfg, ep: ExpertParallel, *, state=None, key=None, ca
             if name in params:
                 tree = _gather_sharded_dims(params[name], pspecs[name], "fsdp")
                 out[name] = tree if is_tp else _gather_sharded_dims(tree, pspecs[name], "model")
+        if slots is not None:
+            out["experts"] = _local_slots(_gather_sharded_dims(out["experts"], pspecs["experts"], "expert"), slots, n)
         return out
 
     def local(params, xt, state, key, carry, balance_counts, slots):
@@ -257,7 +268,7 @@ def ep_moe_layer(params, x, cfg, ep: ExpertParallel, *, state=None, key=None, ca
         if slots is not None:
             dispatch_fn = PlacedExchange(dispatch_fn, slots, num_experts, idx * xt.shape[0])
         return layer_body(
-            gathered(params), xt, cfg, dispatch=dispatch_fn, state=state,
+            gathered(params, slots), xt, cfg, dispatch=dispatch_fn, state=state,
             key=key if has_key else None, carry=carry, balance_counts=balance_counts, seq_len=seq_len,
             reduce=psum, shards=shards, partial_sum=(lambda v: lax.psum(v, "model")) if tp_shared else (lambda v: v),
         )

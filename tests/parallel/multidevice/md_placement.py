@@ -33,6 +33,7 @@ def grads(cfg, params, x, ep=None, slots=None):
     ("padded", "data=1,expert=8", "permutation"), ("padded", "data=1,expert=8", "replicas"),
     ("padded", "data=2,expert=4", "all_of_one_device"), ("ragged", "data=2,expert=4", "replicas"),
     ("ragged", "data=4,expert=2", "all_of_one_device"), ("allgather", "data=4,expert=2", "replicas"),
+    ("padded", "fsdp=2,expert=4", "replicas"), ("padded", "expert=4,model=2", "permutation"),
 ])
 def test_any_placement_equals_the_single_device_layer(impl, mesh_spec, name):
     slots = jnp.asarray(PLACEMENTS[name], jnp.int32)
