@@ -11,10 +11,10 @@ Printed side by side: the median step-time ratio placed / default over the round
 token-slots each drops, the excess load of the hottest device ((max - mean) / mean of the
 token-slots each device receives), and the bytes one device sends per step, read from the
 compiled HLO (as in bench_expert_parallel.py): the placed layer gathers the expert weights
-into their slots every step (and their gradients back), which the default layout does not. Simulated devices share the machine's cores, and the padded
-exchange sizes its buffers from the capacity rule, not from the loads: the time a balanced
-placement saves on real devices, where the step waits for the most loaded one, is the excess
-load, not this ratio. Writes experiments/results/bench_rebalance.json.
+into their slots every step (and their gradients back), which the default layout does not.
+Simulated devices share the machine's cores, and the padded exchange sizes its buffers from
+the capacity rule, not from the loads: the time a balanced placement saves on real devices,
+where the step waits for the most loaded one, is the excess load, not this ratio. Writes experiments/results/bench_rebalance.json.
 
     python experiments/bench_rebalance.py [--rounds 7]
 """
