@@ -199,10 +199,10 @@ def rebalance(d: Record) -> list[str]:
                     f"{r['dropped_fraction']['eplb']:.1%}" for r in d["rows"])
     ex = d["rows"][0]["excess_load"]
     sent = "; ".join(f"{r['exchange']} {r['bytes_sent']['default'] / 1e6:.1f} -> {r['bytes_sent']['eplb'] / 1e6:.1f} MB"
-                     for r in d["rows"] if "bytes_sent" in r)
-    sent = (f". Bytes one device sends per step: {sent} (the placed layer gathers the expert weights, "
-            f"{d['expert_bytes'] / 1e6:.2f} MB each, into their slots every step and their gradients back)") if sent else ""
-    result = (f"placed / default: {per}; hottest device's excess load {ex['default']:.2f} -> {ex['eplb']:.2f}{sent}. "
+                     for r in d["rows"])
+    result = (f"placed / default: {per}; hottest device's excess load {ex['default']:.2f} -> {ex['eplb']:.2f}. Bytes one "
+              f"device sends per step: {sent} (the placed layer gathers the expert weights, {d['expert_bytes'] / 1e6:.2f} "
+              "MB each, into their slots every step and their gradients back). "
               "Simulated devices share the cores and the padded buffers do not shrink with balance, so these step times do "
               "not show the balance (the capacity step computes the slots it no longer drops); on real devices a step waits "
               "for the hottest one (`results/bench_rebalance.json`)")
