@@ -192,20 +192,42 @@ def fssdp(d: Record) -> list[str]:
 
 def rebalance(d: Record) -> list[str]:
     cfg = d["config"]
+    redundant = len(d["slots"]) - cfg["num_experts"]
     what = (f"expert-parallel step (forward+backward) on a skewed layer, default layout vs EPLB placement of its loads "
-            f"(E={cfg['num_experts']}, k={cfg['top_k']}, 8 redundant slots), {d['tokens']:,} tokens, {d['device']}")
+            f"(E={cfg['num_experts']}, k={cfg['top_k']}, {redundant} redundant slots) with the experts held in their "
+            f"slots, and stored per expert and gathered into them every step, {d['tokens']:,} tokens, {d['device']}")
     per = "; ".join(f"{r['exchange']}: step {r['ratio_placed_over_default']:.2f}x ({r['ratio_range'][0]:.2f}-"
-                    f"{r['ratio_range'][1]:.2f}), dropped {r['dropped_fraction']['default']:.1%} -> "
-                    f"{r['dropped_fraction']['eplb']:.1%}" for r in d["rows"])
+                    f"{r['ratio_range'][1]:.2f}; gathered {r['ratio_gathered_over_default']:.2f}x), dropped "
+                    f"{r['dropped_fraction']['default']:.1%} -> {r['dropped_fraction']['eplb']:.1%}" for r in d["rows"])
     ex = d["rows"][0]["excess_load"]
-    sent = "; ".join(f"{r['exchange']} {r['bytes_sent']['default'] / 1e6:.1f} -> {r['bytes_sent']['eplb'] / 1e6:.1f} MB"
-                     for r in d["rows"])
+    mb = lambda r, k: r["bytes_sent"][k] / 1e6
+    sent = "; ".join(f"{r['exchange']} {mb(r, 'default'):.1f} -> {mb(r, 'eplb'):.1f} MB in slots, "
+                     f"{mb(r, 'eplb_gathered'):.1f} MB gathered" for r in d["rows"])
     result = (f"placed / default: {per}; hottest device's excess load {ex['default']:.2f} -> {ex['eplb']:.2f}. Bytes one "
-              f"device sends per step: {sent} (the placed layer gathers the expert weights, {d['expert_bytes'] / 1e6:.2f} "
-              "MB each, into their slots every step and their gradients back). "
-              "Simulated devices share the cores and the padded buffers do not shrink with balance, so these step times do "
-              "not show the balance (the capacity step computes the slots it no longer drops); on real devices a step waits "
-              "for the hottest one (`results/bench_rebalance.json`)")
+              f"device sends per step: {sent} (held in their slots, the {redundant} redundant rows' gradients are summed "
+              f"between the copies; gathered, every expert, {d['expert_bytes'] / 1e6:.2f} MB each, moves into its slots "
+              "and its gradient back). Simulated devices share the cores and the padded buffers do not shrink with "
+              "balance, so these step times do not show the balance (the capacity step computes the slots it no longer "
+              "drops); on real devices a step waits for the hottest one (`results/bench_rebalance.json`)")
+    return [what, code(command(d)), result]
+
+
+def rebalance_train(d: Record) -> list[str]:
+    moe = d["model"]["moe"]
+    what = (f"training steps with and without rebalancing (EPLB every {d['every']} steps, {d['redundant']} redundant "
+            f"slots, experts held in their slots) of a model whose routers favour a few experts (E={moe['num_experts']}, "
+            f"k={moe['top_k']}, {d['steps']} steps, one of each in turn), {d['device']}")
+    per = "; ".join(f"{r['dispatch']}: step {r['ratio_rebalance_over_plain']:.2f}x ({r['ratio_range'][0]:.2f}-"
+                    f"{r['ratio_range'][1]:.2f}), whole run {r['total_ratio']:.2f}x, a re-placement "
+                    f"{r['replace_s'] * 1e3:.0f} ms, excess load {r['excess_load']['plain']:.2f} -> "
+                    f"{r['excess_load']['rebalance']:.2f}, dropped {r['dropped_fraction']['plain']:.1%} -> "
+                    f"{r['dropped_fraction']['rebalance']:.1%}, losses within {r['loss_max_rel_diff']:.0e} (relative)"
+                    for r in d["rows"])
+    result = (f"rebalancing / plain: {per}. Simulated devices share the cores and the padded buffers do not shrink with "
+              "balance, so the step times show the rebalancing's costs ("
+              f"{(moe['num_experts'] + d['redundant']) / moe['num_experts']:.1f}x the slots per device, the copies' "
+              "gradient sum, the re-placements), not its gain; on real devices a step waits for the hottest one "
+              "(`results/bench_rebalance_train.json`)")
     return [what, code(command(d)), result]
 
 
@@ -510,6 +532,8 @@ ROWS = (  # renderer, results files it reads, what it measures, the commands tha
      ("python experiments/bench_expert_parallel.py",)),
     (rebalance, ("bench_rebalance",), "expert-parallel steps with and without re-placing the experts",
      ("python experiments/bench_rebalance.py",)),
+    (rebalance_train, ("bench_rebalance_train",), "training with and without rebalancing on a skewed model",
+     ("python experiments/bench_rebalance_train.py",)),
     (fssdp, ("bench_fssdp",), "FSSDP vs expert parallelism: bytes per step", ("python experiments/bench_fssdp.py",)),
     (kernels, ("bench_kernels_NVIDIA_H100_80GB_HBM3", "bench_kernels_NVIDIA_H100_80GB_HBM3_tokens32768",
                "bench_kernels_cpu_interpret"), "Pallas grouped matmul on an H100",

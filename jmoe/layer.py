@@ -126,10 +126,14 @@ def _check_config(cfg):
         raise ValueError(f"cfg must be a jmoe.MoEConfig, got {type(cfg).__name__}")
 
 
-def _check_params(params, cfg):
+def _check_params(params, cfg, rows: int | None = None):
+    """ValueErrors for parameters that do not fit `cfg`; rows: the expert weights' leading size
+    when it is not num_experts (experts stored in the slots of a placement)."""
     if not isinstance(params, dict) or "router" not in params or "experts" not in params:
         raise ValueError("params must be a dict with 'router' and 'experts' (from jmoe.init_moe)")
     expected = expected_expert_shapes(cfg)
+    if rows is not None:
+        expected = {name: (rows,) + shape[1:] for name, shape in expected.items()}
     experts = params["experts"]
     shapes = experts.shapes if isinstance(experts, ExpertList) else {n: tuple(w.shape) for n, w in experts.items()}
     for name, shape in expected.items():
@@ -137,8 +141,9 @@ def _check_params(params, cfg):
             raise ValueError(f"params['experts'] is missing {name!r} (activation={cfg.activation!r})")
         if shapes[name] != shape:
             raise ValueError(
-                f"params['experts'][{name!r}] has shape {shapes[name]}, "
-                f"expected {shape} for num_experts={cfg.num_experts}, d_model={cfg.d_model}, d_ff={cfg.d_ff}"
+                f"params['experts'][{name!r}] has shape {shapes[name]}, expected {shape} for "
+                + (f"{rows} slots" if rows is not None else f"num_experts={cfg.num_experts}")
+                + f", d_model={cfg.d_model}, d_ff={cfg.d_ff}"
             )
     if cfg.num_shared_experts and "shared" not in params:
         raise ValueError("params has no 'shared' experts but cfg.num_shared_experts > 0")
@@ -188,13 +193,15 @@ def moe_layer(
         global-scope balance loss under gradient accumulation.
       slots: [S] an expert placement of the layer on `ep`'s mesh (the expert of each slot,
         `jmoe.parallel.placement`); the result does not depend on it (ignored without `ep`).
+        With `ep.experts_in_slots` the expert weights are stored in these slots ([S, ...]).
     Returns:
       y: [..., d_model] in the compute dtype (cfg.dtype, or x's dtype).
       aux: `MoEAux` with losses, load statistics and the `Routing`.
     """
     _check_config(cfg)
     _check_input(x, cfg)
-    _check_params(params, cfg)
+    in_slots = ep is not None and getattr(ep, "experts_in_slots", False) and slots is not None
+    _check_params(params, cfg, rows=jnp.shape(slots)[0] if in_slots else None)
     if ep is not None:
         return ep.apply(params, x, cfg, state=state, key=key, carry=carry, balance_counts=balance_counts, slots=slots)
     return _moe_layer(params, x, cfg, state, key, carry, balance_counts)

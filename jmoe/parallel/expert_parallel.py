@@ -17,12 +17,21 @@ Two variations keep that equality: an expert placement (`slots`, `jmoe.parallel.
 puts experts, and copies of hot ones, in the slots of its choice, each token going to a copy of
 its expert; and impl="fssdp" (`jmoe.parallel.fssdp`) exchanges no tokens, materialising the
 experts in use where the tokens are.
+
+A placement's experts come in one of two layouts. Stored per expert ([E, ...], the default), the
+layer gathers each device's slots from them every step, and their gradients go back the same
+way. Stored in their slots (`experts_in_slots=True`: [S, ...] in slot order, a replicated
+expert's copies equal), each device holds its slots already and nothing but tokens moves; the
+gradients of a replicated expert's copies are summed between the copies (one all-reduce of the
+replicated experts' rows), so every copy receives the expert's whole gradient and copies stay
+equal under any optimizer that updates element-wise.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from functools import partial
 from typing import Any
 
 import jax
@@ -56,17 +65,23 @@ class ExpertParallel:
     impl: the token exchange, "auto" | "padded" | "ragged" | "allgather"; or "fssdp": no
       exchange, the experts sharded over every device come to the tokens instead
       (`jmoe.parallel.fssdp`), at most `fssdp_experts` of them per layer and step (None: all).
+    experts_in_slots: under an expert placement, the expert weights are stored in their slots
+      ([S, ...], slot order) rather than per expert ([E, ...]); see the module docstring.
     """
 
     mesh: Mesh
     impl: str = "auto"
     fssdp_experts: int | None = None
+    experts_in_slots: bool = False
 
     def __post_init__(self):
         if self.impl not in EP_IMPLS:
             raise ValueError(f"ExpertParallel.impl={self.impl!r} is unknown; known: {', '.join(EP_IMPLS)}")
         if self.fssdp_experts is not None and (self.impl != "fssdp" or self.fssdp_experts < 1):
             raise ValueError(f"ExpertParallel.fssdp_experts={self.fssdp_experts!r} needs impl='fssdp' and a value >= 1")
+        if self.experts_in_slots and (self.impl == "fssdp" or axis_size(self.mesh, "expert") < 2):
+            raise ValueError("ExpertParallel.experts_in_slots needs an expert placement's layout: an expert axis of "
+                             f"2 or more devices and a token exchange (mesh {dict(self.mesh.shape)}, impl {self.impl!r})")
 
     def resolved_impl(self) -> str:
         if self.impl != "auto":
@@ -134,19 +149,68 @@ def _local_slots(experts, slots: jax.Array, n: int):
     return placed_experts(experts, mine)
 
 
-def _check_slots(slots, experts, n: int) -> int:
-    """The number of experts (rows of the expert weights); ValueErrors for slots that cannot
-    hold them on `n` devices (found at trace time, before any computation)."""
+def tied_copies(local, slots: jax.Array, num_experts: int, n: int):
+    """Inside `shard_map`, of experts stored in their slots: this device's slots `local` (every
+    leaf [S / n, ...]) unchanged, with a gradient that sums the copies of each replicated
+    expert, so that each copy receives its expert's whole gradient.
+
+    slots: [S] the expert of each slot. Only the replicated experts' rows move: their slots'
+    gradients are added into an [S - E, ...] buffer (an expert with r copies takes r - 1 of the
+    redundant slots, so its rows fit) that is summed over the "expert" axis.
+    """
+    return _tied(local, slots, num_experts, n)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _tied(local, slots, num_experts, n):
+    return local
+
+
+def _tied_fwd(local, slots, num_experts, n):
+    return local, slots
+
+
+def _tied_bwd(num_experts, n, slots, ct):
+    R = slots.shape[0] - num_experts
+    if R == 0:  # a permutation: no copies to tie
+        return ct, None
+    per = slots.shape[0] // n
+    count = jnp.bincount(slots, length=num_experts)
+    replicated = count > 1
+    row = jnp.cumsum(replicated) - 1  # [E] the buffer row of each replicated expert
+    mine = lax.dynamic_slice_in_dim(slots, lax.axis_index("expert") * per, per)  # [S / n] this device's experts
+    is_copy = replicated[mine]
+    r = jnp.where(is_copy, row[mine], R)  # R: out of the buffer, dropped
+
+    def tie(g):
+        buf = lax.psum(jnp.zeros((R,) + g.shape[1:], g.dtype).at[r].add(g, mode="drop"), "expert")
+        summed = jnp.take(buf, jnp.minimum(r, R - 1), axis=0)
+        return jnp.where(is_copy.reshape((per,) + (1,) * (g.ndim - 1)), summed, g)
+
+    return jax.tree.map(tie, ct), None
+
+
+_tied.defvjp(_tied_fwd, _tied_bwd)
+
+
+def _check_slots(slots, experts, n: int, in_slots: bool, num_experts: int) -> int:
+    """The number of experts; ValueErrors for slots that cannot hold them on `n` devices, or
+    expert weights that are not in the layout `in_slots` says (found at trace time, before any
+    computation)."""
     from jmoe.experts import ExpertList
 
     if isinstance(experts, ExpertList):
         raise ValueError("an expert placement needs experts of one shape (stacked weights), not an ExpertList")
-    E = jax.tree.leaves(experts)[0].shape[0]
+    rows = jax.tree.leaves(experts)[0].shape[0]
+    E = num_experts if in_slots else rows
     if slots.ndim != 1 or not jnp.issubdtype(slots.dtype, jnp.integer):
         raise ValueError(f"placement slots must be a 1-D integer array, got shape {slots.shape} dtype {slots.dtype}")
     if slots.shape[0] < E or slots.shape[0] % n:
         raise ValueError(f"a placement of {slots.shape[0]} slots cannot hold the layer's {E} experts on the mesh's "
                          f"{n} expert devices (needs >= {E} slots, a multiple of {n})")
+    if in_slots and rows != slots.shape[0]:
+        raise ValueError(f"experts stored in their slots need one row per slot: the expert weights have {rows} rows, "
+                         f"the placement {slots.shape[0]} slots")
     return E
 
 
@@ -222,11 +286,14 @@ def ep_moe_layer(params, x, cfg, ep: ExpertParallel, *, state=None, key=None, ca
     seq_len = sequence_length(x.shape)
     xt = flatten_tokens(x, cfg)
     num_experts = None
+    in_slots = ep.experts_in_slots
+    if in_slots and slots is None:
+        raise ValueError("ExpertParallel.experts_in_slots: the layer needs its placement (slots=...)")
     if n == 1:  # one expert device: every layout is the same
         slots = None
     if slots is not None:
         slots = jnp.asarray(slots)
-        num_experts = _check_slots(slots, params["experts"], n)
+        num_experts = _check_slots(slots, params["experts"], n, in_slots, cfg.num_experts)
     fssdp = ep.impl == "fssdp"
     if fssdp:
         _check_fssdp(params, cfg, mesh, taxes, slots)
@@ -248,13 +315,15 @@ def ep_moe_layer(params, x, cfg, ep: ExpertParallel, *, state=None, key=None, ca
         slices kept only where the computation is tensor-parallel, and under a placement this
         device's slots of the experts."""
         out = dict(params)
+        if in_slots:  # this device's slots already
+            out["experts"] = tied_copies(params["experts"], slots, num_experts, n)
         for name, is_tp in (("experts", tp), ("shared", tp_shared)):
             if name == "experts" and fssdp:  # materialised by the dispatch
                 continue
             if name in params:
-                tree = _gather_sharded_dims(params[name], pspecs[name], "fsdp")
+                tree = _gather_sharded_dims(out[name], pspecs[name], "fsdp")
                 out[name] = tree if is_tp else _gather_sharded_dims(tree, pspecs[name], "model")
-        if slots is not None:
+        if slots is not None and not in_slots:
             out["experts"] = _local_slots(_gather_sharded_dims(out["experts"], pspecs["experts"], "expert"), slots, n)
         return out
 

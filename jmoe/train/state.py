@@ -30,13 +30,37 @@ def make_optimizer(tc: TrainConfig) -> tuple[optax.GradientTransformation, optax
     )
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     tx = optax.chain(
-        optax.clip_by_global_norm(tc.grad_clip),
+        clip_by_global_norm(tc.grad_clip),
         optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=decay_mask),
     )
     if tc.train_only:  # the rest is frozen: zero updates, no optimizer state
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
                                    lambda params: trainable_labels(params, tc.train_only))
     return tx, schedule
+
+
+def global_norm(tree, weights=None) -> jax.Array:
+    """sqrt(sum over the leaves of sum(weight * leaf^2)); weights: a tree like `tree` of factors
+    that broadcast against its leaves (None: all 1, `optax.tree.norm`)."""
+    if weights is None:
+        return optax.tree.norm(tree)
+    squares = jax.tree.map(lambda g, w: jnp.sum(w * jnp.square(g.astype(jnp.float32))), tree, weights)
+    return jnp.sqrt(sum(jax.tree.leaves(squares)))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """`optax.clip_by_global_norm` whose norm may weigh the updates' elements: with
+    `update(..., norm_weights=tree)` (`global_norm`), e.g. the copies of a replicated expert
+    held in their slots count once (`jmoe.train.rebalance.copy_weights`)."""
+
+    def update(updates, state, params=None, *, norm_weights=None, **extra):
+        del params, extra
+        g_norm = global_norm(updates, norm_weights)
+        trigger = g_norm < max_norm
+        clip = lambda t: jax.lax.select(trigger, t, (t / g_norm.astype(t.dtype)) * max_norm)
+        return jax.tree.map(clip, updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
 
 
 def trainable_labels(params, names) -> dict:

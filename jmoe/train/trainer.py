@@ -37,7 +37,7 @@ from jmoe.train.errors import NonFiniteLoss, TrainError
 from jmoe.train.metrics import MetricsLog
 from jmoe.train.plot import plot_run
 from jmoe.train.rundir import load_run
-from jmoe.train.state import abstract_train_state, init_train_state, make_optimizer
+from jmoe.train.state import abstract_train_state, global_norm, init_train_state, make_optimizer
 
 __all__ = [
     "NonFiniteLoss",
@@ -61,8 +61,11 @@ class Placement:
 
     def __init__(self, mesh_spec: str | None, tc: TrainConfig | None = None):
         self.mesh = make_mesh(mesh_spec) if mesh_spec else None
+        # a run with an expert placement holds its experts in their slots (`jmoe.train.rebalance`)
         self.ep = (
-            ExpertParallel(self.mesh, tc.ep_impl, fssdp_experts=tc.fssdp_experts) if self.mesh is not None and tc else None
+            ExpertParallel(self.mesh, tc.ep_impl, fssdp_experts=tc.fssdp_experts,
+                           experts_in_slots=rebalance.uses_placement(tc))
+            if self.mesh is not None and tc else None
         )
         # FSSDP keeps whole experts, and their optimizer state, sharded over every device
         self.rules = FSSDP_RULES if tc is not None and tc.ep_impl == "fssdp" else DEFAULT_RULES
@@ -154,6 +157,7 @@ def make_train_step(model_cfg: LMConfig, tx, schedule, placement: Placement | No
     """
     ep = placement.ep if placement is not None else None
     moe = model_cfg.moe
+    in_slots = ep is not None and ep.experts_in_slots
 
     def model(params, router_state, base):
         """The parameters and router state the forward runs with."""
@@ -213,7 +217,10 @@ def make_train_step(model_cfg: LMConfig, tx, schedule, placement: Placement | No
             if moe_stats:  # the step's load: from the summed counts, not the mean of shares
                 load = stack_padded([counts[str(i)] for i in model_cfg.moe_layers])
                 moe_stats["load"] = load / jnp.maximum(jnp.sum(load, axis=-1, keepdims=True), 1.0)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        # experts held in their slots: the copies of an expert count once in the gradient's norm
+        norm_weights = rebalance.copy_weights(params, router_state) if in_slots else None
+        extra = {"norm_weights": norm_weights} if in_slots else {}
+        updates, opt_state = tx.update(grads, state["opt_state"], params, **extra)
         params = optax.apply_updates(params, updates)
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
         new_state = dict(
@@ -228,7 +235,7 @@ def make_train_step(model_cfg: LMConfig, tx, schedule, placement: Placement | No
         metrics = {
             "loss": ce,
             "aux_loss": aux_loss,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": global_norm(grads, norm_weights),
             "lr": schedule(state["step"]),
             "params_finite": finite,
             **moe_stats,
@@ -324,6 +331,8 @@ class _Run:
     primary: bool
     latest: int | None  # the newest checkpoint when the run started (None: none)
     base: dict | None = None  # the frozen model of a fine-tuning run: {"params", "router_state"}
+    per_expert: Callable = lambda state: state  # the state as checkpoints hold it (`rebalance.to_experts`)
+    move: Callable = None  # (state, sources) -> the state re-placed (`rebalance.moved`)
 
     @property
     def title(self) -> str:
@@ -371,7 +380,7 @@ def train(
         teacher_cfg, teacher = _load_teacher(tc)
         base = _load_base(tc)
         tx, schedule = make_optimizer(tc)
-        state_shardings = placement.shardings(abstract_train_state(model_cfg, tc))
+        state_shardings = placement.shardings(rebalance.held_layout(abstract_train_state(model_cfg, tc), tc))
         state, start = _start_state(out, model_cfg, tc, placement, latest, tx, state_shardings, log)
         # everything that can fail on bad input has been checked: from here on the run is written
         writing = True
@@ -379,6 +388,10 @@ def train(
             out.mkdir(parents=True, exist_ok=True)
         store = rundir.checkpoint_store(out, keep=tc.keep_ckpts)
         run = _Run(out, model_cfg, tc, corpus, placement, store, rundir.metrics_log(out), primary, latest, base)
+        if rebalance.uses_placement(tc):  # the experts are held in their slots
+            ckpt_shardings = placement.shardings(abstract_train_state(model_cfg, tc))
+            run.per_expert = jax.jit(lambda st: rebalance.to_experts(st, model_cfg), out_shardings=ckpt_shardings)
+            run.move = jax.jit(rebalance.moved, out_shardings=state_shardings, donate_argnums=0)
         try:
             if primary:
                 run.metrics.truncate_after(start)
@@ -539,10 +552,12 @@ def _start_state(out: Path, model_cfg: LMConfig, tc: TrainConfig, placement: Pla
     one (resuming), else fresh (or with the parameters of `tc.init_from`). Writes nothing."""
     if latest is not None:
         state, _ = rundir.restore_state(out, latest, placement.abstract(abstract_train_state(model_cfg, tc)))
+        state = jax.jit(rebalance.to_slots, out_shardings=state_shardings)(state)  # checkpoints are per expert
         start = int(to_host(state["step"]))
         log(f"resuming {out} from step {start}")
         return state, start
-    state = jax.jit(lambda: init_train_state(model_cfg, tc, tx), out_shardings=state_shardings)()
+    fresh = lambda: rebalance.to_slots(init_train_state(model_cfg, tc, tx))
+    state = jax.jit(fresh, out_shardings=state_shardings)()
     if tc.init_from:
         state = _start_from_run(state, tc.init_from, tx, state_shardings)
         log(f"starting from the parameters of {tc.init_from} (fresh optimizer)")
@@ -550,14 +565,18 @@ def _start_state(out: Path, model_cfg: LMConfig, tc: TrainConfig, placement: Pla
 
 
 def _start_from_run(state: dict, run_dir: str, tx, shardings) -> dict:
-    """`state` with the parameters and router state of another run and a fresh optimizer."""
+    """`state` with the parameters and router state of another run and a fresh optimizer (and
+    `state`'s expert placement, if any)."""
     try:
         _, _, params, router_state, _, _ = load_run(run_dir)  # its model was checked by _check_inputs
     except TrainError as e:
         raise TrainError(f"--resume-from: {e}") from None
     new = dict(state, params=params, opt_state=tx.init(params))
     if router_state:
-        new["router_state"] = router_state
+        own = {k: v for k, v in state.get("router_state", {}).items() if k.startswith((rebalance.SLOTS, rebalance.LOAD))}
+        other = {k: v for k, v in router_state.items() if not k.startswith((rebalance.SLOTS, rebalance.LOAD))}
+        new["router_state"] = {**other, **own}
+    new = jax.jit(rebalance.to_slots)(jax.device_get(new))
     return jax.device_put(new, shardings) if shardings is not None else new
 
 
@@ -587,14 +606,15 @@ def _step_loop(run: _Run, state: dict, start: int, end: int, train_step, teacher
             _check_finite(m, done, last_good_ckpt, run.store, bar)
             _log_step(run, done, m, tps, last_eval, bar)
             if tc.rebalance_every and done % tc.rebalance_every == 0:
-                router_state, record = rebalance.rebalanced(state["router_state"], run.model_cfg, tc)
-                state = {**state, "router_state": router_state}
+                router_state, record, sources = rebalance.rebalanced(state["router_state"], run.model_cfg, tc)
+                state = run.move(dict(state, router_state=router_state), sources)
                 if run.primary:
                     run.metrics.append({"kind": "rebalance", "step": done, **record})
             if done % tc.eval_every == 0 or done == tc.steps:
                 last_eval = _evaluate_and_log(run, state, done, eval_step, val)
             if done % tc.ckpt_every == 0 or done == end:
-                run.store.save(done, state, {"step": done, "data_position": done, "loss": float(m["loss"])})
+                run.store.save(done, run.per_expert(state), {"step": done, "data_position": done,
+                                                             "loss": float(m["loss"])})
                 last_good_ckpt = done
     finally:
         bar.close()

@@ -1,13 +1,16 @@
 """Expert placements on 8 simulated CPU devices: the expert-parallel layer gives the single-device
 layer's outputs and gradients under any placement, replicas included, with every exchange."""
 
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jmoe
-from jmoe.parallel import ExpertParallel, make_mesh
+from jmoe.parallel import ExpertParallel, make_mesh, shard_tree
 from jmoe.parallel.expert_parallel import physical_ids
 from tests.util import tree_allclose
 
@@ -47,6 +50,54 @@ def test_any_placement_equals_the_single_device_layer(impl, mesh_spec, name):
     tree_allclose(g1, g0, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl,mesh_spec,name", [
+    ("padded", "data=1,expert=8", "replicas"), ("ragged", "data=2,expert=4", "all_of_one_device"),
+    ("allgather", "data=4,expert=2", "replicas"), ("padded", "fsdp=2,expert=4", "replicas"),
+    ("padded", "expert=4,model=2", "replicas"), ("padded", "data=2,expert=4", "permutation"),
+])
+def test_experts_stored_in_their_slots_equal_the_single_device_layer(impl, mesh_spec, name):
+    """Every copy of an expert gets the expert's whole gradient, and nothing but tokens moves."""
+    slots = jnp.asarray(PLACEMENTS[name], jnp.int32)
+    params = jmoe.init_moe(jax.random.key(0), CFG)
+    x = jax.random.normal(jax.random.key(1), (4, T // 4, CFG.d_model))
+    (l0, (y0, load0)), g0 = grads(CFG, params, x)
+    ep = ExpertParallel(make_mesh(mesh_spec), impl=impl, experts_in_slots=True)
+    stored = shard_tree(dict(params, experts=jax.tree.map(lambda w: w[slots], params["experts"])), ep.mesh)
+    (l1, (y1, load1)), (gp, gx) = grads(CFG, stored, x, ep, slots)
+    np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(l1, l0, rtol=1e-5)
+    np.testing.assert_allclose(load1, load0, rtol=1e-6)
+    tree_allclose(gx, g0[1], rtol=1e-4, atol=1e-5)
+    tree_allclose({k: v for k, v in gp.items() if k != "experts"}, {k: v for k, v in g0[0].items() if k != "experts"},
+                  rtol=1e-4, atol=1e-5)
+    tree_allclose(gp["experts"], jax.tree.map(lambda w: w[slots], g0[0]["experts"]), rtol=1e-4, atol=1e-5)
+
+
+def test_experts_stored_in_their_slots_move_only_tokens_and_the_copies_gradients():
+    sys.path.insert(0, str(Path(__file__).parents[3] / "experiments"))
+    from bench_expert_parallel import bytes_sent_per_device
+
+    slots = jnp.asarray([0, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2], jnp.int32)  # 4 redundant slots on 4 devices
+    params = jmoe.init_moe(jax.random.key(0), CFG)
+    x = jax.random.normal(jax.random.key(1), (T, CFG.d_model))
+    mesh = make_mesh("data=2,expert=4")
+    sent = {}
+    for name, ep, p in (("per_expert", ExpertParallel(mesh, impl="padded"), params),
+                        ("in_slots", ExpertParallel(mesh, impl="padded", experts_in_slots=True),
+                         dict(params, experts=jax.tree.map(lambda w: w[slots], params["experts"])))):
+        f = jax.jit(jax.grad(lambda p, x, ep=ep: jnp.sum(jmoe.moe_layer(p, x, CFG, ep=ep, slots=slots)[0] ** 2)))
+        sent[name] = bytes_sent_per_device(f.lower(shard_tree(p, mesh), x).compile().as_text())
+    expert_bytes = sum(w[0].nbytes for w in jax.tree.leaves(params["experts"]))
+    # per expert, the 8 experts are gathered into their slots every step and their gradients
+    # scattered back; in slots, only tokens move, and the 4 redundant rows' gradients are summed
+    assert sent["per_expert"]["all-gather"] >= 0.75 * 8 * expert_bytes
+    assert "all-gather" not in sent["in_slots"] and "reduce-scatter" not in sent["in_slots"]
+    assert sent["in_slots"]["all-to-all"] == sent["per_expert"]["all-to-all"]
+    # an all-reduce of the 4 redundant rows over the 4 expert devices, the data axis's gradient sum
+    # of the device's 3 slots, and the loads' scalars
+    assert sent["in_slots"]["all-reduce"] <= (2 * 0.75 * 4 + 3) * expert_bytes + 1024
+
+
 def test_all_tokens_to_one_replicated_expert_split_between_its_copies():
     cfg = CFG.replace(top_k=1)
     params = jmoe.init_moe(jax.random.key(0), cfg)
@@ -71,6 +122,13 @@ def test_a_placement_that_cannot_hold_the_experts_is_refused():
         jmoe.moe_layer(params, x, CFG, ep=ep, slots=jnp.arange(4, dtype=jnp.int32))
     with pytest.raises(ValueError, match="cannot hold the layer's 8 experts"):
         jmoe.moe_layer(params, x, CFG, ep=ep, slots=jnp.arange(12, dtype=jnp.int32) % 8)
+    held = ExpertParallel(make_mesh("expert=8"), impl="padded", experts_in_slots=True)
+    with pytest.raises(ValueError, match=r"has shape \(8, 16, 32\), expected \(16, 16, 32\) for 16 slots"):
+        jmoe.moe_layer(params, x, CFG, ep=held, slots=jnp.arange(16, dtype=jnp.int32) % 8)
+    with pytest.raises(ValueError, match="needs its placement"):
+        jmoe.moe_layer(params, x, CFG, ep=held)
+    with pytest.raises(ValueError, match="experts_in_slots needs an expert placement's layout"):
+        ExpertParallel(make_mesh("data=8"), impl="padded", experts_in_slots=True)
 
 
 # ----------------------------------------------------------------------------- training
@@ -119,6 +177,11 @@ def test_rebalancing_changes_the_placement_and_no_number_of_the_run(tmp_path, co
     np.testing.assert_allclose(moved, plain, rtol=1e-5)
     np.testing.assert_allclose([r["val_loss"] for r in records(tmp_path / "rebal", "eval")],
                                [r["val_loss"] for r in records(tmp_path / "plain", "eval")], rtol=1e-5)
+    # the experts' copies count once in the clipped norm, and the checkpoint holds each expert once
+    np.testing.assert_allclose([r["grad_norm"] for r in records(tmp_path / "rebal", "train")],
+                               [r["grad_norm"] for r in records(tmp_path / "plain", "train")], rtol=1e-4)
+    assert max(r["grad_norm"] for r in records(tmp_path / "plain", "train")) > tc.grad_clip  # the clip acts
+    tree_allclose(load_run(tmp_path / "rebal")[2], load_run(tmp_path / "plain")[2], rtol=1e-4, atol=1e-6)
     steps = records(tmp_path / "rebal", "rebalance")
     assert [r["step"] for r in steps] == [2, 4, 6]
     assert all(r["excess_load_after"] <= r["excess_load_before"] + 1e-9 for r in steps)
