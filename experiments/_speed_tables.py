@@ -264,9 +264,14 @@ def kernel_shape(runs: list[Record], peak: float) -> str:
     tflops = pair("{:.0f}", lambda r: r["gmm"]["fwd_tflops"])
     of_peak = pair("{:.2f}", lambda r: r["gmm"]["fwd_tflops"] * 1e12 / peak)
     of_dense = pair("{:.2f}", lambda r: r["gmm_vs_dense_tflops"])
+    zipf = ""
+    if all("zipf" in r for r in runs):  # runs from before the skewed sizes lack them
+        zipf = (f"; on Zipf-skewed group sizes gmm / dense is {pair('{:.2f}', lambda r: r['zipf']['gmm_vs_dense_tflops'])}"
+                f" forward and {pair('{:.2f}', lambda r: r['zipf']['gmm_vs_dense_fwd_bwd_tflops'])} forward+backward "
+                f"(balanced: {pair('{:.2f}', lambda r: r['gmm_vs_dense_fwd_bwd_tflops'])})")
     return (f"{KERNEL_SHAPES.get(a['shape'], a['shape'])} shape (E={a['E']}, k={a['k']}, d={a['d']}, f={a['f']}): "
             f"gmm forward {tflops} TFLOP/s at {pair('{:,}', lambda r: r['tokens'])} tokens = {of_peak} of the bf16 "
-            f"peak and {of_dense}x a dense batched matmul of the same FLOPs; {kernel_ragged_dot(runs)}; "
+            f"peak and {of_dense}x a dense batched matmul of the same FLOPs{zipf}; {kernel_ragged_dot(runs)}; "
             f"{kernel_layer(a)}")
 
 

@@ -5,9 +5,13 @@ On a GPU or TPU it autotunes the tiling, then times, in bf16 and side by side:
   ragged_dot   jax.lax.ragged_dot on the same operands
   dense        a batched matmul [E, M/E, d] x [E, d, f]: the same FLOPs with perfectly equal groups
 and the whole dropless FFN with impl="pallas" vs the pure-XLA paths, for Mixtral-like
-(E=8, k=2, d=4096, f=14336) and DeepSeek-like (E=256, k=8, d=7168, f=2048) shapes. It reports
-TFLOP/s, the fraction of the chip's bf16 peak, and gmm / dense and gmm / ragged_dot ratios.
-Goal: gmm forward >= 60% of dense's TFLOP/s and faster than ragged_dot.
+(E=8, k=2, d=4096, f=14336) and DeepSeek-like (E=256, k=8, d=7168, f=2048) shapes. The group
+sizes are router-like (multinomial around the mean), and gmm runs again on Zipf-skewed sizes
+(expert popularity 1 / rank, some groups empty at E=256), whose useful FLOPs are the same. It
+reports TFLOP/s (forward, and forward+backward counted as 3x the forward's FLOPs: the two
+gradient matmuls), the fraction of the chip's bf16 peak, and gmm / dense and gmm / ragged_dot
+ratios. Goal: gmm >= 80% of dense's TFLOP/s, forward and forward+backward, on both size
+distributions, and faster than ragged_dot.
 
 Without an accelerator it runs the same kernels in Pallas interpret mode at reduced shapes
 and records their errors against the references (a correctness run, no timings).
@@ -51,6 +55,15 @@ def balanced_sizes(rows: int, groups: int, seed=0) -> jnp.ndarray:
     """Router-like group sizes: multinomial around the mean."""
     p = np.random.default_rng(seed).dirichlet(np.full(groups, 50.0))
     sizes = np.random.default_rng(seed + 1).multinomial(rows, p)
+    return jnp.asarray(sizes, jnp.int32)
+
+
+def zipf_sizes(rows: int, groups: int, seed=0) -> jnp.ndarray:
+    """Skewed group sizes: expert e (in a random order) drawn with probability proportional to
+    1 / (rank + 1), as a Zipf(1) routing gives."""
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, groups + 1)
+    sizes = rng.multinomial(rows, rng.permutation(p / p.sum()))
     return jnp.asarray(sizes, jnp.int32)
 
 
@@ -126,6 +139,15 @@ def bench_accelerator(args):
         if "failed" in res["gmm"]:
             raise RuntimeError(f"gmm failed on {name}: {res['gmm']['failed']}")
         res["gmm_vs_dense_tflops"] = res["gmm"]["fwd_tflops"] / res["dense"]["fwd_tflops"]
+        res["gmm_vs_dense_fwd_bwd_tflops"] = res["gmm"]["fwd_bwd_tflops"] / res["dense"]["fwd_bwd_tflops"]
+        zipf = zipf_sizes(M, E)
+        res["zipf"] = {"sizes_max_over_mean": float(zipf.max() / (M / E)), "empty_groups": int((zipf == 0).sum()),
+                       "gmm_max_rel_err": gmm_error(lhs, rhs, zipf, tilings)}
+        tf, tb = timeit(fns["gmm"], lhs, rhs, zipf), timeit(grads["gmm"], lhs, rhs, zipf)
+        res["zipf"]["gmm"] = {"fwd_s": tf, "fwd_tflops": flops / tf / 1e12, "fwd_bwd_s": tb,
+                              "fwd_bwd_tflops": 3 * flops / tb / 1e12}
+        res["zipf"]["gmm_vs_dense_tflops"] = res["zipf"]["gmm"]["fwd_tflops"] / res["dense"]["fwd_tflops"]
+        res["zipf"]["gmm_vs_dense_fwd_bwd_tflops"] = res["zipf"]["gmm"]["fwd_bwd_tflops"] / res["dense"]["fwd_bwd_tflops"]
         if "fwd_s" in res["ragged_dot"]:
             res["gmm_speedup_vs_ragged_dot"] = res["ragged_dot"]["fwd_s"] / res["gmm"]["fwd_s"]
         # the whole dropless FFN (routing excluded) per implementation; impl="pallas" runs with the
@@ -158,9 +180,11 @@ def bench_accelerator(args):
         rd = res["ragged_dot"]
         vs_rd = (f"gmm is {res['gmm_speedup_vs_ragged_dot']:.2f}x ragged_dot (goal > 1)" if "fwd_s" in rd
                  else f"ragged_dot {rd['failed']}")
+        z = res["zipf"]
         print(f"{name}: gmm {res['gmm']['fwd_tflops']:.0f} TFLOP/s, dense {res['dense']['fwd_tflops']:.0f}; "
-              f"gmm/dense = {res['gmm_vs_dense_tflops']:.2f} (goal >= 0.60); {vs_rd}; gmm max rel err "
-              f"{res['gmm_max_rel_err']:.1e}", flush=True)
+              f"gmm/dense = {res['gmm_vs_dense_tflops']:.2f} forward, {res['gmm_vs_dense_fwd_bwd_tflops']:.2f} "
+              f"forward+backward; Zipf sizes {z['gmm_vs_dense_tflops']:.2f} / {z['gmm_vs_dense_fwd_bwd_tflops']:.2f} "
+              f"(goal >= 0.80); {vs_rd}; gmm max rel err {res['gmm_max_rel_err']:.1e}", flush=True)
     return {"device": kind, "platform": dev.platform, "peak_bf16_flops": peak, "results": rows_out}
 
 
@@ -172,22 +196,32 @@ def correctness_on_cpu():
         M = 40 * k
         lhs = jax.random.normal(jax.random.key(0), (M, d), jnp.float32).astype(jnp.bfloat16)
         rhs = (jax.random.normal(jax.random.key(1), (E, d, f)) / d**0.5).astype(jnp.bfloat16)
-        sizes = balanced_sizes(M, E)
-        ref = lax.ragged_dot(lhs, rhs, sizes, preferred_element_type=jnp.float32)
-        g_ref = jax.grad(lambda a, b: jnp.sum(lax.ragged_dot(a, b, sizes, preferred_element_type=jnp.float32) ** 2), argnums=(0, 1))(lhs, rhs)
-        row = {"shape": name, **s, "rows": M}
-        for backend in ["gpu", "tpu"]:
-            fwd = gmm(lhs, rhs, sizes, backend=backend, interpret=True, preferred_element_type=jnp.float32)
-            g = jax.grad(lambda a, b: jnp.sum(gmm(a, b, sizes, backend=backend, interpret=True, preferred_element_type=jnp.float32) ** 2), argnums=(0, 1))(lhs, rhs)
-            row[backend] = {
-                "tiling": heuristic_tiling(backend, M, d, f, E, jnp.bfloat16),
-                "fwd_max_abs_err": float(jnp.abs(fwd - ref).max()),
-                "grad_lhs_max_rel_err": float(jnp.abs(g[0].astype(jnp.float32) - g_ref[0].astype(jnp.float32)).max() / jnp.abs(g_ref[0].astype(jnp.float32)).max()),
-                "grad_rhs_max_rel_err": float(jnp.abs(g[1].astype(jnp.float32) - g_ref[1].astype(jnp.float32)).max() / jnp.abs(g_ref[1].astype(jnp.float32)).max()),
-            }
-        out.append(row)
-        print(json.dumps(row, indent=1))
+        for kind, sizes in (("balanced", balanced_sizes(M, E)), ("zipf", zipf_sizes(M, E))):
+            out.append(interpret_errors(f"{name}, {kind} sizes", s, lhs, rhs, sizes))
     return {"device": "cpu (no accelerator in this run: interpret-mode correctness only, no timings)", "results": out}
+
+
+def interpret_errors(name: str, s: dict, lhs, rhs, sizes) -> dict:
+    """Both kernel families in interpret mode against ragged_dot: forward and both gradients."""
+    E, d, f = s["E"], s["d"], s["f"]
+    M = lhs.shape[0]
+    f32 = lambda a: a.astype(jnp.float32)
+    rel = lambda a, ref: float(jnp.abs(f32(a) - f32(ref)).max() / jnp.abs(f32(ref)).max())
+    ref = lax.ragged_dot(lhs, rhs, sizes, preferred_element_type=jnp.float32)
+    g_ref = jax.grad(lambda a, b: jnp.sum(lax.ragged_dot(a, b, sizes, preferred_element_type=jnp.float32) ** 2),
+                     argnums=(0, 1))(lhs, rhs)
+    row = {"shape": name, **s, "rows": M, "empty_groups": int((sizes == 0).sum())}
+    for backend in ["gpu", "tpu"]:
+        op = lambda a, b: gmm(a, b, sizes, backend=backend, interpret=True, preferred_element_type=jnp.float32)
+        g = jax.grad(lambda a, b: jnp.sum(op(a, b) ** 2), argnums=(0, 1))(lhs, rhs)
+        row[backend] = {
+            "tiling": heuristic_tiling(backend, M, d, f, E, jnp.bfloat16),
+            "fwd_max_abs_err": float(jnp.abs(op(lhs, rhs) - ref).max()),
+            "grad_lhs_max_rel_err": rel(g[0], g_ref[0]),
+            "grad_rhs_max_rel_err": rel(g[1], g_ref[1]),
+        }
+    print(json.dumps(row, indent=1))
+    return row
 
 
 def main(argv=None):
@@ -202,7 +236,9 @@ def main(argv=None):
         report = bench_accelerator(args)
         suffix = "" if args.tokens == 8192 else f"_tokens{args.tokens}"
         path = RESULTS / f"bench_kernels_{report['device'].replace(' ', '_')}{suffix}.json"
-    report["command"] = "python experiments/bench_kernels.py" + ("" if args.tokens == 8192 else f" --tokens {args.tokens}")
+    on_cpu = jax.default_backend() == "cpu"  # the interpret-mode run has its own shapes
+    report["command"] = "python experiments/bench_kernels.py" + ("" if args.tokens == 8192 or on_cpu
+                                                                 else f" --tokens {args.tokens}")
     report["jax"] = jax.__version__
     RESULTS.mkdir(exist_ok=True)
     path.write_text(json.dumps(report, indent=1, default=str))
