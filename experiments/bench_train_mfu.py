@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_kernels import peak_for  # noqa: E402
+from bench_kernels import peak_for, timeit  # noqa: E402
 
 from jmoe.nn import LMConfig, preset  # noqa: E402
 from jmoe.train import TrainConfig  # noqa: E402
@@ -52,17 +52,10 @@ def model_flops_per_token(cfg: LMConfig, seq_len: int) -> float:
     return 6 * matmul + attention
 
 
-def matmul_tflops(n: int = 8192, repeats: int = 10) -> float:
+def matmul_tflops(n: int = 8192) -> float:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-    f = jax.jit(lambda a, b: a @ b)
-    jax.block_until_ready(f(a, b))
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(a, b))
-        ts.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(ts) / 1e12
+    return 2 * n**3 / timeit(jax.jit(lambda a, b: a @ b), a, b) / 1e12
 
 
 def main(argv=None):

@@ -380,8 +380,9 @@ def train(
         teacher_cfg, teacher = _load_teacher(tc)
         base = _load_base(tc)
         tx, schedule = make_optimizer(tc)
-        state_shardings = placement.shardings(rebalance.held_layout(abstract_train_state(model_cfg, tc), tc))
-        state, start = _start_state(out, model_cfg, tc, placement, latest, tx, state_shardings, log)
+        abstract = abstract_train_state(model_cfg, tc)  # as checkpoints hold it
+        state_shardings = placement.shardings(rebalance.held_layout(abstract, tc))  # as the run holds it
+        state, start = _start_state(out, model_cfg, tc, placement, latest, tx, abstract, state_shardings, log)
         # everything that can fail on bad input has been checked: from here on the run is written
         writing = True
         if not primary:
@@ -389,7 +390,7 @@ def train(
         store = rundir.checkpoint_store(out, keep=tc.keep_ckpts)
         run = _Run(out, model_cfg, tc, corpus, placement, store, rundir.metrics_log(out), primary, latest, base)
         if rebalance.uses_placement(tc):  # the experts are held in their slots
-            ckpt_shardings = placement.shardings(abstract_train_state(model_cfg, tc))
+            ckpt_shardings = placement.shardings(abstract)
             run.per_expert = jax.jit(lambda st: rebalance.to_experts(st, model_cfg), out_shardings=ckpt_shardings)
             run.move = jax.jit(rebalance.moved, out_shardings=state_shardings, donate_argnums=0)
         try:
@@ -547,11 +548,12 @@ def _load_base(tc: TrainConfig) -> dict | None:
 
 
 def _start_state(out: Path, model_cfg: LMConfig, tc: TrainConfig, placement: Placement, latest: int | None, tx,
-                 state_shardings, log) -> tuple[dict, int]:
+                 abstract, state_shardings, log) -> tuple[dict, int]:
     """(state, first step): restored from checkpoint `latest` of the run in `out` when it has
-    one (resuming), else fresh (or with the parameters of `tc.init_from`). Writes nothing."""
+    one (resuming), else fresh (or with the parameters of `tc.init_from`). abstract: the state's
+    shapes as checkpoints hold them; state_shardings: as the run holds it. Writes nothing."""
     if latest is not None:
-        state, _ = rundir.restore_state(out, latest, placement.abstract(abstract_train_state(model_cfg, tc)))
+        state, _ = rundir.restore_state(out, latest, placement.abstract(abstract))
         state = jax.jit(rebalance.to_slots, out_shardings=state_shardings)(state)  # checkpoints are per expert
         start = int(to_host(state["step"]))
         log(f"resuming {out} from step {start}")

@@ -32,6 +32,15 @@ def grads(cfg, params, x, ep=None, slots=None):
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(params, x)
 
 
+def placed_case(name):
+    """(slots of placement `name`, the layer's params, its input, the single-device layer's
+    (loss, (y, load)) and gradients)."""
+    slots = jnp.asarray(PLACEMENTS[name], jnp.int32)
+    params = jmoe.init_moe(jax.random.key(0), CFG)
+    x = jax.random.normal(jax.random.key(1), (4, T // 4, CFG.d_model))
+    return slots, params, x, grads(CFG, params, x)
+
+
 @pytest.mark.parametrize("impl,mesh_spec,name", [
     ("padded", "data=1,expert=8", "permutation"), ("padded", "data=1,expert=8", "replicas"),
     ("padded", "data=2,expert=4", "all_of_one_device"), ("ragged", "data=2,expert=4", "replicas"),
@@ -39,10 +48,7 @@ def grads(cfg, params, x, ep=None, slots=None):
     ("padded", "fsdp=2,expert=4", "replicas"), ("padded", "expert=4,model=2", "permutation"),
 ])
 def test_any_placement_equals_the_single_device_layer(impl, mesh_spec, name):
-    slots = jnp.asarray(PLACEMENTS[name], jnp.int32)
-    params = jmoe.init_moe(jax.random.key(0), CFG)
-    x = jax.random.normal(jax.random.key(1), (4, T // 4, CFG.d_model))
-    (l0, (y0, load0)), g0 = grads(CFG, params, x)
+    slots, params, x, ((l0, (y0, load0)), g0) = placed_case(name)
     (l1, (y1, load1)), g1 = grads(CFG, params, x, ExpertParallel(make_mesh(mesh_spec), impl=impl), slots)
     np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(l1, l0, rtol=1e-5)
@@ -57,10 +63,7 @@ def test_any_placement_equals_the_single_device_layer(impl, mesh_spec, name):
 ])
 def test_experts_stored_in_their_slots_equal_the_single_device_layer(impl, mesh_spec, name):
     """Every copy of an expert gets the expert's whole gradient, and nothing but tokens moves."""
-    slots = jnp.asarray(PLACEMENTS[name], jnp.int32)
-    params = jmoe.init_moe(jax.random.key(0), CFG)
-    x = jax.random.normal(jax.random.key(1), (4, T // 4, CFG.d_model))
-    (l0, (y0, load0)), g0 = grads(CFG, params, x)
+    slots, params, x, ((l0, (y0, load0)), g0) = placed_case(name)
     ep = ExpertParallel(make_mesh(mesh_spec), impl=impl, experts_in_slots=True)
     stored = shard_tree(dict(params, experts=jax.tree.map(lambda w: w[slots], params["experts"])), ep.mesh)
     (l1, (y1, load1)), (gp, gx) = grads(CFG, stored, x, ep, slots)
@@ -214,3 +217,19 @@ def test_a_placement_file_runs_from_the_first_step(tmp_path, corpus):
     quiet_train(model, tc.replace(steps=2, placement=str(pl.save(tmp_path / "p.json"))), tmp_path / "placed", corpus)
     np.testing.assert_allclose([r["loss"] for r in records(tmp_path / "placed", "train")],
                                [r["loss"] for r in records(tmp_path / "plain", "train")], rtol=1e-5)
+
+
+def test_a_placed_run_started_from_another_run_with_accumulated_gradients_equals_a_plain_one(tmp_path, corpus):
+    """--resume-from brings the parameters in per expert; the placed run holds them in its slots."""
+    from jmoe.parallel.placement import ExpertPlacement
+
+    model, tc = micro()
+    quiet_train(model, tc.replace(steps=2), tmp_path / "source", corpus)
+    pl = ExpertPlacement(slots=np.stack([np.r_[RNG.permutation(8), 0, 0, 1, 2]] * 2), num_experts=8, num_devices=4,
+                         layers=(0, 1))
+    follow = tc.replace(steps=2, batch_size=16, grad_accum=2, init_from=str(tmp_path / "source"))
+    quiet_train(model, follow, tmp_path / "plain", corpus)
+    quiet_train(model, follow.replace(placement=str(pl.save(tmp_path / "p.json"))), tmp_path / "placed", corpus)
+    for kind, key in (("train", "loss"), ("train", "grad_norm")):
+        np.testing.assert_allclose([r[key] for r in records(tmp_path / "placed", kind)],
+                                   [r[key] for r in records(tmp_path / "plain", kind)], rtol=1e-4)
