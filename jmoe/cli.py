@@ -790,12 +790,14 @@ def cmd_plan(args) -> int:
     from jmoe.nn.presets import preset
     from jmoe.parallel.plan import plan_run
     from jmoe.train.config import TrainConfig
+    from jmoe.train import rebalance
     from jmoe.train.state import abstract_train_state
 
     p = preset(args.preset)
     model_cfg, tc = _apply_overrides(p["model"], TrainConfig(**p["train"]), args.set or [])
-    plan = plan_run(model_cfg, tc, args.mesh, hosts=args.hosts, devices_per_host=args.devices_per_host,
-                    state=abstract_train_state(model_cfg, tc))
+    tc = tc.replace(mesh=args.mesh)  # an expert placement is made for the planned mesh
+    state = rebalance.held_layout(abstract_train_state(model_cfg, tc), tc)  # placed experts in their slots
+    plan = plan_run(model_cfg, tc, args.mesh, hosts=args.hosts, devices_per_host=args.devices_per_host, state=state)
     if args.json:
         print(json.dumps({"mesh": plan.mesh, "hosts": plan.hosts, "devices_per_host": plan.devices_per_host,
                           "tokens_per_device": plan.tokens_device, "params_total_bytes": plan.params_total,

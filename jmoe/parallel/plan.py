@@ -83,7 +83,8 @@ def plan_run(model_cfg, tc, mesh: str | dict, *, hosts: int, devices_per_host: i
     """Plan `jmoe train` of (model_cfg, tc) on `mesh` spread over hosts x devices_per_host.
 
     state: the run's train state as a tree of ShapeDtypeStructs ("params", "opt_state", ...),
-    e.g. `jmoe.train.abstract_train_state(model_cfg, tc)`; every leaf is planned.
+    e.g. `jmoe.train.abstract_train_state(model_cfg, tc)`, and with an expert placement its
+    experts in their slots (`jmoe.train.rebalance.held_layout`); every leaf is planned.
     Raises ValueError when the topology and the mesh disagree, or the batch or the experts do
     not divide over the mesh axes that shard them.
     """
@@ -102,8 +103,12 @@ def plan_run(model_cfg, tc, mesh: str | dict, *, hosts: int, devices_per_host: i
         raise ValueError(f"batch_size / grad_accum = {micro} does not divide over the {token_shards} token shards "
                          f"(data x fsdp x expert) of mesh {mesh!r}")
     E = model_cfg.moe.num_experts if model_cfg.moe is not None else 0
-    if E and sizes.get("expert", 1) > 1 and E % sizes["expert"]:
-        raise ValueError(f"num_experts={E} does not divide over expert={sizes['expert']}")
+    # the experts' rows: E, or the slots of an expert placement when the state holds them so
+    rows = next((leaf.shape[0] for kp, leaf in jax.tree_util.tree_flatten_with_path(state or {})[0]
+                 if path_str(kp).startswith("params/") and "/experts/" in path_str(kp)), E)
+    if rows and sizes.get("expert", 1) > 1 and rows % sizes["expert"]:
+        held = f" in {rows} slots" if rows != E else ""
+        raise ValueError(f"num_experts={E}{held} does not divide over expert={sizes['expert']}")
     if state is None:
         raise ValueError("state=None: pass the run's abstract train state (jmoe.train.abstract_train_state(model_cfg, tc))")
     plan = Plan(mesh={a: sizes[a] for a in names}, hosts=hosts, devices_per_host=devices_per_host)

@@ -31,6 +31,20 @@ def test_plan_of_the_base_preset_on_4_hosts_x_8_chips(capsys):
     assert plan["tokens_per_device"] == 256 * 2048 // 32
 
 
+def test_a_placed_run_is_planned_with_its_experts_in_their_slots(capsys):
+    args = ["plan", "--preset", "tiny", "--mesh", "expert=8", "--hosts", "1", "--devices-per-host", "8", "--json"]
+    assert main(args + ["--set", "train.rebalance_every=10", "--set", "train.redundant_experts=8"]) == 0
+    placed = json.loads(capsys.readouterr().out)
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    leaf = lambda plan, end: [l for l in plan["leaves"] if l["path"].endswith(end)][0]
+    assert leaf(placed, "params/layers/1/moe/experts/w_up")["shape"][0] == 16  # 8 experts + 8 redundant slots
+    assert leaf(placed, "params/layers/1/moe/experts/w_up")["per_device"][0] == 2
+    assert leaf(placed, "nu/layers/1/moe/experts/w_up")["per_device"][0] == 2
+    assert leaf(plain, "params/layers/1/moe/experts/w_up")["per_device"][0] == 1
+    assert placed["device_bytes"]["params"] > plain["device_bytes"]["params"]
+
+
 def test_plan_errors_are_clear():
     p = preset("base")
     tc = TrainConfig(**p["train"])
