@@ -573,12 +573,14 @@ def _start_from_run(state: dict, run_dir: str, tx, shardings) -> dict:
         _, _, params, router_state, _, _ = load_run(run_dir)  # its model was checked by _check_inputs
     except TrainError as e:
         raise TrainError(f"--resume-from: {e}") from None
-    new = dict(state, params=params, opt_state=tx.init(params))
+    placed = {k: v for k, v in state.get("router_state", {}).items() if k.startswith((rebalance.SLOTS, rebalance.LOAD))}
+    # the loaded parameters (on this host) into this run's slots, by its placement (replicated)
+    held = rebalance.to_slots({"params": params, "opt_state": tx.init(params),
+                               "router_state": {k: np.asarray(v) for k, v in placed.items()}})
+    new = dict(state, params=held["params"], opt_state=held["opt_state"])
     if router_state:
-        own = {k: v for k, v in state.get("router_state", {}).items() if k.startswith((rebalance.SLOTS, rebalance.LOAD))}
         other = {k: v for k, v in router_state.items() if not k.startswith((rebalance.SLOTS, rebalance.LOAD))}
-        new["router_state"] = {**other, **own}
-    new = jax.jit(rebalance.to_slots)(jax.device_get(new))
+        new["router_state"] = {**other, **placed}
     return jax.device_put(new, shardings) if shardings is not None else new
 
 
