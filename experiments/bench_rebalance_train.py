@@ -102,8 +102,7 @@ def run(dispatch: str, steps: int, every: int, corpus) -> dict:
             m = jax.device_get(m)
             if k == "rebalance" and (step + 1) % every == 0:
                 t1 = time.perf_counter()
-                router_state, _, sources = rebalance.rebalanced(states[k]["router_state"], model_cfg, rtc)
-                states[k] = jax.block_until_ready(move(dict(states[k], router_state=router_state), sources))
+                states[k] = jax.block_until_ready(rebalance.re_placed(states[k], model_cfg, rtc, move)[0])
                 replace_s.append(time.perf_counter() - t1)
             if step > 0:  # the first step compiles
                 times[k].append(time.perf_counter() - t0)

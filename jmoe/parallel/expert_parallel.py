@@ -194,9 +194,9 @@ _tied.defvjp(_tied_fwd, _tied_bwd)
 
 
 def _check_slots(slots, experts, n: int, in_slots: bool, num_experts: int) -> int:
-    """The number of experts; ValueErrors for slots that cannot hold them on `n` devices, or
-    expert weights that are not in the layout `in_slots` says (found at trace time, before any
-    computation)."""
+    """The number of experts (the weights' rows, or `num_experts` when they are stored in their
+    slots: `moe_layer` checked that they have a row per slot); ValueErrors for slots that cannot
+    hold them on `n` devices (found at trace time, before any computation)."""
     from jmoe.experts import ExpertList
 
     if isinstance(experts, ExpertList):
@@ -208,9 +208,6 @@ def _check_slots(slots, experts, n: int, in_slots: bool, num_experts: int) -> in
     if slots.shape[0] < E or slots.shape[0] % n:
         raise ValueError(f"a placement of {slots.shape[0]} slots cannot hold the layer's {E} experts on the mesh's "
                          f"{n} expert devices (needs >= {E} slots, a multiple of {n})")
-    if in_slots and rows != slots.shape[0]:
-        raise ValueError(f"experts stored in their slots need one row per slot: the expert weights have {rows} rows, "
-                         f"the placement {slots.shape[0]} slots")
     return E
 
 

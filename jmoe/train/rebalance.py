@@ -132,6 +132,14 @@ def rebalanced(router_state: dict, model_cfg: LMConfig, tc: TrainConfig) -> tupl
     return out, record, sources
 
 
+def re_placed(state: dict, model_cfg: LMConfig, tc: TrainConfig, move=None) -> tuple[dict, dict]:
+    """(the train state re-placed from its accumulated loads, its expert rows moved into the new
+    slots; the record of the re-placement, `rebalanced`'s). move: `moved`, jitted with the
+    state's shardings (default: `moved` itself)."""
+    router_state, record, sources = rebalanced(state["router_state"], model_cfg, tc)
+    return (move or moved)(dict(state, router_state=router_state), sources), record
+
+
 # ------------------------------------------------------------------------- experts in their slots
 
 

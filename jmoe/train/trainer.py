@@ -610,8 +610,7 @@ def _step_loop(run: _Run, state: dict, start: int, end: int, train_step, teacher
             _check_finite(m, done, last_good_ckpt, run.store, bar)
             _log_step(run, done, m, tps, last_eval, bar)
             if tc.rebalance_every and done % tc.rebalance_every == 0:
-                router_state, record, sources = rebalance.rebalanced(state["router_state"], run.model_cfg, tc)
-                state = run.move(dict(state, router_state=router_state), sources)
+                state, record = rebalance.re_placed(state, run.model_cfg, tc, run.move)
                 if run.primary:
                     run.metrics.append({"kind": "rebalance", "step": done, **record})
             if done % tc.eval_every == 0 or done == tc.steps:
