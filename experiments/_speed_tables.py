@@ -13,6 +13,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
+RESULTS = Path(__file__).parent / "results"
+
 
 class Record(dict):
     """A JSON object of one results file; a missing field raises KeyError naming the file."""
@@ -308,6 +310,34 @@ def kernels(short: Record, long: Record, cpu: Record) -> list[str]:
     return [what, commands(command(x) for x in (short, long, cpu)), result]
 
 
+def qgmm_gpu(g: Record) -> str:
+    decode = [r for r in g["results"] if r["rows"] <= g["decode_rows"]]
+    big = g["results"][-1]
+    speed = "; ".join(
+        f"{b}-bit " + " / ".join(f"{r[f'qgmm{b}']['speedup_vs_gmm']:.2f}" for r in decode)
+        for b in g["bits"])
+    layer = " / ".join(f"{r['speedup']:.2f}" for r in g["layer_decode"])
+    return (f"On an {g['device']} at the Mixtral expert shape (E={g['E']}, d={g['d']}, f={g['f']}, group size "
+            f"{g['group_size']}): qgmm / gmm speed-up at {' / '.join(str(r['rows']) for r in decode)} rows {speed} "
+            f"(goal > 1 at 4 bits: {'met' if g['goal_met'] else 'not met'}); at {big['rows']:,} rows "
+            + " / ".join(f"{b}-bit {big[f'qgmm{b}']['speedup_vs_gmm']:.2f}x" for b in g["bits"])
+            + f"; the 4-bit dropless layer {layer}x the bf16 layer's speed at "
+            f"{' / '.join(str(r['tokens']) for r in g['layer_decode'])} tokens. ")
+
+
+def qgmm(cpu: Record) -> list[str]:
+    gpu = sorted(RESULTS.glob("bench_qgmm_*.json"))
+    gpu = [load(RESULTS, p.stem) for p in gpu if p.stem != "bench_qgmm_cpu_interpret"]
+    rows = cpu["results"]
+    what = "Quantized grouped matmul (`qgmm`, experts read as stored) vs the bf16 grouped matmul"
+    timed = "".join(qgmm_gpu(g) for g in gpu) or "Not timed yet: it needs a GPU. "
+    result = (timed + f"In Pallas interpret mode (`results/bench_qgmm_cpu_interpret.json`) the GPU kernel equals "
+              f"the float grouped matmul on the dequantized weights at {and_join(sorted({str(r['bits']) for r in rows}))} "
+              f"bits, balanced and Zipf-skewed groups: forward within {sci(max(r['fwd_max_rel_err'] for r in rows))} "
+              f"and input gradient within {sci(max(r['grad_lhs_max_rel_err'] for r in rows))} relative")
+    return [what, code(command(cpu)), result]
+
+
 def vs_transformers(d: Record) -> list[str]:
     kinds = {"block": "MoE block", "model": "whole model forward"}
     groups: dict[str, list[str]] = {}
@@ -543,6 +573,8 @@ ROWS = (  # renderer, results files it reads, what it measures, the commands tha
     (kernels, ("bench_kernels_NVIDIA_H100_80GB_HBM3", "bench_kernels_NVIDIA_H100_80GB_HBM3_tokens32768",
                "bench_kernels_cpu_interpret"), "Pallas grouped matmul on an H100",
      ("python experiments/bench_kernels.py", "python experiments/bench_kernels.py --tokens 32768")),
+    (qgmm, ("bench_qgmm_cpu_interpret",), "quantized grouped matmul vs bf16 gmm",
+     ("python experiments/bench_qgmm.py",)),
     (vs_transformers, ("bench_vs_transformers",), "jmoe vs transformers on the same weights",
      ("python experiments/bench_vs_transformers.py",)),
     (decode, ("bench_decode",), "KV-cached generation vs transformers `generate`",

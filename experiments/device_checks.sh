@@ -9,6 +9,9 @@
 #   mfu       bench_train_mfu.py: a whole training step of the base preset and its MFU (~120)
 #   decode    bench_decode.py --gpu: Mixtral-shaped bf16 decoding, share of HBM bandwidth (~150)
 #   offload   offload.py --gpu: experts in pinned host memory, half cached on the device (~120)
+#   quant     bench_qgmm.py: the quantized grouped matmul (8/4/3 bits) vs bf16 gmm, decoding to
+#             prefill sizes, and the 4-bit layer; then, where pytest is installed, the qgmm tests
+#             on the compiled kernels (~120)
 # The JSON each part writes goes to experiments/results/ and, where DEST (or the environment's
 # OUT) names another folder, is copied there too. A part that fails or runs out of time is
 # reported and the others still run; the exit status is 1 then.
@@ -34,8 +37,8 @@ parts=("$@")
 [[ ${#parts[@]} -gt 0 ]] || parts=(kernels mfu)
 for part in "${parts[@]}"; do  # every name checked before anything runs
     case "$part" in
-        kernels | mfu | decode | offload) ;;
-        *) echo "device_checks.sh: unknown part '$part' (known: kernels mfu decode offload)" >&2; exit 2 ;;
+        kernels | mfu | decode | offload | quant) ;;
+        *) echo "device_checks.sh: unknown part '$part' (known: kernels mfu decode offload quant)" >&2; exit 2 ;;
     esac
 done
 STAMP="$(mktemp)"
@@ -46,6 +49,10 @@ for part in "${parts[@]}"; do
         mfu) run 150 experiments/bench_train_mfu.py ;;
         decode) run 200 experiments/bench_decode.py --gpu ;;
         offload) run 150 experiments/offload.py --gpu ;;
+        quant) run 150 experiments/bench_qgmm.py
+               if "$PY" -c "import pytest" 2>/dev/null; then
+                   JMOE_PALLAS_COMPILED=1 run 120 -m pytest -q -p no:cacheprovider tests/dispatch/pallas/test_qgmm.py
+               fi ;;
     esac
 done
 

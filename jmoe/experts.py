@@ -90,16 +90,25 @@ def ffn(
         (with a leading expert axis for a grouped `matmul`).
       x: [n, d].
       dtype: compute dtype (None: x's dtype); x and the weights are cast to it.
-      matmul: `(x [n, a], w) -> [n, b]`; default `x @ w`.
+      matmul: `(x [n, a], w) -> [n, b]`; default `x @ w`. Quantized weights
+        (`jmoe.quant.QuantizedArray`, any weight that is not a `jax.Array`) are dequantized to
+        the compute dtype first, unless the matmul has `takes_quantized = True` (it reads them
+        as stored).
     Returns:
       [n, d] in the compute dtype.
     """
     act = ACTIVATIONS.get(activation)
     dt = x.dtype if dtype is None else jnp.dtype(dtype)
     x = x.astype(dt)
-    up = matmul(x, params["w_up"].astype(dt))
-    h = act.fn(matmul(x, params["w_gate"].astype(dt))) * up if act.gated else act.fn(up)
-    return matmul(h, params["w_down"].astype(dt))
+    keep_quantized = getattr(matmul, "takes_quantized", False)
+
+    def weight(name):
+        w = params[name]
+        return w if keep_quantized and not isinstance(w, jax.Array) else w.astype(dt)
+
+    up = matmul(x, weight("w_up"))
+    h = act.fn(matmul(x, weight("w_gate"))) * up if act.gated else act.fn(up)
+    return matmul(h, weight("w_down"))
 
 
 def expected_expert_shapes(cfg, num_experts: int | None = None) -> dict[str, tuple[int, ...]]:

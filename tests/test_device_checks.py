@@ -15,7 +15,7 @@ def test_an_unknown_part_is_refused_before_anything_runs(tmp_path):
                          env={"PATH": "/usr/bin:/bin", "DEST": str(tmp_path / "dest"), "PYTHON": "/nonexistent"},
                          capture_output=True, text=True)
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == ["device_checks.sh: unknown part 'nope' (known: kernels mfu decode offload)"]
+    assert out.stderr.strip().splitlines() == ["device_checks.sh: unknown part 'nope' (known: kernels mfu decode offload quant)"]
     assert out.stdout == "" and not (tmp_path / "dest").exists()
 
 

@@ -1,6 +1,7 @@
 """The Pallas ops of the dropless hot path, with APIs that mirror their XLA references.
 
   gmm(lhs [m, k], rhs [G, k, n], group_sizes [G]) -> [m, n]    like jax.lax.ragged_dot
+  qgmm(lhs [m, k], rhs QuantizedArray [G, k, n], group_sizes)    gmm reading quantized weights
   tgmm(lhs [m, k], rhs [m, n], group_sizes [G]) -> [G, k, n]   the weight gradient
   permute_tokens(x [T, d], order [T*k], k) -> [T*k, d]          x[order // k]
   combine_tokens(ys [T*k, d], order, weights [T, k]) -> [T, d]  unsort + weighted sum over k
@@ -23,9 +24,10 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from jmoe.dispatch.pallas import gmm_gpu, gmm_tpu, rows
+from jmoe.dispatch.pallas import gmm_gpu, gmm_tpu, qgmm_gpu, rows
 from jmoe.dispatch.pallas.tiling import DEFAULT_TILINGS, Tiling, TilingTable
 from jmoe.dispatch.sorting import inverse_permutation
+from jmoe.quant.qarray import QuantizedArray
 
 BACKENDS = ("gpu", "tpu")
 
@@ -210,6 +212,114 @@ def tgmm(
     local_sizes = jax.lax.dynamic_slice_in_dim(sizes, goff, num)
     out = jnp.where((local_sizes > 0)[:, None, None], out, 0)
     return out[:, :k, :n]
+
+
+# ----------------------------------------------------------------------- quantized gmm
+
+
+def _pow2_divisor(limit: int, of: int) -> int:
+    """The largest power of two <= limit that divides `of`."""
+    t = 1
+    while t * 2 <= limit and of % (t * 2) == 0:
+        t *= 2
+    return t
+
+
+def qgmm(
+    lhs: jax.Array,
+    rhs: QuantizedArray,
+    group_sizes: jax.Array,
+    *,
+    transpose_rhs: bool = False,
+    group_offset: int | jax.Array = 0,
+    tiling: Tiling | None = None,
+    tilings: TilingTable = DEFAULT_TILINGS,
+    preferred_element_type=None,
+    backend: str | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """`gmm` with quantized expert weights, dequantized tile by tile inside the kernel.
+
+    Args:
+      lhs: [m, K] (or [m, N] with transpose_rhs); rows sorted by group, computed in lhs's dtype.
+      rhs: a `QuantizedArray` [G_local, K, N] (groups [group_offset, group_offset + G_local)).
+        Its group size must be a multiple of 16 (the smallest tile of the GPU kernels).
+      transpose_rhs: out = lhs @ rhs[g]^T, [m, K] (the input gradient of the forward).
+      tiling: (tm, tk, tn) of this call (default: the `tilings` entry of the float gmm of the
+        same shape); the tile along K is cut to divide the quantization group size.
+    Returns:
+      [m, N] (or [m, K]) in preferred_element_type (default lhs's dtype), accumulated in float32.
+      Differentiable in lhs; the quantized weight is frozen (no cotangent for its scales).
+    """
+    if not isinstance(rhs, QuantizedArray):
+        raise TypeError(f"qgmm needs a QuantizedArray rhs, got {type(rhs).__name__} (float weights: gmm)")
+    if len(rhs.shape) != 3:
+        raise ValueError(f"rhs must be [groups, k, n], got shape {rhs.shape}")
+    backend, interpret = _resolve(backend, interpret)
+    if backend != "gpu":
+        raise ValueError(f"qgmm has GPU kernels only, got backend={backend!r} (elsewhere dequantize: jmoe.quant.dense)")
+    gs = rhs.group_size
+    if gs % 16:
+        raise ValueError(f"qgmm needs a quantization group size that is a multiple of 16, got group_size={gs}")
+    _, K, N = rhs.shape
+    if lhs.ndim != 2 or lhs.shape[1] != (N if transpose_rhs else K):
+        raise ValueError(f"lhs must be [m, {N if transpose_rhs else K}] for a {rhs.shape} rhs "
+                         f"(transpose_rhs={transpose_rhs}), got shape {tuple(lhs.shape)}")
+    if group_sizes.ndim != 1 or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(f"group_sizes must be a 1-d integer array, got {group_sizes.dtype}{tuple(group_sizes.shape)}")
+    m = lhs.shape[0]
+    out_k, out_n = (N, K) if transpose_rhs else (K, N)
+    tm, tk, tn = tuple(tiling or _check_tilings(tilings).get(backend, m, out_k, out_n, group_sizes.shape[0], lhs.dtype))
+    if transpose_rhs:  # output columns are K rows: a tile of them shares one row of scales
+        tn = _pow2_divisor(tn, gs)
+    else:
+        tk = _pow2_divisor(tk, gs)
+    out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+    static = (transpose_rhs, (tm, tk, tn), tilings, out_dtype.name, backend, interpret, rhs.bits, gs, N)
+    goff = jnp.asarray(group_offset, jnp.int32)
+    return _qgmm(lhs, rhs.packed, rhs.scale, rhs.zero, group_sizes.astype(jnp.int32), goff, static)
+
+
+def _qgmm_impl(lhs, packed, scale, zero, group_sizes, goff, static):
+    transpose_rhs, tiling, _, out_dtype, backend, interpret, bits, gs, N = static
+    tm, tk, tn = tiling
+    K = scale.shape[1] * gs
+    m = lhs.shape[0]
+    cols_tile = tk if transpose_rhs else tn  # the tile along N
+    n_pad = -N % cols_tile
+    if n_pad:
+        packed = jnp.pad(packed, ((0, 0), (0, 0), (0, n_pad * bits // 8)))
+        scale = jnp.pad(scale, ((0, 0), (0, 0), (0, n_pad)))
+        zero = jnp.pad(zero, ((0, 0), (0, 0), (0, n_pad)))
+    lhs_p = _pad_to(_pad_to(lhs, 0, tm), 1, tk)
+    n_out = K if transpose_rhs else N + n_pad
+    out = qgmm_gpu.qgmm_gpu(lhs_p, packed, scale, zero, group_sizes, goff, n=n_out, tiling=tiling,
+                            transpose=transpose_rhs, bits=bits, group_size=gs, out_dtype=jnp.dtype(out_dtype),
+                            interpret=interpret)
+    keep = _rows_in_local_groups(out.shape[0], group_sizes, goff, packed.shape[0])
+    out = jnp.where(keep[:, None], out, 0)
+    return out[:m, :(K if transpose_rhs else N)]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _qgmm(lhs, packed, scale, zero, group_sizes, goff, static):
+    return _qgmm_impl(lhs, packed, scale, zero, group_sizes, goff, static)
+
+
+def _qgmm_fwd(lhs, packed, scale, zero, group_sizes, goff, static):
+    return _qgmm_impl(lhs, packed, scale, zero, group_sizes, goff, static), (lhs, packed, scale, zero, group_sizes, goff)
+
+
+def _qgmm_bwd(static, res, g):
+    transpose_rhs, _, tilings, _, backend, interpret, bits, gs, N = static
+    lhs, packed, scale, zero, group_sizes, goff = res
+    rhs = QuantizedArray(packed, scale, zero, bits, gs)
+    dlhs = qgmm(g.astype(lhs.dtype), rhs, group_sizes, transpose_rhs=not transpose_rhs, group_offset=goff,
+                tilings=tilings, preferred_element_type=lhs.dtype, backend=backend, interpret=interpret)
+    return dlhs, None, jnp.zeros_like(scale), jnp.zeros_like(zero), None, None
+
+
+_qgmm.defvjp(_qgmm_fwd, _qgmm_bwd)
 
 
 # ------------------------------------------------------------------------- token rows
