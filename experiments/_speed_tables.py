@@ -338,6 +338,25 @@ def qgmm(cpu: Record) -> list[str]:
     return [what, code(command(cpu)), result]
 
 
+def learned_merges(d: Record) -> list[str]:
+    what = f"learned merges of the merging benchmark at the `{d['preset']}` size ({d['parameters'] / 1e6:.1f}M parameters)"
+    methods = d["methods"]
+    def one(m, r):
+        steps = " + ".join(str(n) for n in r["paper_steps"].values())
+        step_s = " / ".join(f"{p['mean']:.2f}" for p in r["step_s"].values())
+        return (f"{m} {r['projected_minutes']['mean']:.1f} min ({ci(r['projected_minutes'], '{:.1f}')}; {steps} steps "
+                f"of {step_s} s)")
+
+    each = "; ".join(one(m, r) for m, r in methods.items())
+    met = [m for m, r in methods.items() if r["goal_met"]]
+    verdict = (f"goal (at most {d['goal_minutes']:.0f} min each) met by {and_join(met)} only" if met and len(met) < len(methods)
+               else "goal met by every method" if met else f"no method meets the goal (at most {d['goal_minutes']:.0f} min)")
+    result = (f"projected wall time on {d['machine']}, at the papers' step counts, mean and 95% interval over "
+              f"{len(d['seeds'])} seeds of random weights and inputs: {each}. {verdict} "
+              f"(`results/bench_learned_merges_{d['preset']}.json`)")
+    return [what, code(command(d)), result]
+
+
 def vs_transformers(d: Record) -> list[str]:
     kinds = {"block": "MoE block", "model": "whole model forward"}
     groups: dict[str, list[str]] = {}
@@ -575,6 +594,8 @@ ROWS = (  # renderer, results files it reads, what it measures, the commands tha
      ("python experiments/bench_kernels.py", "python experiments/bench_kernels.py --tokens 32768")),
     (qgmm, ("bench_qgmm_cpu_interpret",), "quantized grouped matmul vs bf16 gmm",
      ("python experiments/bench_qgmm.py",)),
+    (learned_merges, ("bench_learned_merges_small",), "learned merges' wall time at the `small` size",
+     ("python experiments/bench_learned_merges.py",)),
     (vs_transformers, ("bench_vs_transformers",), "jmoe vs transformers on the same weights",
      ("python experiments/bench_vs_transformers.py",)),
     (decode, ("bench_decode",), "KV-cached generation vs transformers `generate`",

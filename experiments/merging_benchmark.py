@@ -38,14 +38,18 @@ TIES and layer-wise AdaMerging. Writes experiments/results/merging_benchmark_<pr
 run with --preset tiny and --preset small, the results table also compares every method's
 score from the two bases ("What Matters for Model Merging at Scale"). Runs and scores are
 cached by configuration and code version, so a stopped run resumes (train in slices with
---train-only).
+--train-only). A seed can also be measured on its own with --slice, which stores its scores in
+results/merging_benchmark_<preset>.seed<S>.json; the full run takes each seed from its slice
+when the settings match, and records the code version each seed was measured with.
 
     python experiments/merging_benchmark.py --preset tiny
+    python experiments/merging_benchmark.py --preset tiny --seeds 1 --slice   # one seed, stored
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -64,7 +68,7 @@ from jmoe.infer.load import Model, open_model  # noqa: E402
 from jmoe.merge import bench  # noqa: E402
 from jmoe.nn import preset  # noqa: E402
 
-from _harness import cached  # noqa: E402
+from _harness import cached, code_version  # noqa: E402
 
 ADAMERGING = dict(steps=500, lr=1e-3, prior=0.3)
 WEMOE = dict(steps=1000, lr=1e-4, init_lambda=0.3, router_hidden_layers=2)
@@ -89,29 +93,36 @@ ROUTED = {"wemoe": merge.wemoe, "twin_merging": merge.twin_merging}  # models of
 UNLABELED = 32  # unlabeled inputs per task for AdaMerging (two batches of 16)
 
 
-def merged_model(method: str, base: Model, fts: list[Model], tasks, seed: int, log) -> tuple[Model, dict]:
+def merged_model(method: str, base: Model, fts: list[Model], tasks, seed: int, log, step_log=None) -> tuple[Model, dict]:
     """The merge of the fine-tunes by one of `METHODS`, with what it learned (AdaMerging's
-    coefficients, the training loss before and after) and how long it took."""
+    coefficients, the training loss before and after) and how long it took. step_log(step,
+    loss) is called at every step of a learned method."""
     name, params = METHODS[method]
     t0 = time.perf_counter()
     info = {}
     cfg = base.cfg
     unlabeled = lambda: [bench.unlabeled_batches(t, base.tokenizer, n=UNLABELED, seed=seed) for t in tasks]
     losses = []
+
+    def record(step, loss):
+        losses.append(loss)
+        if step_log is not None:
+            step_log(step, loss)
+
     if name in ROUTED:
         cfg, params_out = ROUTED[name](base.cfg, base.params, [m.params for m in fts], unlabeled(), state=base.state,
-                                       seed=seed, log=lambda s, loss: losses.append(loss), **params)
+                                       seed=seed, log=record, **params)
         info = {"loss_first": losses[0], "loss_last": losses[-1]} if losses else {}
     elif name == "adamerging":
         params_out, lam = merge.adamerging(base.params, [m.params for m in fts], unlabeled(),
                                            objective=bench.entropy_objective(base.cfg, base.state),
-                                           log=lambda s, loss: losses.append(loss), return_lambdas=True, **params)
+                                           log=record, return_lambdas=True, **params)
         info = {"entropy_first": losses[0], "entropy_last": losses[-1],
                 "lambdas_mean_per_task": np.asarray(lam).reshape(-1, len(tasks)).mean(0).round(4).tolist()}
     elif name == "concrete":
         params_out, keep = merge.concrete(base.params, [m.params for m in fts], unlabeled(),
                                           objective=bench.entropy_objective(base.cfg, base.state), seed=seed,
-                                          log=lambda s, loss: losses.append(loss), return_mask=True, **params)
+                                          log=record, return_mask=True, **params)
         probs = np.concatenate([np.asarray(k).reshape(-1) for k in jax.tree.leaves(keep)])
         info = {"entropy_first": losses[0], "entropy_last": losses[-1],
                 "kept_share": float(np.mean(probs > 0.5))} if losses else {}
@@ -122,6 +133,36 @@ def merged_model(method: str, base: Model, fts: list[Model], tasks, seed: int, l
     info["seconds"] = round(time.perf_counter() - t0, 1)
     log(f"   {method}: merged in {info['seconds']} s")
     return Model(cfg=cfg, params=params_out, state=base.state, tokenizer=base.tokenizer, source=method), info
+
+
+def slice_path(preset_name: str, seed: int) -> Path:
+    return _zoo.RESULTS / f"merging_benchmark_{preset_name}.seed{seed}.json"
+
+
+def write_slice(seed: int, settings: dict, scores: dict, learned: dict) -> None:
+    """One seed's scores and what its learned merges learned, with the settings and code version
+    that produced them (a run of its own, to be joined to the others' later)."""
+    out = {"seed": seed, "settings": settings, "scores": scores, "learned": learned,
+           "code_version": code_version(), "git_commit": _zoo.git_commit()}
+    path = slice_path(settings["preset"], seed)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1, default=str))
+    tmp.replace(path)
+    print(f"wrote {path}", flush=True)
+
+
+def read_slice(seed: int, settings: dict) -> dict | None:
+    """The stored slice of `seed` when it was measured with these settings (its methods may be
+    more), else None."""
+    path = slice_path(settings["preset"], seed)
+    if not path.exists():
+        return None
+    sl = json.loads(path.read_text())
+    want = json.loads(json.dumps(settings, default=str))
+    have = sl["settings"]
+    same = all(have.get(k) == v for k, v in want.items() if k != "methods")
+    methods = all(have["methods"].get(m) == p for m, p in want["methods"].items())
+    return sl if same and methods else None
 
 
 def main(argv=None):
@@ -135,7 +176,13 @@ def main(argv=None):
                     help="CONCRETE's mask steps and AdaMerging steps (a smoke run: few)")
     ap.add_argument("--wemoe-steps", type=int, default=WEMOE["steps"], help="WEMoE's router steps (a smoke run: few)")
     ap.add_argument("--twin-steps", type=int, default=TWIN["steps"], help="Twin-Merging's router steps (a smoke run: few)")
-    a = _zoo.parse_seeded(ap, argv)
+    ap.add_argument("--slice", action="store_true",
+                    help="measure these seeds and store each one's scores as a slice (results/merging_benchmark_"
+                         "<preset>.seed<S>.json) without the table; a later run takes a seed from its slice when "
+                         "the settings match")
+    a = ap.parse_args(argv)
+    if len(a.seeds) < 2 and not (a.slice or a.train_only):
+        ap.error("--seeds needs at least two seeds for an interval (one seed at a time: --slice)")
     for m in ("adamerging_task", "adamerging_layer"):
         METHODS[m][1]["steps"] = a.adamerging_steps
     if a.concrete_steps is not None:
@@ -149,10 +196,16 @@ def main(argv=None):
     kinds = {t.name: t.kind for t in suite}
     text_spec = mix_spec(",".join(t.name for t in texts))
     base_steps = a.base_steps or preset(a.preset)["train"]["steps"]
-    bases = {s: lora_experts.base(a.preset, base_steps, s, text_spec) for s in a.seeds}
-    fts = {s: {t.name: moe_build.specialist(bases[s], t.name, a.steps, s) for t in suite} for s in a.seeds}
+    settings = {"preset": a.preset, "base_steps": base_steps, "steps": a.steps, "examples": a.examples,
+                "windows": a.windows, "methods": {m: METHODS[m] for m in a.methods}}
+    sliced = {} if a.slice else {s: sl for s in a.seeds if (sl := read_slice(s, settings)) is not None}
+    todo = [s for s in a.seeds if s not in sliced]
+    for s, sl in sliced.items():
+        log(f"seed {s}: from {slice_path(a.preset, s).name} (code {sl['code_version']})")
+    bases = {s: lora_experts.base(a.preset, base_steps, s, text_spec) for s in todo}
+    fts = {s: {t.name: moe_build.specialist(bases[s], t.name, a.steps, s) for t in suite} for s in todo}
     multi = {s: moe_build.specialist(bases[s], ",".join(t.name for t in suite), a.steps, s, name="mb_ft_multitask")
-             for s in a.seeds}
+             for s in todo}
     if a.train_only:
         return
 
@@ -167,6 +220,12 @@ def main(argv=None):
     rows = {k: [] for k in ("base", "individual", "multitask", *a.methods)}
     learned = {m: [] for m in a.methods}
     for s in a.seeds:
+        if s in sliced:
+            for k in rows:
+                rows[k].append(sliced[s]["scores"][k])
+            for m in learned:
+                learned[m].append(sliced[s]["learned"][m])
+            continue
         base = open_model(bases[s]["dir"]).load()
         models = [open_model(fts[s][t.name]["dir"]).load() for t in suite]
         rows["base"].append(score(base, {"model": bases[s]["dir"]}))
@@ -187,6 +246,10 @@ def main(argv=None):
             learned[method].append(out["info"])
         for k, v in rows.items():
             log(f"   seed {s} {k}: " + ", ".join(f"{t} {x:.3f}" for t, x in v[-1].items()))
+        if a.slice:
+            write_slice(s, settings, {k: v[-1] for k, v in rows.items()}, {m: v[-1] for m, v in learned.items()})
+    if a.slice:
+        return
     names = [t.name for t in suite]
     normalized = {k: [bench.normalized_scores(r, own, kinds) for r, own in zip(rs, rows["individual"])]
                   for k, rs in rows.items()}
@@ -227,7 +290,8 @@ def main(argv=None):
     payload = _zoo.payload("merging_benchmark", a.steps, a.seeds, claims, preset=a.preset, base_steps=base_steps,
                            examples=a.examples, windows=a.windows, methods={m: METHODS[m] for m in a.methods},
                            tasks=names, kinds=kinds, scores=rows, normalized=normalized, mean_normalized=mean_norm,
-                           learned=learned, undefined_normalized=undefined)
+                           learned=learned, undefined_normalized=undefined,
+                           slices={s: {k: sl[k] for k in ("code_version", "git_commit")} for s, sl in sliced.items()})
     payload["command"] += f" --preset {a.preset}"
     if a.methods != list(METHODS):
         payload["command"] += " --methods " + " ".join(a.methods)

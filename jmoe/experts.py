@@ -199,6 +199,15 @@ def _stack_weights(*ws):
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *ws)
 
 
+def mixed_widths(expert_params) -> bool:
+    """Whether the experts are an `ExpertList` whose quantized weights differ in format (bit
+    width or group size): `stacked_experts` would dequantize them."""
+    if not isinstance(expert_params, ExpertList):
+        return False
+    return any(len({(getattr(e[n], "bits", None), getattr(e[n], "group_size", None)) for e in expert_params.experts}) > 1
+               for n in expert_params.experts[0])
+
+
 def num_experts_of(expert_params) -> int:
     """E of stacked expert params or an `ExpertList`."""
     if isinstance(expert_params, ExpertList):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jmoe.adapters import fold_weight_lora
 from jmoe.config import MoEConfig
 from jmoe.dispatch.gather import decode_dispatch
-from jmoe.experts import ExpertList, stacked_experts
+from jmoe.experts import ExpertList, mixed_widths, stacked_experts
 from jmoe.infer.attention import cached_attention, prefill_attention
 from jmoe.infer.cache import KVCache, init_cache, write
 from jmoe.layer import ffn_routing
@@ -59,16 +59,22 @@ def serving_params(params: dict, cfg: LMConfig, layout: str = "auto") -> dict:
     that are fixed weight deltas folded into their weights (`jmoe.adapters.fold_weight_lora`).
 
     layout: "split" puts them in an `ExpertList` (E separate arrays per layer, a copy made
-    once); "stacked" keeps them as they are (or stacks an `ExpertList`); "auto" splits on
-    the CPU, where XLA copies a stacked expert's slice before each of its matmuls, and keeps
-    them stacked elsewhere (the grouped matmuls of GPU and TPU take the stack).
+    once); "stacked" keeps them as they are (or stacks an `ExpertList`, except one of mixed
+    bit widths, which stacking would dequantize: the GPU's grouped matmul runs it width by
+    width); "auto" splits on the CPU, where XLA copies a stacked expert's slice before each of
+    its matmuls, and keeps them stacked elsewhere (the grouped matmuls of GPU and TPU take the
+    stack).
     """
     if layout not in EXPERT_LAYOUTS:
         raise ValueError(f"expert_layout={layout!r} is unknown; known: {', '.join(EXPERT_LAYOUTS)}")
     params = fold_weight_lora(params, cfg)  # weight-delta adapters once, not at every step
     if layout == "auto":
         layout = "split" if jax.default_backend() == "cpu" else "stacked"
-    convert = ExpertList.split if layout == "split" else stacked_experts
+    def convert(experts):
+        if layout == "split":
+            return ExpertList.split(experts)
+        return experts if mixed_widths(experts) else stacked_experts(experts)
+
     layers = dict(params["layers"])
     for i in cfg.moe_layers:
         layer = dict(layers[str(i)])

@@ -143,6 +143,27 @@ def test_width_classes_regroup_experts_by_width():
     assert width_classes(ExpertList.split(one["experts"])) is None
 
 
+def test_serving_keeps_mixed_widths_as_stored():
+    """The stacked serving layout (GPU and TPU) would dequantize experts of several widths; it
+    keeps them as a list, which the GPU path runs width by width."""
+    from jmoe.infer.forward import serving_params
+    from jmoe.nn import init_lm, preset
+
+    model = preset("tiny")["model"]
+    params = init_lm(jax.random.key(0), model)
+    layers = dict(params["layers"])
+    for i, name in enumerate(sorted(layers)):
+        experts = layers[name]["moe"]["experts"]
+        E = experts["w_up"].shape[0]
+        widths = [4] * E if i else [2, 3] * (E // 2)  # layer 0 mixed, the others one width
+        layers[name] = {**layers[name], "moe": {**layers[name]["moe"], "experts": ExpertList(
+            [{n: quantize_rtn(w[e], widths[e], 64) for n, w in experts.items()} for e in range(E)])}}
+    served = serving_params({**params, "layers": layers}, model, "stacked")["layers"]
+    first, *others = sorted(served)
+    assert isinstance(served[first]["moe"]["experts"], ExpertList)
+    assert all(isinstance(served[n]["moe"]["experts"]["w_up"], QuantizedArray) for n in others)
+
+
 def test_qgmm_lowers_for_cuda():
     S = jax.ShapeDtypeStruct
     for bits in (3, 4):
