@@ -6,7 +6,7 @@ permute_tokens -> gmm (gate, up) -> activation -> gmm (down) -> combine_tokens
 On CPU the kernels run in Pallas interpret mode: exact, and slow.
 
 Modules, each importing only those before it: `metadata`, `tiling` (tile sizes and the
-`TilingTable`), `gmm_gpu`, `gmm_tpu`, `qgmm_gpu`, `rows` (kernels), `ops` (the ops with custom VJPs),
+`TilingTable`), `gmm_gpu`, `gmm_tpu`, `qgmm_gpu` (built on `gmm_gpu`), `rows` (kernels), `ops` (the ops with custom VJPs),
 `tuning` (autotuning, which times `ops.gmm`).
 """
 

@@ -29,17 +29,22 @@ def _whole(shape):
     return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
 
+def pair_rows(offs_ref, gid_ref, mt_ref, goff_ref, t, tm):
+    """Grid step t's (group, m-tile) pair: (row tile, [tm] mask of the group's rows in it, index
+    of the group in the local rhs)."""
+    g = gid_ref[t]
+    mt = mt_ref[t]
+    rows = mt * tm + jnp.arange(tm)
+    return mt, (rows >= offs_ref[g]) & (rows < offs_ref[g + 1]), g - goff_ref[0]
+
+
 def _gmm_kernel(offs_ref, gid_ref, mt_ref, num_ref, goff_ref, lhs_ref, rhs_ref, out_ref, *, tm, tk, tn, nk, transpose_rhs):
     t = pl.program_id(0)
     ni = pl.program_id(1)
 
     @pl.when(t < num_ref[0])
     def _():
-        g = gid_ref[t]
-        mt = mt_ref[t]
-        rows = mt * tm + jnp.arange(tm)
-        in_group = (rows >= offs_ref[g]) & (rows < offs_ref[g + 1])
-        local = g - goff_ref[0]
+        mt, in_group, local = pair_rows(offs_ref, gid_ref, mt_ref, goff_ref, t, tm)
 
         def body(ki, acc):
             a = plt.load(lhs_ref.at[pl.ds(mt * tm, tm), pl.ds(ki * tk, tk)], mask=in_group[:, None], other=0)

@@ -6,7 +6,7 @@ tile in the kernel, so a step reads bits/8 bytes per weight and the float weight
 in memory. With `transpose=True`: out = lhs @ W[g]^T (lhs [m, N] -> [m, K]), the input
 gradient of the forward.
 
-The grid and its group metadata are those of `gmm_gpu.gmm_gpu`. A weight tile spans rows
+The grid and its group metadata are those of `gmm_gpu.gmm_gpu` (`gmm_gpu.pair_rows`). A weight tile spans rows
 [r0, r0 + nr) of K and columns [c0, c0 + nc) of N; nr divides the quantization group size, so
 the tile has one row of scales and zero points. Codes are packed 8 to `bits` bytes along N
 (`jmoe.quant.qarray.pack`); a tile's bytes are read with index arrays (any bit width, power-of-
@@ -26,12 +26,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from jmoe.dispatch.pallas.gmm_gpu import _whole, pair_rows
 from jmoe.dispatch.pallas.metadata import group_metadata
 from jmoe.dispatch.pallas.tiling import gpu_launch
-
-
-def _whole(shape):
-    return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
 
 def _dequantized_tile(packed_ref, scale_ref, zero_ref, g, r0, nr, c0, nc, *, bits, group_size, dtype):
@@ -59,11 +56,7 @@ def _qgmm_kernel(offs_ref, gid_ref, mt_ref, num_ref, goff_ref, lhs_ref, packed_r
 
     @pl.when(t < num_ref[0])
     def _():
-        g = gid_ref[t]
-        mt = mt_ref[t]
-        rows = mt * tm + jnp.arange(tm)
-        in_group = (rows >= offs_ref[g]) & (rows < offs_ref[g + 1])
-        local = g - goff_ref[0]
+        mt, in_group, local = pair_rows(offs_ref, gid_ref, mt_ref, goff_ref, t, tm)
         tile = functools.partial(_dequantized_tile, packed_ref, scale_ref, zero_ref, local, bits=bits,
                                  group_size=group_size, dtype=lhs_ref.dtype)
 
