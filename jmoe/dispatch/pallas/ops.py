@@ -253,20 +253,17 @@ def qgmm(
     """
     if not isinstance(rhs, QuantizedArray):
         raise TypeError(f"qgmm needs a QuantizedArray rhs, got {type(rhs).__name__} (float weights: gmm)")
-    if len(rhs.shape) != 3:
-        raise ValueError(f"rhs must be [groups, k, n], got shape {rhs.shape}")
     backend, interpret = _resolve(backend, interpret)
     if backend != "gpu":
         raise ValueError(f"qgmm has GPU kernels only, got backend={backend!r} (elsewhere dequantize: jmoe.quant.dense)")
     gs = rhs.group_size
     if gs % 16:
         raise ValueError(f"qgmm needs a quantization group size that is a multiple of 16, got group_size={gs}")
-    _, K, N = rhs.shape
-    if lhs.ndim != 2 or lhs.shape[1] != (N if transpose_rhs else K):
-        raise ValueError(f"lhs must be [m, {N if transpose_rhs else K}] for a {rhs.shape} rhs "
+    if rhs.ndim == 3 and (lhs.ndim != 2 or lhs.shape[1] != rhs.shape[2 if transpose_rhs else 1]):
+        raise ValueError(f"lhs must be [m, {rhs.shape[2 if transpose_rhs else 1]}] for a {rhs.shape} rhs "
                          f"(transpose_rhs={transpose_rhs}), got shape {tuple(lhs.shape)}")
-    if group_sizes.ndim != 1 or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-        raise ValueError(f"group_sizes must be a 1-d integer array, got {group_sizes.dtype}{tuple(group_sizes.shape)}")
+    _check_grouped(lhs, rhs, group_sizes, transpose_rhs)  # a QuantizedArray has gmm's rhs shape
+    _, K, N = rhs.shape
     m = lhs.shape[0]
     out_k, out_n = (N, K) if transpose_rhs else (K, N)
     tm, tk, tn = tuple(tiling or _check_tilings(tilings).get(backend, m, out_k, out_n, group_sizes.shape[0], lhs.dtype))
