@@ -13,15 +13,16 @@ import re
 from collections import Counter
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
 
 
 class Record(dict):
-    """A JSON object of one results file; a missing field raises KeyError naming the file."""
+    """A JSON object of one results file; a missing field raises KeyError naming the file.
+    `results` is the folder the file was read from (set on the file's top-level object)."""
 
     def __init__(self, file: str, items):
         super().__init__(items)
         self.file = file
+        self.results: Path | None = None
 
     def __missing__(self, key):
         raise KeyError(f"{self.file} has no field {key!r}")
@@ -29,7 +30,9 @@ class Record(dict):
 
 def load(results: Path, name: str) -> Record:
     file = f"{name}.json"
-    return json.loads((results / file).read_text(), object_hook=lambda d: Record(file, d))
+    record = json.loads((results / file).read_text(), object_hook=lambda d: Record(file, d))
+    record.results = results
+    return record
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -326,8 +329,8 @@ def qgmm_gpu(g: Record) -> str:
 
 
 def qgmm(cpu: Record) -> list[str]:
-    gpu = sorted(RESULTS.glob("bench_qgmm_*.json"))
-    gpu = [load(RESULTS, p.stem) for p in gpu if p.stem != "bench_qgmm_cpu_interpret"]
+    gpu = sorted(cpu.results.glob("bench_qgmm_*.json"))  # one file per GPU it was timed on
+    gpu = [load(cpu.results, p.stem) for p in gpu if p.stem != "bench_qgmm_cpu_interpret"]
     rows = cpu["results"]
     what = "Quantized grouped matmul (`qgmm`, experts read as stored) vs the bf16 grouped matmul"
     timed = "".join(qgmm_gpu(g) for g in gpu) or "Not timed yet: it needs a GPU. "

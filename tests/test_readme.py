@@ -74,3 +74,22 @@ def test_tables_check_finds_a_stale_number(tmp_path, monkeypatch):
     docs[0].write_text(text.replace(body, changed, 1))
     assert tables.main(["--check"]) == 1
     assert tables.main([]) == 0 and tables.main(["--check"]) == 0
+
+
+def test_speed_table_reads_gpu_timings_from_the_folder_it_renders(tmp_path):
+    """A benchmark timed on a GPU writes one more results file; the speed table shows it when it
+    is in the folder being rendered, and only then."""
+    import json
+    import shutil
+
+    tables = _tables()
+    shutil.copy(ROOT / "experiments" / "results" / "bench_qgmm_cpu_interpret.json", tmp_path)
+    row = lambda: next(r for r in tables.speed(tmp_path).splitlines() if r.startswith("| Quantized grouped matmul"))
+    assert "Not timed yet" in row()
+    timing = lambda rows, s: {"rows": rows, **{f"qgmm{b}": {"speedup_vs_gmm": s * b} for b in (4, 8)}}
+    gpu = {"device": "GPU X", "E": 8, "d": 64, "f": 128, "group_size": 32, "bits": [4, 8], "decode_rows": 16,
+           "goal_met": True, "results": [timing(16, 0.5), timing(4096, 0.25)],
+           "layer_decode": [{"tokens": 1, "speedup": 1.5}]}
+    (tmp_path / "bench_qgmm_GPU_X.json").write_text(json.dumps(gpu))
+    text = row()
+    assert "On an GPU X" in text and "4-bit 2.00" in text and "at 4,096 rows 4-bit 1.00x / 8-bit 2.00x" in text
