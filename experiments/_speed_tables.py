@@ -578,7 +578,66 @@ def adapters(d: Record) -> list[str]:
     return [what, code(command(d["meta"])), result]
 
 
-ROWS = (  # renderer, results files it reads, what it measures, the commands that write the files
+def devices(results: Path, prefix: str, *not_devices: str) -> list[str]:
+    """The devices with a `<prefix>_<device>.json` in `results` (a benchmark timed on each
+    accelerator it ran on), but for `not_devices` (e.g. a CPU run that only checks the script)."""
+    names = (p.stem[len(prefix) + 1:] for p in results.glob(f"{prefix}_*.json"))
+    return sorted(d for d in names if d not in not_devices)
+
+
+def train_mfu(d: Record) -> list[str]:
+    m = d["model"]
+    what = (f"a whole training step of the `{d['preset']}` preset on an {d['device']} (bf16 compute, "
+            f"{d['batch']} x {d['seq_len']:,} tokens, {d['active_params'] / 1e6:,.0f}M of "
+            f"{d['total_params'] / 1e6:,.0f}M parameters active: E={m['moe']['num_experts']}, k={m['moe']['top_k']})")
+    lo, hi = d["step_s_range"]
+    mfu = (f"MFU {d['mfu']:.1%} of the data sheet's bf16 peak ({d['peak_bf16_flops'] / 1e12:,.0f} TFLOP/s)"
+           if d["mfu"] is not None else "no data-sheet peak known for this device")
+    result = (f"{d['step_s'] * 1e3:,.1f} ms per step ({lo * 1e3:,.1f}-{hi * 1e3:,.1f} over {d['steps_timed']} steps), "
+              f"{d['tokens_per_s']:,.0f} tokens/s, {d['model_flops_per_step'] / d['step_s'] / 1e12:,.0f} model "
+              f"TFLOP/s: {mfu}, {d['mfu_vs_matmul']:.1%} of a bf16 8192^3 matmul measured on the same chip "
+              f"({d['matmul_tflops']:,.0f} TFLOP/s); MaxText publishes {d['maxtext_mixtral_mfu']:.1%} for "
+              f"Mixtral-8x7B on TPU v5p; losses finite: {'yes' if d['losses_finite'] else 'NO'}")
+    return [what, code(command(d)), result]
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:,.1f} GB"
+
+
+def decode_gpu(d: Record) -> list[str]:
+    what = (f"KV-cached decoding of a Mixtral-shaped bf16 model (random weights, as many layers as fit: "
+            f"{d['n_layers']}, {gb(d['weights_bytes'])}) on an {d['device_kind']}")
+
+    def case(c):
+        share = (f" = {c['bandwidth_share']:.1%} of its {c['device_bytes_per_s'] / 1e12:.2f} TB/s"
+                 if c["bandwidth_share"] is not None else " (no data-sheet bandwidth for this device)")
+        return (f"batch {c['batch']}: decode {c['decode_tokens_per_s']:,.1f} tokens/s ({c['decode_step_s'] * 1e3:.2f} ms "
+                f"per step reading {gb(c['bytes_per_step']['total'])}: {c['achieved_bytes_per_s'] / 1e9:,.0f} GB/s"
+                f"{share}), prefill {c['prefill_tokens_per_s']:,.0f} tokens/s")
+
+    one = [c for c in d["cases"] if c["batch"] == 1 and c["bandwidth_share"] is not None]
+    goal = (f"goal at batch 1 (at least 60% of the HBM bandwidth): {'met' if one[0]['bandwidth_share'] >= 0.6 else 'NOT met'}"
+            if one else "goal at batch 1 not judged (no batch-1 case with a bandwidth share)")
+    result = "; ".join(case(c) for c in d["cases"]) + f". {goal} (`results/bench_decode_gpu.json`)"
+    return [what, code(command(d)), result]
+
+
+def offload_gpu(d: Record) -> list[str]:
+    n = "offloaded"
+    what = (f"expert offloading on an {d['device']}: a Mixtral-shaped bf16 model ({d['layers']} layers, "
+            f"{gb(d['experts_total_bytes'])} of experts in pinned host memory), {d['cache_size']} expert slots per "
+            "layer on the device, LRU with gate prefetch, vs loading each token's experts on demand")
+    t, dev, st = d["median_tokens_per_s"], d["device_bytes"], d["offload"]
+    result = (f"decode {t[n]:.2f} tokens/s vs {t['on_demand']:.2f} on demand ({d['speedup_vs_on_demand']:.2f}x); "
+              f"device memory {gb(dev[n])} vs {gb(dev['on_demand'])}; decoding hit rate "
+              f"{st[n]['decode_hit_rate']:.2f}, {gb(st[n]['decode_bytes_per_token'])} moved per token vs "
+              f"{gb(st['on_demand']['decode_bytes_per_token'])} (`results/offload_gpu.json`)")
+    return [what, code(command(d)), result]
+
+
+ROWS = (  # renderer, results files it reads (or results folder -> one tuple of files per row), what it
+    # measures, the commands that write the files
     (before_after, ("bench_before_after",), "the layer and the expert-parallel layer before and after a change",
      ("python experiments/bench_before_after.py --base REV",)),
     (grad_accum, ("bench_grad_accum",), "gradient accumulation with a global-scope balance loss",
@@ -592,9 +651,13 @@ ROWS = (  # renderer, results files it reads, what it measures, the commands tha
     (rebalance_train, ("bench_rebalance_train",), "training with and without rebalancing on a skewed model",
      ("python experiments/bench_rebalance_train.py",)),
     (fssdp, ("bench_fssdp",), "FSSDP vs expert parallelism: bytes per step", ("python experiments/bench_fssdp.py",)),
-    (kernels, ("bench_kernels_NVIDIA_H100_80GB_HBM3", "bench_kernels_NVIDIA_H100_80GB_HBM3_tokens32768",
-               "bench_kernels_cpu_interpret"), "Pallas grouped matmul on an H100",
+    (kernels, lambda results: [(f"bench_kernels_{d}", f"bench_kernels_{d}_tokens32768", "bench_kernels_cpu_interpret")
+                               for d in devices(results, "bench_kernels", "cpu_interpret")
+                               if not d.endswith("_tokens32768")],
+     "Pallas grouped matmul on a GPU",
      ("python experiments/bench_kernels.py", "python experiments/bench_kernels.py --tokens 32768")),
+    (train_mfu, lambda results: [(f"bench_train_mfu_{d}",) for d in devices(results, "bench_train_mfu", "cpu")],
+     "a training step of the `base` preset on one GPU and its MFU", ("python experiments/bench_train_mfu.py",)),
     (qgmm, ("bench_qgmm_cpu_interpret",), "quantized grouped matmul vs bf16 gmm",
      ("python experiments/bench_qgmm.py",)),
     (learned_merges, ("bench_learned_merges_small",), "learned merges' wall time at the `small` size",
@@ -603,23 +666,29 @@ ROWS = (  # renderer, results files it reads, what it measures, the commands tha
      ("python experiments/bench_vs_transformers.py",)),
     (decode, ("bench_decode",), "KV-cached generation vs transformers `generate`",
      ("python experiments/bench_decode.py",)),
+    (decode_gpu, ("bench_decode_gpu",), "KV-cached decoding of a Mixtral-shaped model on one GPU: share of HBM bandwidth",
+     ("python experiments/bench_decode.py --gpu",)),
     (decode_dispatch, ("bench_decode_dispatch",), "decode-time MoE dispatch: `gather` vs dropless",
      ("python experiments/bench_decode_dispatch.py",)),
     (decode_moe, ("bench_decode_moe",), "a decoding step's MoE layer: stacked experts vs the `ExpertList` layout",
      ("python experiments/bench_decode_moe.py --only chunks",)),
     (merge, ("bench_merge",), "out-of-core `jmoe merge`", ("python experiments/bench_merge.py",)),
     (offload, ("offload",), "expert offloading on trained models", ("python experiments/offload.py",)),
+    (offload_gpu, ("offload_gpu",), "expert offloading of a Mixtral-shaped model on one GPU",
+     ("python experiments/offload.py --gpu",)),
     (adapters, ("bench_adapters",), "fine-tuning step of LoRA, MixLoRA, SMoRA and DynMoLE adapters",
      ("python experiments/bench_adapters.py",)),
 )
 
 
 def speed(results: Path) -> str:
-    """The "Speed and memory" table: one row per benchmark, in the order of ROWS."""
+    """The "Speed and memory" table: one row per benchmark (per device where its files are per
+    device), in the order of ROWS."""
     rows = []
     for render, files, what, cmds in ROWS:
-        if all((results / f"{f}.json").exists() for f in files):
-            rows.append(render(*(load(results, f) for f in files)))
-        else:
+        sets = files(results) if callable(files) else [files]
+        present = [fs for fs in sets if all((results / f"{f}.json").exists() for f in fs)]
+        rows += [render(*(load(results, f) for f in fs)) for fs in present]
+        if not present:
             rows.append([what, commands(cmds), f"not measured yet (run {commands(cmds)})"])
     return table(["what", "command", "result"], rows)

@@ -93,3 +93,50 @@ def test_speed_table_reads_gpu_timings_from_the_folder_it_renders(tmp_path):
     (tmp_path / "bench_qgmm_GPU_X.json").write_text(json.dumps(gpu))
     text = row()
     assert "On an GPU X" in text and "4-bit 2.00" in text and "at 4,096 rows 4-bit 1.00x / 8-bit 2.00x" in text
+
+
+def test_speed_table_has_one_row_per_device_a_benchmark_ran_on(tmp_path):
+    import json
+
+    tables = _tables()
+    mfu = lambda: [r for r in tables.speed(tmp_path).splitlines() if "preset on an" in r]
+    (tmp_path / "bench_train_mfu_cpu.json").write_text("{}")  # a CPU run checks the script only
+    assert mfu() == [] and "| a training step of the `base` preset on one GPU" in tables.speed(tmp_path)
+    run = {"command": "python experiments/bench_train_mfu.py", "preset": "base", "batch": 8, "seq_len": 2048,
+           "model": {"moe": {"num_experts": 64, "top_k": 6}}, "active_params": 250e6, "total_params": 1.3e9,
+           "step_s": 0.5, "step_s_range": [0.49, 0.52], "steps_timed": 10, "tokens_per_s": 32768.0,
+           "model_flops_per_step": 2.5e14, "peak_bf16_flops": 989e12, "mfu": 0.5055, "mfu_vs_matmul": 0.62,
+           "matmul_tflops": 800.0, "maxtext_mixtral_mfu": 0.549, "losses_finite": True}
+    for device in ("GPU_A", "GPU_B"):
+        (tmp_path / f"bench_train_mfu_{device}.json").write_text(json.dumps({**run, "device": device.replace("_", " ")}))
+    rows = mfu()
+    assert len(rows) == 2 and "on an GPU A" in rows[0] and "on an GPU B" in rows[1]
+    assert "500.0 ms per step" in rows[0] and "MFU 50.5%" in rows[0] and "500 model TFLOP/s" in rows[0]
+    assert "not measured yet (run `python experiments/bench_train_mfu.py`)" not in tables.speed(tmp_path)
+
+
+def test_speed_table_renders_gpu_decoding_and_offloading(tmp_path):
+    import json
+
+    tables = _tables()
+    case = lambda b, tok, share: {"batch": b, "decode_tokens_per_s": tok, "decode_step_s": b / tok,
+                                  "prefill_tokens_per_s": 9000.0, "bytes_per_step": {"total": 2.9e9},
+                                  "achieved_bytes_per_s": 2.9e9 * tok / b, "device_bytes_per_s": 4.8e12,
+                                  "bandwidth_share": share}
+    decode = {"command": "python experiments/bench_decode.py --gpu", "device_kind": "GPU X", "n_layers": 40,
+              "weights_bytes": 118e9, "cases": [case(1, 1000.0, 0.604), case(32, 20000.0, 0.9)]}
+    (tmp_path / "bench_decode_gpu.json").write_text(json.dumps(decode))
+    row = next(r for r in tables.speed(tmp_path).splitlines() if "Mixtral-shaped bf16 model (random" in r)
+    assert "batch 1: decode 1,000.0 tokens/s (1.00 ms per step reading 2.9 GB: 2,900 GB/s = 60.4% of" in row
+    assert "(at least 60% of the HBM bandwidth): met" in row
+    decode["cases"][0]["bandwidth_share"] = 0.55
+    (tmp_path / "bench_decode_gpu.json").write_text(json.dumps(decode))
+    assert "bandwidth): NOT met" in tables.speed(tmp_path)
+    stats = lambda hit, moved: {"decode_hit_rate": hit, "decode_bytes_per_token": moved}
+    offload = {"command": "python experiments/offload.py --gpu", "device": "GPU X", "layers": 12,
+               "experts_total_bytes": 34e9, "cache_size": 4, "median_tokens_per_s": {"offloaded": 6.0, "on_demand": 2.0},
+               "device_bytes": {"offloaded": 18e9, "on_demand": 5e9}, "speedup_vs_on_demand": 3.0,
+               "offload": {"offloaded": stats(0.8, 1e9), "on_demand": stats(0.0, 5e9)}}
+    (tmp_path / "offload_gpu.json").write_text(json.dumps(offload))
+    row = next(r for r in tables.speed(tmp_path).splitlines() if r.startswith("| expert offloading on an GPU X"))
+    assert "decode 6.00 tokens/s vs 2.00 on demand (3.00x)" in row and "hit rate 0.80" in row
