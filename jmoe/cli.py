@@ -242,6 +242,8 @@ def cmd_evaluate(args) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and not out.parent.is_dir():
         raise ValueError(f"--out {out}: directory {out.parent} does not exist")
+    if out is not None and out.is_dir():
+        raise ValueError(f"--out {out} is a directory; name the JSON file to write")
     # config and tokenizer checked before the weights load
     source = open_model(args.ckpt, step=args.step, skip_ratio=args.skip_ratio, router_options=router_options(args))
     source.check_subset(args.expert_subset)
@@ -707,6 +709,11 @@ def _build_finetune_configs(args):
         if Path(tc.base_from) != Path(args.ckpt).absolute():
             raise ValueError(f"cannot resume: {out} fine-tunes {tc.base_from}, not {args.ckpt}")
         return model_cfg, tc, out
+    unused = {"lora": ("experts", "top_k"), "smora": ("experts",)}.get(args.adapter, ())
+    given = [f"--{name.replace('_', '-')}" for name in unused if getattr(args, name) is not None]
+    if given:
+        raise ValueError(f"--adapter {args.adapter} takes no {' or '.join(given)} "
+                         f"({'one LoRA, no experts' if args.adapter == 'lora' else 'its experts are the ranks: --rank'})")
     base = finetune.base_config(args.ckpt)
     adapter = dict(kind=args.adapter, num_experts=args.experts, top_k=args.top_k, rank=args.rank, alpha=args.alpha,
                    ffn_targets=args.targets, attn_targets=args.attn_targets, layers=args.layers, dropout=args.dropout,

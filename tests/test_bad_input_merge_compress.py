@@ -169,6 +169,11 @@ CASES = [
      "cannot be read as text"),
     ("yaml weight not a number", None, yaml_case("merge_method: linear\nmodels: [{model: ft}]\n"
                                                  "parameters: {weight: heavy}\n"), "weight='heavy' is not valid"),
+    ("yaml normalize not a boolean", None, yaml_case("merge_method: linear\nmodels: [{model: ft}]\n"
+                                                    "parameters: {normalize: maybe}\n"),
+     "normalize='maybe' is not valid ('maybe' is not a boolean (true or false))"),
+    ("merge out under a file", file_out, lambda tmp, run: [*yaml_case(LINEAR)(tmp, run)[:2], str(tmp / "out" / "sub"),
+                                                           "--quiet"], "is not a directory, so"),
     ("yaml bad filter", None, yaml_case("merge_method: linear\nmodels: [{model: ft}]\n"
                                         "parameters: {weight: [{filter: '[', value: 1}]}\n"),
      "not a valid regular expression"),

@@ -68,6 +68,9 @@ class AdapterConfig:
             for i in self.layers:
                 if isinstance(i, bool) or not isinstance(i, int) or i < 0:
                     raise ValueError(f"AdapterConfig.layers entry {i!r} must be a layer index")
+            repeated = sorted({i for i in self.layers if self.layers.count(i) > 1})
+            if repeated:
+                raise ValueError(f"AdapterConfig.layers={list(self.layers)} names layer {repeated[0]} twice")
         cls = ADAPTERS.options(self.kind)
         opts = self.options
         if opts is None:

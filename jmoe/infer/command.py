@@ -176,7 +176,7 @@ def read_lines(path, flag: str) -> list[str]:
     """The prompts of a UTF-8 file, one a line (blank lines skipped); ValueError naming flag."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{flag} {path} does not exist")
+        raise ValueError(f"{flag} {path} " + ("is a directory, not a file" if path.is_dir() else "does not exist"))
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:

@@ -207,7 +207,7 @@ def load(path) -> RoutingTrace:
     path = Path(path)
     name = f"routing trace {path}"
     if not path.is_file():
-        raise ValueError(f"{name} does not exist")
+        raise ValueError(f"{name} " + ("is a directory, not a file" if path.is_dir() else "does not exist"))
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{name} is not an .npz archive")
     try:

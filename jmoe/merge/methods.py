@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jmoe.merge import sparsify as sp
-from jmoe.merge.registry import Param, merge_method
+from jmoe.merge.registry import Param, as_bool, merge_method
 from jmoe.merge.select import kth_largest
 from jmoe.merge.tree import (
     MergeError,
@@ -80,7 +80,7 @@ def _ties_scope(value) -> str | None:
 WEIGHTS = Param("weights", yaml="weight", per_model=True, layered=True, convert=float)
 DENSITY = Param("density", per_model=True, layered=True, convert=float, valid=_fraction, config_default=1.0)
 LAMBDA = Param("lam", yaml="lambda", layered=True, convert=float)
-NORMALIZE = Param("normalize", convert=bool)
+NORMALIZE = Param("normalize", convert=as_bool)
 RESCALE = Param("rescale", convert=_rescale)
 GAMMA = Param("gamma", per_model=True, layered=True, convert=float)
 EPSILON = Param("epsilon", per_model=True, layered=True, convert=float)
@@ -418,7 +418,7 @@ def nearswap(base, models, *, t, filter=None, num_layers=None):
     return map_merge(leaf, base, models, filter=filter, num_layers=num_layers)
 
 
-@merge_method(Param("filter_wise", convert=bool), mergekit=True)
+@merge_method(Param("filter_wise", convert=as_bool), mergekit=True)
 def model_stock(base, models, *, filter_wise=False, filter=None, num_layers=None):
     """Model Stock: t = N cos / (1 + (N - 1) cos) from the mean pairwise cosine of the task
     vectors (per tensor, or per row with filter_wise); result t * mean(models) + (1 - t) *

@@ -84,6 +84,22 @@ class MethodTable(Registry[T]):
         return len(self.names())
 
 
+_TRUE, _FALSE = {"true", "yes", "on", "1", "t", "y"}, {"false", "no", "off", "0", "f", "n"}
+
+
+def as_bool(value: Any) -> bool:
+    """A boolean parameter's value: a bool, 0 or 1, or a word pydantic reads as one ("true",
+    "false", "yes", "no", "on", "off", "1", "0"); ValueError for anything else ("false" must
+    not read as True, as bool("false") would)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"{value!r} is not a boolean (true or false)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Param:
     """What the table knows about one keyword parameter of a merge method (see the module

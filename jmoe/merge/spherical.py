@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 
 from jmoe.merge.methods import WEIGHTS, _f32, _per_model, _scalar, map_merge
-from jmoe.merge.registry import Param, merge_method
+from jmoe.merge.registry import Param, as_bool, merge_method
 from jmoe.merge.tree import MergeError, check_models
 
 
-@merge_method(WEIGHTS, Param("normalize_weights", convert=bool), Param("eps", convert=float), mergekit=True,
+@merge_method(WEIGHTS, Param("normalize_weights", convert=as_bool), Param("eps", convert=float), mergekit=True,
               optional_base=True)
 def multislerp(base, models, *, weights, normalize_weights=True, eps=1e-8, filter=None, num_layers=None):
     """Multi-SLERP: each (flattened) tensor, or task vector m_i - base when a base is given,
@@ -78,8 +78,8 @@ def nuslerp_tensors(t: float, v0, v1, *, row_wise: bool = False, flatten: bool =
     return res.reshape(shape)
 
 
-@merge_method(WEIGHTS, Param("row_wise", yaml="nuslerp_row_wise", convert=bool),
-              Param("flatten", yaml="nuslerp_flatten", convert=bool), mergekit=True, num_models=2, optional_base=True)
+@merge_method(WEIGHTS, Param("row_wise", yaml="nuslerp_row_wise", convert=as_bool),
+              Param("flatten", yaml="nuslerp_flatten", convert=as_bool), mergekit=True, num_models=2, optional_base=True)
 def nuslerp(base, models, *, weights, row_wise=False, flatten=True, filter=None, num_layers=None):
     """NuSLERP: SLERP between two models at t = w_1 / (w_0 + w_1) (0.5 when the weights sum
     to zero), of the task vectors m_i - base when a base is given; flatten=False interpolates

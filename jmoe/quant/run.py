@@ -92,9 +92,12 @@ def _check_int(name, value, lo):
 
 def default_candidates(avg_bits: float) -> tuple[int, ...]:
     """MC-MoE's widths around the budget: (1, 2, 3) for 1.5-2.5 bits, (2, 3, 4) for 3 bits;
-    the supported widths within one of floor(avg_bits)."""
+    the supported widths within one of floor(avg_bits), else the two that enclose it ((4, 8)
+    for 6 bits)."""
     f = math.floor(avg_bits + 1e-9)
-    return tuple(b for b in BITS if f - 1 <= b <= f + 1) or (min(BITS),)
+    near = tuple(b for b in BITS if f - 1 <= b <= f + 1)
+    below, above = [b for b in BITS if b <= avg_bits], [b for b in BITS if b >= avg_bits]
+    return near or tuple(sorted({*below[-1:], *above[:1]}))
 
 
 def check_request(model_cfg, *, method: str, bits: int | None, avg_bits: float | None, group_size: int,
@@ -126,6 +129,9 @@ def _check_widths(model_cfg, *, method, bits, avg_bits, candidates, source) -> t
         cands = tuple(sorted(int(check_bits(int(b), "--candidates")) for b in (candidates or default_candidates(avg_bits))))
         if len(set(cands)) != len(cands):
             raise ValueError(f"--candidates {cands} repeats a width")
+        if avg_bits > max(cands) + 1e-9:
+            raise ValueError(f"--avg-bits {avg_bits:g} is above the widest width {max(cands)} of {cands}: every "
+                             f"expert would get {max(cands)} bits (ask for that with --method hqq --bits {max(cands)})")
         E = min(model_cfg.moe_for(i).num_experts for i in model_cfg.moe_layers)
         least = least_average(cands, E)
         if avg_bits < least - 1e-9:

@@ -158,6 +158,25 @@ class RunLock:
         self.release(remove_created=exc_type is not None)
 
 
+def lock_holder(run_dir: str | Path) -> str | None:
+    """Who writes `run_dir` ("process <pid>") while a process holds its lock, else None (no
+    lock file, or one a killed writer left). Changes nothing on disk."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            return f"process {holder}" if holder.isdigit() else "another process"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def lock(run_dir: str | Path) -> RunLock:
     """Become the one writer of `run_dir`, creating it (and its parents) if needed; release
     the returned `RunLock` when done. Nothing but the directory and its lock file is created.

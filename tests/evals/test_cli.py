@@ -51,7 +51,9 @@ def test_evaluate_a_hugging_face_directory(hf_dir, capsys):  # noqa: F811
 @pytest.mark.parametrize("argv, message", [
     (["evaluate", "--tasks", "adition"], "unknown task 'adition'"),
     (["evaluate", "--tasks", "addition", "--out", "/nonexistent/dir/r.json"], "does not exist"),
+    (["evaluate", "--tasks", "addition", "--out", "TMP"], "is a directory; name the JSON file to write"),
     (["evaluate", "--ckpt", "NOTOKENIZER"], "has no tokenizer.json"),
+    (["evaluate", "--ckpt", "BADCONFIG"], "config.json is not valid JSON (Expecting"),
     (["train", "--tasks", "addition", "--data", "x.txt"], "--tasks and --data"),
     (["train", "--task-mix", "1,2"], "--task-mix needs --tasks"),
     (["train", "--tasks", "addition,prose", "--task-mix", "1"], "1 weights for 2 tasks"),
@@ -63,10 +65,13 @@ def test_bad_input_is_one_line_and_changes_nothing(argv, message, hf_dir, tmp_pa
         import shutil
 
         shutil.copytree(hf_dir, broken)
-        (broken / "tokenizer.json").unlink()
-        argv = [a if a != "NOTOKENIZER" else str(broken) for a in argv]
+        if "NOTOKENIZER" in argv:
+            (broken / "tokenizer.json").unlink()
+        else:
+            (broken / "config.json").write_text("{'model_type': 'llama'}")
+        argv = [a if a not in ("NOTOKENIZER", "BADCONFIG") else str(broken) for a in argv]
     elif argv[0] == "evaluate":
-        argv = [*argv, "--ckpt", str(hf_dir)]
+        argv = [*(str(tmp_path) if a == "TMP" else a for a in argv), "--ckpt", str(hf_dir)]
     else:
         argv = [*argv, "--out", str(tmp_path / "run")]
     before = snapshot(tmp_path)

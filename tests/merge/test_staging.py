@@ -99,3 +99,52 @@ def test_force_replaces_the_checkpoint_in_a_non_empty_out(tmp_path):
     assert names == ["README.md", "config.json", "mergekit_config.yml", "model.safetensors"]
     assert "old" not in load_safetensors(out, lazy=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "m.yml", "out"]
+
+
+def test_a_file_above_out_is_found_before_any_work(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match=r"afile is not a directory, so .*sub cannot be made; choose another --out$"):
+        check_output_dir(tmp_path / "afile" / "deeper" / "sub")
+
+
+def test_one_writer_at_a_time(tmp_path):
+    """A command writing a run holds its lock: a second writer is refused by the check before
+    any work and by the staging itself, and the first one's output is untouched."""
+    from jmoe.train.rundir import LOCK, RunLocked, lock
+
+    out = tmp_path / "out"
+    with staged_dir(out) as tmp:
+        (tmp / "mine.txt").write_text("first")
+        with pytest.raises(ValueError, match=rf"out is being written by process \d+; wait for it"):
+            check_output_dir(out, force=True)
+        with pytest.raises(RunLocked):
+            with staged_dir(out):
+                pass
+    assert tree(out) == [("mine.txt", b"first")]
+    with lock(out):  # e.g. `jmoe train --out out` running
+        with pytest.raises(RunLocked, match="is being written by process"):
+            with staged_dir(out):
+                pass
+    assert tree(out) == [("mine.txt", b"first")]
+    # a lock file left by a killed writer neither blocks nor counts as content
+    (tmp_path / "stale").mkdir()
+    (tmp_path / "stale" / LOCK).write_text("12345\n")
+    assert check_output_dir(tmp_path / "stale") == tmp_path / "stale"
+    with staged_dir(tmp_path / "stale") as tmp:
+        (tmp / "a").write_text("a")
+    assert tree(tmp_path / "stale") == [("a", b"a")]
+
+
+def test_merge_into_a_run_another_process_writes_is_refused_before_any_work(tmp_path, capsys):
+    from jmoe.train.rundir import lock
+
+    _model(tmp_path / "a", 0)
+    _model(tmp_path / "b", 1)
+    (tmp_path / "m.yml").write_text("merge_method: linear\nmodels: [{model: a}, {model: b}]\n")
+    out = tmp_path / "out"
+    with lock(out):  # e.g. `jmoe train --out out` running
+        before = tree(tmp_path)
+        assert main(["merge", str(tmp_path / "m.yml"), str(out), "--quiet", "--force"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "is being written by process" in err and len(err.splitlines()) == 1
+        assert tree(tmp_path) == before

@@ -148,6 +148,8 @@ def test_mcmoe_mixed_widths_gptq_and_skipping(source_run, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--bits", "5", "--group-size", "16"], "bits=5 is not supported"),
     (["--method", "mcmoe", "--avg-bits", "1.2"], "no allocation"),
+    (["--method", "mcmoe", "--avg-bits", "9"], "above the widest width 8 of (8,)"),
+    (["--method", "mcmoe", "--avg-bits", "3", "--candidates", "1,2"], "above the widest width 2 of (1, 2)"),
     (["--method", "mcmoe", "--bits", "2"], "give --avg-bits"),
     (["--method", "hqq", "--avg-bits", "2.5"], "is for --method mcmoe"),
     (["--bits", "4", "--group-size", "24"], "does not divide"),
@@ -159,6 +161,13 @@ def test_bad_requests_are_one_line_and_write_nothing(source_run, tmp_path, capsy
     assert main(["quantize", "--ckpt", str(source_run), "--out", str(out), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_mcmoe_candidates_enclose_the_budget():
+    from jmoe.quant.run import default_candidates
+
+    assert default_candidates(2.5) == (1, 2, 3) and default_candidates(3) == (2, 3, 4)
+    assert default_candidates(6) == (4, 8) and default_candidates(8) == (8,)
 
 
 def test_a_dense_model_has_nothing_to_quantize(tmp_path, capsys):

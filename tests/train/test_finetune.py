@@ -109,6 +109,9 @@ def test_an_interrupted_fine_tune_resumes_exactly(base_run, tmp_path):
     (["--set", "adapter.bogus=1"], "has no option(s) bogus"),
     (["--attn-targets", "wz"], "attn_targets has 'wz'"),
     (["--adapter", "dynmole", "--top-k", "9", "--experts", "4"], "top_k=9 must be <= num_experts=4"),
+    (["--adapter", "lora", "--top-k", "9", "--experts", "4"], "--adapter lora takes no --experts or --top-k"),
+    (["--adapter", "smora", "--experts", "4"], "--adapter smora takes no --experts"),
+    (["--layers", "0,0"], "names layer 0 twice"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(base_run, tmp_path, capsys, argv, message):
     out = tmp_path / "ft"

@@ -101,7 +101,12 @@ def read_config(path: str | Path) -> tuple[str, LMConfig, dict]:
     path = Path(path)
     if not (path / "config.json").exists():
         raise ValueError(f"{path} has no config.json (not a Hugging Face model directory)")
-    hf = json.loads((path / "config.json").read_text())
+    try:
+        hf = json.loads((path / "config.json").read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path / 'config.json'} is not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path / 'config.json'} is not a JSON object")
     arch = architecture_of(hf)
     cfg = ARCHITECTURES[arch]["config"](hf)
     return arch, cfg, hf
