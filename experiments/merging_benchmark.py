@@ -135,6 +135,10 @@ def merged_model(method: str, base: Model, fts: list[Model], tasks, seed: int, l
     return Model(cfg=cfg, params=params_out, state=base.state, tokenizer=base.tokenizer, source=method), info
 
 
+SLICE_ROLE = ("one seed of the benchmark, stored to be joined with the other seeds by a full run: its scores back no "
+              "claim on their own (the claims and their intervals are in merging_benchmark_<preset>.json)")
+
+
 def slice_path(preset_name: str, seed: int) -> Path:
     return _zoo.RESULTS / f"merging_benchmark_{preset_name}.seed{seed}.json"
 
@@ -142,7 +146,7 @@ def slice_path(preset_name: str, seed: int) -> Path:
 def write_slice(seed: int, settings: dict, scores: dict, learned: dict) -> None:
     """One seed's scores and what its learned merges learned, with the settings and code version
     that produced them (a run of its own, to be joined to the others' later)."""
-    out = {"seed": seed, "settings": settings, "scores": scores, "learned": learned,
+    out = {"seed": seed, "role": SLICE_ROLE, "settings": settings, "scores": scores, "learned": learned,
            "code_version": code_version(), "git_commit": _zoo.git_commit()}
     path = slice_path(settings["preset"], seed)
     tmp = path.with_suffix(".tmp")

@@ -698,6 +698,7 @@ def _build_finetune_configs(args):
     """(model config with the adapter, train config, out) of `jmoe finetune`; with --resume,
     those of the run in --out."""
     from jmoe.adapters import AdapterConfig
+    from jmoe.registry import ADAPTERS
     from jmoe.train import finetune, rundir
     from jmoe.train.config import TrainConfig
 
@@ -709,11 +710,11 @@ def _build_finetune_configs(args):
         if Path(tc.base_from) != Path(args.ckpt).absolute():
             raise ValueError(f"cannot resume: {out} fine-tunes {tc.base_from}, not {args.ckpt}")
         return model_cfg, tc, out
-    unused = {"lora": ("experts", "top_k"), "smora": ("experts",)}.get(args.adapter, ())
-    given = [f"--{name.replace('_', '-')}" for name in unused if getattr(args, name) is not None]
+    uses = ADAPTERS.get(args.adapter).uses
+    given = [flag for field, flag in (("num_experts", "--experts"), ("top_k", "--top-k"))
+             if field not in uses and getattr(args, flag[2:].replace("-", "_")) is not None]
     if given:
-        raise ValueError(f"--adapter {args.adapter} takes no {' or '.join(given)} "
-                         f"({'one LoRA, no experts' if args.adapter == 'lora' else 'its experts are the ranks: --rank'})")
+        raise ValueError(f"--adapter {args.adapter} takes no {' or '.join(given)}")
     base = finetune.base_config(args.ckpt)
     adapter = dict(kind=args.adapter, num_experts=args.experts, top_k=args.top_k, rank=args.rank, alpha=args.alpha,
                    ffn_targets=args.targets, attn_targets=args.attn_targets, layers=args.layers, dropout=args.dropout,

@@ -67,6 +67,8 @@ class Adapter:
     init_state: `(shapes, cfg) -> state` of non-gradient variables, or None.
     update_state: `(state, counts, cfg) -> state`, once per training step, or None.
     check: `(cfg) -> None`, raising ValueError for settings the kind cannot take.
+    uses: the routing fields of `AdapterConfig` the kind reads, of "num_experts" and "top_k"
+      (a command refuses the others when they are given).
     """
 
     init: Callable
@@ -74,6 +76,7 @@ class Adapter:
     init_state: Callable | None = None
     update_state: Callable | None = None
     check: Callable = lambda cfg: None
+    uses: tuple = ("num_experts", "top_k")
 
 
 # ------------------------------------------------------------------------- LoRA factors

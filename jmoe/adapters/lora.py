@@ -14,4 +14,4 @@ def _delta(p, x, cfg, *, state=None, key=None):
     return lora_delta(p, dropout(x, cfg.dropout, key), cfg.scaling), None
 
 
-LORA: Adapter = ADAPTERS.add("lora", projection_adapter(_init, _delta))
+LORA: Adapter = ADAPTERS.add("lora", projection_adapter(_init, _delta, uses=()))

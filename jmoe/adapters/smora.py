@@ -74,4 +74,4 @@ def _check(cfg):
 
 
 SMORA = ADAPTERS.add("smora", projection_adapter(_init, _delta, init_state=_init_state, update_state=_update_state,
-                                                 check=_check), options=SMoRAOptions)
+                                                 check=_check, uses=("top_k",)), options=SMoRAOptions)

@@ -158,6 +158,12 @@ class RunLock:
         self.release(remove_created=exc_type is not None)
 
 
+def _holder(fd: int) -> str:
+    """The writer named by a held lock file: "process <pid>" (the pid it wrote) or "another process"."""
+    pid = os.read(fd, 32).decode(errors="replace").strip()
+    return f"process {pid}" if pid.isdigit() else "another process"
+
+
 def lock_holder(run_dir: str | Path) -> str | None:
     """Who writes `run_dir` ("process <pid>") while a process holds its lock, else None (no
     lock file, or one a killed writer left). Changes nothing on disk."""
@@ -169,8 +175,7 @@ def lock_holder(run_dir: str | Path) -> str | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip()
-            return f"process {holder}" if holder.isdigit() else "another process"
+            return _holder(fd)
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:
@@ -200,9 +205,8 @@ def lock(run_dir: str | Path) -> RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.read(fd, 32).decode(errors="replace").strip()
+                who = _holder(fd)
                 os.close(fd)
-                who = f"process {holder}" if holder.isdigit() else "another process"
                 raise RunLocked(f"{run} is being written by {who} (it holds {path}); wait for it to end "
                                 "or choose another directory") from None
             except BaseException:
