@@ -620,10 +620,14 @@ def cmd_steer(args) -> int:
         raise ValueError(f"--ckpt {args.ckpt} has no tokenizer to read the prompts with")
 
     def encode(lines, flag):
-        ids = [tok.encode(x, add_special_tokens=False)[-context:] for x in lines]
+        ids = [tok.encode(x, add_special_tokens=False) for x in lines]
         if not all(ids):
             raise ValueError(f"{flag}: a prompt encodes to no tokens")
-        return ids
+        long = [i for i, x in enumerate(ids) if len(x) > context]
+        if long and not args.truncate:
+            raise ValueError(f"{flag}: prompt {long[0] + 1} has {len(ids[long[0]])} tokens, more than the model's "
+                             f"context of {context} (--truncate keeps the last {context})")
+        return [x[-context:] for x in ids]
 
     positive, negative = encode(positive, "--positive"), encode(negative, "--negative")
     model = source.load()
@@ -711,8 +715,8 @@ def _build_finetune_configs(args):
             raise ValueError(f"cannot resume: {out} fine-tunes {tc.base_from}, not {args.ckpt}")
         return model_cfg, tc, out
     uses = ADAPTERS.get(args.adapter).uses
-    given = [flag for field, flag in (("num_experts", "--experts"), ("top_k", "--top-k"))
-             if field not in uses and getattr(args, flag[2:].replace("-", "_")) is not None]
+    given = [flag for field, flag, value in (("num_experts", "--experts", args.experts), ("top_k", "--top-k", args.top_k))
+             if field not in uses and value is not None]
     if given:
         raise ValueError(f"--adapter {args.adapter} takes no {' or '.join(given)}")
     base = finetune.base_config(args.ckpt)
@@ -957,7 +961,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ckpt", required=True, metavar="RUN_OR_HF_DIR", help="a jmoe run or a Hugging Face model directory")
     t.add_argument("--step", type=_int_range(0), help="a run's checkpoint step (default: latest)")
     t.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text, tokenized with the model's tokenizer")
-    t.add_argument("--out", required=True, metavar="FILE", help="the routing trace to write (.npz)")
+    t.add_argument("--out", required=True, metavar="FILE", help="the routing trace to write (.npz), new unless --force")
+    t.add_argument("--force", action="store_true", help="replace --out if it exists")
     t.add_argument("--seq-len", type=_int_range(2), help="tokens per sequence (default: the model's context)")
     t.add_argument("--max-tokens", type=_int_range(1), help="trace at most this many tokens of the text")
     t.add_argument("--batch-size", type=_int_range(1, 1024), default=8, help="sequences run together (default 8)")
@@ -1064,6 +1069,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--positive", required=True, metavar="FILE", help="prompts that show the behaviour, one a line")
     st.add_argument("--negative", required=True, metavar="FILE", help="prompts that do not, one a line")
     st.add_argument("--top", type=_int_range(1), default=2, help="experts to report (default 2, the paper's)")
+    st.add_argument("--truncate", action="store_true",
+                    help="keep the last tokens of prompts too long for the model's context instead of refusing them")
     st.add_argument("--json", action="store_true", help="one JSON object: the experts, the flag, every nPMI")
     st.set_defaults(func=cmd_steer)
 
@@ -1130,7 +1137,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--scope", choices=["expert", "all"], default="expert",
                    help="expert (UOE): the expert with the highest router affinity to the forget text and its router; "
                         "all: every parameter")
-    u.add_argument("--steps", type=_int_range(0), default=50)
+    u.add_argument("--steps", type=_int_range(1), default=50, help="unlearning steps, >= 1 (default 50)")
     u.add_argument("--lr", type=_float_range(0.0, open_lo=True), default=1e-4)
     u.add_argument("--alpha", type=_float_range(0.0), default=1.0, help="weight of the router anchor (scope expert)")
     u.add_argument("--retain-weight", type=_float_range(0.0), default=1.0, help="gdiff: weight of the retain loss")

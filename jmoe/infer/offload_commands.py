@@ -105,6 +105,9 @@ def run_cache_sim(args, out=None) -> int:
     if size < trace.top_k:
         raise ValueError(f"cache size {size} is smaller than top-k {trace.top_k}: the experts a token needs "
                          f"at one layer must all fit in the cache at once (trace {args.trace})")
+    if size > trace.num_experts:
+        raise ValueError(f"--cache-size {size} exceeds the trace's {trace.num_experts} experts per layer "
+                         f"(trace {args.trace})")
     prefetch = cachesim.oracle_prefetch(trace) if mode == "oracle" else None
     res = cachesim.simulate(trace, size, policy, prefetch).to_dict()
     if getattr(args, "json", False):
@@ -122,13 +125,16 @@ def run_cache_sim(args, out=None) -> int:
     return 0
 
 
-def check_new_file(path, flag: str) -> Path:
-    """A file to be written: its directory exists and it is not a directory."""
+def check_new_file(path, flag: str, force: bool = True) -> Path:
+    """A file to be written: its directory exists and it is not a directory (nor, unless
+    `force`, an existing file)."""
     if not path:
         raise ValueError(f"{flag} is empty")
     p = Path(path)
     if p.is_dir():
         raise ValueError(f"{flag} {p} is a directory")
+    if p.exists() and not force:
+        raise ValueError(f"{flag} {p} exists (--force replaces it)")
     if not p.parent.is_dir():
         raise ValueError(f"{flag} {p}: directory {p.parent} does not exist")
     return p
@@ -187,7 +193,7 @@ def run_trace(args, out=None, err=None) -> int:
 
     out = out or sys.stdout
     err = err or sys.stderr
-    dest = check_new_file(args.out, "--out")
+    dest = check_new_file(args.out, "--out", force=getattr(args, "force", False))
     text = read_text_file(args.data, "--data")
     source = open_model(args.ckpt, step=args.step)
     cfg = source.cfg

@@ -202,6 +202,8 @@ def run_merge(plan: MergePlan, out_dir: str | Path, *, max_shard_size: int | str
     parse_size(max_shard_size)
     t0 = time.perf_counter()
     ckpts = {p: Checkpoint(p) for p in plan.model_dirs()}
+    for p in ckpts:  # a broken config.json is named now, not after the merge
+        _read_config(p)
     tasks, layers = plan_tensors(plan, ckpts)
     vocab = (build_vocabulary(plan.tokenizer_source, plan.base, plan.model_dirs(), plan.tokens, plan.pad_to_multiple_of)
              if plan.tokenizer_source else None)
@@ -229,6 +231,20 @@ def run_merge(plan: MergePlan, out_dir: str | Path, *, max_shard_size: int | str
                "read_gb_per_s": bytes_read / 1e9 / seconds, "files": [f.name for f in files], "layers": layers}
     log(f"merged {len(tasks)} tensors ({bytes_read / 1e9:.2f} GB read) in {seconds:.1f} s into {out}")
     return summary
+
+
+def _read_config(model: Path) -> dict | None:
+    """The config.json of a model directory as a dict, None when it has none."""
+    path = model / "config.json"
+    if not path.exists():
+        return None
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MergeError(f"{path} cannot be read as JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise MergeError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
+    return cfg
 
 
 def _remove_stale_shards(out: Path, written: set[str]) -> None:
@@ -291,9 +307,8 @@ def _on_vocabulary(vocab: Vocabulary, task: _Task, arrays: dict, base_array, bas
 
 def _copy_side_files(plan: MergePlan, out: Path, layers: int, out_dtype, vocab: Vocabulary | None = None) -> None:
     ref = plan.base or (plan.slices[0].sources[0].model if plan.slices else plan.models[0].model)
-    cfg_path = ref / "config.json"
-    if cfg_path.exists():
-        cfg = json.loads(cfg_path.read_text())
+    cfg = _read_config(ref)
+    if cfg is not None:
         if plan.slices is not None and layers:
             for key in ("num_hidden_layers", "n_layer", "num_layers"):
                 if key in cfg:

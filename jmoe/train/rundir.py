@@ -128,14 +128,16 @@ class RunLocked(TrainError):
 class RunLock:
     """The lock of the one process that writes a run directory (see `lock`)."""
 
-    def __init__(self, path: Path, fd: int, created: list[Path]):
+    def __init__(self, path: Path, fd: int, created: list[Path], times: tuple[int, int] | None = None):
         self.path = path
         self.created = created  # the directories `lock` made for the run, deepest first
+        self._times = times  # (atime, mtime) in ns of the run directory before `lock` made its lock file
         self._fd: int | None = fd
 
     def release(self, remove_created: bool = False) -> None:
-        """Unlock and remove the lock file. remove_created: also remove the directories
-        `lock` made, if they are still empty (a run that failed before writing anything)."""
+        """Unlock and remove the lock file. remove_created (a run that failed before writing
+        anything): also remove the directories `lock` made, if they are still empty, or give
+        a directory that was there its times back."""
         if self._fd is None:
             return
         try:
@@ -150,6 +152,11 @@ class RunLock:
                     d.rmdir()
                 except OSError:
                     break
+            if self._times is not None:  # the run directory was there: as it was, its times too
+                try:
+                    os.utime(self.path.parent, ns=self._times)
+                except OSError:
+                    pass
 
     def __enter__(self) -> "RunLock":
         return self
@@ -198,6 +205,10 @@ def lock(run_dir: str | Path) -> RunLock:
         created.append(p)
         p = p.parent
     path = run / LOCK
+    times = None
+    if not created and not path.exists():
+        st = os.stat(run)
+        times = (st.st_atime_ns, st.st_mtime_ns)
     try:
         run.mkdir(parents=True, exist_ok=True)
         while True:
@@ -233,7 +244,7 @@ def lock(run_dir: str | Path) -> RunLock:
         if isinstance(e, OSError):
             raise TrainError(f"cannot lock {path}: {e.strerror or e}") from None
         raise
-    return RunLock(path, fd, created)
+    return RunLock(path, fd, created, times)
 
 
 def checkpoint_store(run_dir: str | Path, keep: int = 3, create: bool = True, read_only: bool = False) -> CheckpointStore:

@@ -93,13 +93,16 @@ def test_steer_command_and_generate_flag(hf_dir, tmp_path, capsys):  # noqa: F81
     (["generate", "--steer-experts", "5:0"], "layer 5 is not an MoE layer"),
     (["steer", "--positive", "missing.txt", "--negative", "missing.txt"], "--positive missing.txt does not exist"),
     (["steer", "--positive", "POS", "--negative", "POS", "--top", "99"], "--top 99 exceeds the model's 8 routed"),
+    (["steer", "--positive", "LONG", "--negative", "POS"], "--positive: prompt 2 has"),
 ])
 def test_bad_steering_flags_are_one_line_before_any_weights(flags, message, hf_dir, tmp_path, capsys,  # noqa: F811
                                                             monkeypatch):
     from jmoe.io import hf
 
     (tmp_path / "pos.txt").write_text("def f(x)\n")
-    flags = [str(tmp_path / "pos.txt") if f == "POS" else f for f in flags]
+    (tmp_path / "long.txt").write_text("def f(x)\n" + "x = 1; " * 60 + "\n")
+    flags = [str(tmp_path / "pos.txt") if f == "POS" else str(tmp_path / "long.txt") if f == "LONG" else f
+             for f in flags]
     monkeypatch.setattr(hf, "load", lambda *a, **k: pytest.fail("weights were read"))
     monkeypatch.chdir(tmp_path)
     before = snapshot(tmp_path, hf_dir)

@@ -41,6 +41,7 @@ def test_unlearn_writes_a_run_that_forgot_the_task(task_run, tmp_path, capsys):
     (["--forget", "addition", "--retain", "addition"], "names the forget task"),
     (["--forget", "addition,reversal"], "names one task"),
     (["--forget", "addition", "--lr", "0"], "--lr"),
+    (["--forget", "addition", "--steps", "0"], "--steps"),
 ])
 def test_bad_input_is_one_line_and_changes_nothing(task_run, tmp_path, capsys, args, message):
     before = snapshot(tmp_path, task_run)

@@ -35,6 +35,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     for argv, message in [
         (["cache-sim", trace, "--cache-size", "1"], "smaller than top-k 2"),
+        (["cache-sim", trace, "--cache-size", "7"], "--cache-size 7 exceeds the trace's 6 experts"),
         (["cache-sim", trace, "--cache-size", "3", "--policy", "fifo"], "invalid choice"),
         (["cache-sim", str(tmp_path / "bad.npz"), "--cache-size", "3"], "bad.npz"),
         (["trace-report", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "r")], "missing.npz"),
@@ -62,6 +63,14 @@ def test_trace_and_offloaded_generate(hf_dir, tmp_path, capsys):  # noqa: F811
     trace = RoutingTrace.load(tmp_path / "t.npz")
     assert trace.num_layers == 2 and trace.num_experts == 4 and trace.top_k == 2 and "wrote" in out
     assert trace.num_sequences == -(-trace.num_tokens // 16) and trace_gate_accuracy(trace)[0] is None
+    again = ["trace", "--ckpt", str(hf_dir), "--data", str(tmp_path / "data.txt"), "--out", str(tmp_path / "t.npz"),
+             "--seq-len", "8", "--quiet"]
+    before = (tmp_path / "t.npz").read_bytes()
+    code, out, err = run(again, capsys)
+    assert code == 2 and "t.npz exists (--force replaces it)" in err and (tmp_path / "t.npz").read_bytes() == before
+    code, out, err = run(again + ["--force"], capsys)
+    assert code == 0, err
+    assert RoutingTrace.load(tmp_path / "t.npz").num_sequences == -(-trace.num_tokens // 8)
 
     (tmp_path / "p.txt").write_text("def f(\nhello\nthe mixture of experts is\n")
     base = ["generate", "--ckpt", str(hf_dir), "--prompts-file", str(tmp_path / "p.txt"), "--json",

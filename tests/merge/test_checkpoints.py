@@ -213,3 +213,20 @@ def test_refuses_to_overwrite(models, tmp_path, capsys):
     assert main(["merge", str(cfg), str(tmp_path / "o"), "--quiet"]) == 2
     assert "not empty" in capsys.readouterr().err
     assert main(["merge", str(cfg), str(tmp_path / "o"), "--quiet", "--force"]) == 0
+
+
+@pytest.mark.parametrize("text, message", [("{not json", "cannot be read as JSON"), ("[1, 2]", "must hold a JSON object")])
+def test_a_broken_input_config_is_named_before_any_work(models, tmp_path, capsys, text, message):
+    import shutil
+
+    root, _, _ = models
+    broken = tmp_path / "broken"
+    shutil.copytree(root / "ft1", broken)
+    (broken / "config.json").write_text(text)
+    cfg = tmp_path / "lin.yml"
+    cfg.write_text(f"merge_method: linear\nmodels: [{{model: {root / 'ft0'}, parameters: {{weight: 1}}}}, "
+                   f"{{model: {broken}, parameters: {{weight: 1}}}}]")
+    assert main(["merge", str(cfg), str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{broken / 'config.json'} {message}" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()

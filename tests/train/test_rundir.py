@@ -204,6 +204,17 @@ def test_a_failed_start_leaves_no_directory(tmp_path):
         rundir.lock(a_file(tmp_path))
 
 
+def test_a_failed_start_in_a_directory_that_was_there_leaves_it_as_it_was(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("x")
+    os.utime(run, ns=(1_000_000_000, 2_000_000_000))
+    rundir.lock(run).release(remove_created=True)
+    assert os.stat(run).st_mtime_ns == 2_000_000_000 and [p.name for p in run.iterdir()] == ["notes.txt"]
+    rundir.lock(run).release()  # a run that wrote: the directory's times are its own
+    assert os.stat(run).st_mtime_ns != 2_000_000_000
+
+
 def a_file(tmp_path):
     (tmp_path / "f").write_text("x")
     return tmp_path / "f"
