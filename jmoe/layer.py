@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, Callable
 
 import jax
@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jmoe import losses
+from jmoe.checks import check_key
 from jmoe.config import MoEConfig
 from jmoe.experts import ExpertList, expected_expert_shapes, ffn, init_experts, init_ffn
 from jmoe.registry import DISPATCHERS, ROUTERS
@@ -74,7 +75,7 @@ def init_moe(key: jax.Array, cfg: MoEConfig) -> dict:
       The router's tree depends on the router ("topk": {"w": [d, E]}).
     """
     _check_config(cfg)
-    return _init_moe(key, cfg)
+    return _init_moe(check_key(key), cfg)
 
 
 @partial(jax.jit, static_argnums=1)
@@ -145,10 +146,32 @@ def _check_params(params, cfg, rows: int | None = None):
                 + (f"{rows} slots" if rows is not None else f"num_experts={cfg.num_experts}")
                 + f", d_model={cfg.d_model}, d_ff={cfg.d_ff}"
             )
+    _check_router_params(params["router"], cfg)
     if cfg.num_shared_experts and "shared" not in params:
         raise ValueError("params has no 'shared' experts but cfg.num_shared_experts > 0")
     if cfg.shared_gate and cfg.num_shared_experts and "shared_gate" not in params:
         raise ValueError("params has no 'shared_gate' but cfg.shared_gate is set")
+
+
+@lru_cache(maxsize=64)
+def _router_shapes(cfg: MoEConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """(leaf path, shape) of the router parameters `cfg`'s router initialises."""
+    tree = jax.eval_shape(lambda k: ROUTERS.get(cfg.router).init(k, cfg), jax.random.key(0))
+    return tuple((jax.tree_util.keystr(p), tuple(a.shape)) for p, a in jax.tree_util.tree_leaves_with_path(tree))
+
+
+def _check_router_params(router, cfg: MoEConfig) -> None:
+    """A ValueError naming the leaf when params['router'] lacks a parameter `cfg`'s router makes
+    or holds one of another shape (a router of another width would select experts the layer
+    does not have). Further leaves a checkpoint brings (e.g. DeepSeek's correction bias) pass."""
+    expected = dict(_router_shapes(cfg))
+    got = {jax.tree_util.keystr(p): tuple(jnp.shape(a)) for p, a in jax.tree_util.tree_leaves_with_path(router)}
+    for path, shape in expected.items():
+        if path not in got:
+            raise ValueError(f"params['router']{path} is missing (router={cfg.router!r})")
+        if got[path] != shape:
+            raise ValueError(f"params['router']{path} has shape {got[path]}, expected {shape} for router={cfg.router!r}, "
+                             f"num_experts={cfg.num_experts}, d_model={cfg.d_model}")
 
 
 def _check_input(x, cfg):
@@ -158,6 +181,8 @@ def _check_input(x, cfg):
         raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be d_model={cfg.d_model}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"x must be a floating-point array, got dtype {x.dtype}")
+    if x.size == 0:
+        raise ValueError(f"x has shape {tuple(x.shape)}: no tokens to route")
 
 
 def sequence_length(shape: tuple[int, ...]) -> int:
@@ -200,6 +225,8 @@ def moe_layer(
     """
     _check_config(cfg)
     _check_input(x, cfg)
+    if key is not None:
+        check_key(key)
     in_slots = ep is not None and getattr(ep, "experts_in_slots", False) and slots is not None
     _check_params(params, cfg, rows=jnp.shape(slots)[0] if in_slots else None)
     if ep is not None:

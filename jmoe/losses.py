@@ -80,6 +80,9 @@ def update_selection_bias(bias: jax.Array, tokens_per_expert: jax.Array, rate: f
     summed over the whole optimizer step (every device, every micro-batch) and every device
     computes the same new bias. bias, tokens_per_expert: [E].
     """
+    if jnp.ndim(bias) != 1 or jnp.shape(tokens_per_expert) != jnp.shape(bias):
+        raise ValueError(f"bias and tokens_per_expert must both be [E], got shapes {jnp.shape(bias)} and "
+                         f"{jnp.shape(tokens_per_expert)}")
     load = tokens_per_expert.astype(jnp.float32)
     return (bias - rate * jnp.sign(load - jnp.mean(load))).astype(bias.dtype)
 

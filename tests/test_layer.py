@@ -129,6 +129,19 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
         moe_layer(params, jnp.ones((3, 8)), {"num_experts": 6})
     with pytest.raises(ValueError, match="'shared'"):
         moe_layer({k: v for k, v in params.items() if k != "shared"}, jnp.ones((3, 8)), cfg)
+    x = jnp.ones((3, 8))
+    wide = {**params, "router": {"w": jnp.zeros((8, 7)).at[:, 6].set(10.0)}}  # would route to an expert 6
+    with pytest.raises(ValueError, match=r"params\['router'\]\['w'\] has shape \(8, 7\), expected \(8, 6\)"):
+        moe_layer(wide, x, cfg)
+    with pytest.raises(ValueError, match=r"params\['router'\]\['w'\] is missing"):
+        moe_layer({**params, "router": {}}, x, cfg)
+    with pytest.raises(ValueError, match="no tokens to route"):
+        moe_layer(params, jnp.ones((0, 8)), cfg)
+    with pytest.raises(ValueError, match="key must be a PRNG key .* got int 0"):
+        init_moe(0, cfg)
+    with pytest.raises(ValueError, match="key must be a PRNG key .* got int 5"):
+        moe_layer(params, x, cfg, key=5)
+    moe_layer(params, x, cfg, key=jax.random.PRNGKey(0))  # raw keys are keys too
 
 
 def test_init_tree_and_dtypes():

@@ -118,3 +118,9 @@ def test_uniform_routing_gives_one():
         cfg = MoEConfig(num_experts=E, top_k=1, d_model=4, d_ff=4, balance_loss=name,
                         balance_options=dict(devices=2) if name == "device" else None)
         np.testing.assert_allclose(balance_loss(r, cfg, BalanceContext(seq_len=T)), 1.0, rtol=1e-6)
+
+
+def test_selection_bias_update_checks_its_shapes():
+    np.testing.assert_array_equal(losses.update_selection_bias(jnp.zeros(3), jnp.array([3, 1, 2]), 0.5), [-0.5, 0.5, 0.0])
+    with pytest.raises(ValueError, match="bias and tokens_per_expert"):
+        losses.update_selection_bias(jnp.zeros(4), jnp.ones(5), 0.1)

@@ -10,6 +10,7 @@ projection; MixLoRA, whose experts are whole FFNs, gives its own `apply`.
 from __future__ import annotations
 
 import dataclasses
+from numbers import Integral
 from typing import Callable
 
 import jax
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jmoe.adapters.config import AdapterConfig
+from jmoe.checks import check_key
 from jmoe.registry import ACTIVATIONS
 
 
@@ -92,6 +94,10 @@ def lora_a(key: jax.Array, shape: tuple[int, ...], d_in: int, dtype) -> jax.Arra
 def init_lora(key: jax.Array, d_in: int, d_out: int, rank: int, dtype, experts: int | None = None) -> dict:
     """`{"A": [d_in, r], "B": [r, d_out]}` (a leading [E] axis with `experts`); B starts at
     zero, so the adapted model starts as the frozen one."""
+    for name, v in (("d_in", d_in), ("d_out", d_out), ("rank", rank)) + ((("experts", experts),) if experts is not None else ()):
+        if isinstance(v, bool) or not isinstance(v, Integral) or v < 1:
+            raise ValueError(f"{name}={v!r} must be an integer >= 1")
+    check_key(key)
     lead = () if experts is None else (experts,)
     return {"A": lora_a(key, lead + (d_in, rank), d_in, dtype), "B": jnp.zeros(lead + (rank, d_out), dtype)}
 

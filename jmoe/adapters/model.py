@@ -18,10 +18,12 @@ kind and for cached decoding.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import jax
 import jax.numpy as jnp
 
+from jmoe.checks import check_key
 from jmoe.adapters.base import AdapterAux, check_rank, ffn_shapes, init_lora
 from jmoe.adapters.config import FFN_TARGETS, FFN_WEIGHT, AdapterConfig
 from jmoe.registry import ADAPTERS
@@ -79,6 +81,9 @@ def init_adapters(key: jax.Array, cfg) -> dict:
     """Fresh adapter parameters of LMConfig `cfg` (see the module docstring for the tree).
     Every B starts at zero: the adapted model starts as the frozen one."""
     a: AdapterConfig = cfg.adapter
+    if a is None:
+        raise ValueError("cfg has no adapter (LMConfig.adapter is None): nothing to initialise")
+    check_key(key)
     kind = ADAPTERS.get(a.kind)
     dt = cfg.param_dtype
     out = {}
@@ -175,6 +180,7 @@ def fold_weight_lora(params: dict, cfg) -> dict:
     a = cfg.adapter
     if a is None or "adapters" not in params:
         return params
+    check_adapter_params(params["adapters"], cfg)
     layers, adapters = dict(params["layers"]), {}
     for layer, ad in params["adapters"].items():
         p, rest = dict(layers[layer]), dict(ad)
@@ -190,6 +196,31 @@ def fold_weight_lora(params: dict, cfg) -> dict:
     return {**params, "layers": layers, "adapters": adapters}
 
 
+@lru_cache(maxsize=32)
+def _adapter_shapes(cfg) -> dict:
+    """{leaf path: shape} of the adapter parameters `init_adapters` makes for LMConfig `cfg`."""
+    tree = jax.eval_shape(lambda k: init_adapters(k, cfg), jax.random.key(0))
+    return {jax.tree_util.keystr(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def check_adapter_params(adapters, cfg) -> None:
+    """A ValueError naming the leaf when `adapters` (params["adapters"]) holds a leaf that
+    `init_adapters` does not make for `cfg` (e.g. a layer the model lacks) or one of another
+    shape (another rank or width). Leaves may be missing: `fold_weight_lora` folds some into
+    the weights."""
+    if not isinstance(adapters, dict):
+        raise ValueError(f"params['adapters'] must be a dict of layers, got {type(adapters).__name__}")
+    expected = _adapter_shapes(cfg)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(adapters):
+        name = jax.tree_util.keystr(path)
+        if name not in expected:
+            raise ValueError(f"params['adapters']{name} is not an adapter of this model (cfg.adapter: kind "
+                             f"{cfg.adapter.kind!r}, layers {list(adapter_layers(cfg))})")
+        if tuple(jnp.shape(leaf)) != expected[name]:
+            raise ValueError(f"params['adapters']{name} has shape {tuple(jnp.shape(leaf))}, expected {expected[name]} "
+                             f"(cfg.adapter rank {cfg.adapter.rank})")
+
+
 def merge_lora(params: dict, cfg) -> dict:
     """The frozen params with plain LoRA folded into the weights (kind "lora" only): the
     adapted model as an ordinary model, without `params["adapters"]`."""
@@ -202,5 +233,5 @@ def merge_lora(params: dict, cfg) -> dict:
 
 
 __all__ = ["FFN_TARGETS", "adapted_attention", "adapted_experts", "adapted_ffn_layer", "adapter_layers", "check_adapter",
-           "fold_weight_lora", "init_adapter_state", "init_adapters", "matrix_shape", "mean_adapter_loss", "merge_lora",
+           "check_adapter_params", "fold_weight_lora", "init_adapter_state", "init_adapters", "matrix_shape", "mean_adapter_loss", "merge_lora",
            "update_adapter_state"]

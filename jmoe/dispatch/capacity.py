@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from numbers import Integral
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -38,6 +39,11 @@ class CapacityOptions(Options):
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
     """C = ceil(capacity_factor * T * k / E), at least 1."""
+    for name, v in (("num_tokens", num_tokens), ("top_k", top_k), ("num_experts", num_experts)):
+        if isinstance(v, bool) or not isinstance(v, Integral) or v < (0 if name == "num_tokens" else 1):
+            raise ValueError(f"{name}={v!r} must be an integer >= {0 if name == 'num_tokens' else 1}")
+    if not capacity_factor > 0:
+        raise ValueError(f"capacity_factor={capacity_factor!r} must be > 0")
     return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 import time
 from functools import partial
-from typing import Callable, Sequence
+from numbers import Integral
+from typing import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -140,12 +141,20 @@ def prepare_prompts(prompts: Sequence[Sequence[int]], cfg: LMConfig, max_new_tok
     and, with `truncate`, cut to their last tokens so that max_new_tokens fit in its context."""
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
         raise ValueError("prompts must be a non-empty list of token-id lists")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if isinstance(prompts[0], Integral):
+        raise ValueError("prompts must be a list of token-id lists, got a list of ids: wrap one prompt as [ids]")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
     V, C = cfg.vocab_size, cfg.max_seq_len
     out = []
     for i, p in enumerate(prompts):
-        ids = [int(t) for t in np.asarray(p, dtype=np.int64).reshape(-1)]
+        if isinstance(p, (str, bytes)):
+            raise ValueError(f"prompt {i} is text ({p[:20]!r}); encode it to token ids first")
+        arr = np.asarray(p)
+        if arr.ndim != 1 or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
+            raise ValueError(f"prompt {i} must be a flat list of integer token ids, got "
+                             + (f"shape {arr.shape}" if arr.ndim != 1 else f"dtype {arr.dtype}"))
+        ids = [int(t) for t in arr]
         if not ids:
             raise ValueError(f"prompt {i} is empty")
         bad = [t for t in ids if not 0 <= t < V]
@@ -158,6 +167,17 @@ def prepare_prompts(prompts: Sequence[Sequence[int]], cfg: LMConfig, max_new_tok
             ids = ids[-max(1, C - max_new_tokens):]
         out.append(ids)
     return out
+
+
+def _stop_ids(stop_ids) -> set[int]:
+    """The token ids that end a generation, from a list of integers."""
+    if isinstance(stop_ids, (str, bytes)) or not isinstance(stop_ids, Iterable):
+        raise ValueError(f"stop_ids must be a list of token ids, got {type(stop_ids).__name__}")
+    stops = list(stop_ids)
+    bad = [s for s in stops if isinstance(s, bool) or not isinstance(s, Integral) or s < 0]
+    if bad:
+        raise ValueError(f"stop_ids holds {bad[0]!r}, not a token id (an integer >= 0)")
+    return {int(s) for s in stops}
 
 
 class Engine:
@@ -240,7 +260,9 @@ class Engine:
         if recorder is not None and not self.cfg.moe_layers:
             raise ValueError("recorder: the model has no MoE layers to trace")
         prompts = self.prepare(prompts, max_new_tokens, truncate=truncate)
-        stops = {int(s) for s in stop_ids}
+        stops = _stop_ids(stop_ids)
+        if isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed < 2**32:
+            raise ValueError(f"seed={seed!r} must be an integer in [0, 2**32)")
         key = jax.random.key(seed, impl=PRNG_IMPL)
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         stats = GenerationStats()

@@ -18,6 +18,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jmoe.checks import check_key
 from jmoe.options import Options, option
 
 __all__ = ["SamplingParams", "process_logits", "sample"]
@@ -125,6 +126,7 @@ def sample(logits: jax.Array, seen: jax.Array | None, keys: jax.Array, params: S
     own logits, seen tokens and key. Greedy (`temperature == 0`) ignores the keys.
     """
     _check(logits, seen, params)
+    check_key(keys, "keys")
     if getattr(keys, "shape", (None,))[:1] != logits.shape[:1]:
         got = getattr(keys, "shape", None)
         raise ValueError(f"keys must hold one key per row of logits ({logits.shape[0]}), got shape {got}")

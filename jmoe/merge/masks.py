@@ -14,6 +14,7 @@ pcb: per task, magnitudes clipped at their `clip` quantiles; intra-balancing
 
 from __future__ import annotations
 
+from numbers import Real
 from typing import Sequence
 
 import jax
@@ -41,6 +42,8 @@ def tall_masks(base, models: Sequence, *, lam: float = 0.4, merged=None, filter=
     merged: the merged model whose task vector is tau_MTL (default: base + sum_t tau_t).
     Leaves outside `filter` (and integer leaves) are all True.
     """
+    if isinstance(lam, bool) or not (isinstance(lam, Real) and lam >= 0):
+        raise MergeError(f"lam={lam!r} must be a number >= 0")
     paths, chosen, deltas = _deltas(base, models, filter)
     if merged is not None:
         check_compatible(base, [merged], ["merged"])

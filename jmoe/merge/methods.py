@@ -21,11 +21,14 @@ its parameters and their names in a mergekit configuration.
 
 from __future__ import annotations
 
+import math
+from numbers import Integral
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from jmoe.checks import check_key
 from jmoe.merge import sparsify as sp
 from jmoe.merge.registry import Param, as_bool, merge_method
 from jmoe.merge.select import kth_largest
@@ -105,7 +108,7 @@ def map_merge(leaf_fn: LeafFn, base, models: Sequence, *, filter=None, key=None,
     names = [f"models[{i}]" for i in range(len(models))]
     if base is None:
         names = names[1:]
-    paths = check_compatible(ref, others, names)
+    paths = check_compatible(ref, others, names, reference_name="base" if base is not None else "models[0]")
     total_layers = count_layers(paths) if num_layers is None else num_layers
     select = as_selector(filter)
     ref_leaves = jax.tree.leaves(ref)
@@ -137,9 +140,12 @@ def _scalar(value, path, layers, name) -> float:
     if v is None:
         raise MergeError(f"{name} has no value for leaf {path!r}")
     try:
-        return float(v)
+        f = float(v)
     except (TypeError, ValueError):
         raise MergeError(f"{name}={v!r} at leaf {path!r} is not a number") from None
+    if not math.isfinite(f):
+        raise MergeError(f"{name}={v!r} at leaf {path!r} is not a finite number")
+    return f
 
 
 def _f32(x):
@@ -205,6 +211,8 @@ def task_vector_merge(
                     p[name] = _scalar(value, path, layers, name)
                 if "density" in p:
                     check_fraction(p["density"], "density", path)
+                if "gamma" in p:
+                    check_fraction(p["gamma"], "gamma", path, low_open=False)
                 t = thresholds[i] if thresholds is not None else None
                 new.append(sparsify(d, key=keys[i], threshold=t, **p))
             deltas = new
@@ -217,6 +225,7 @@ def task_vector_merge(
 def _needs_key(key, method):
     if key is None:
         raise MergeError(f"{method} is random: pass key=jax.random.key(seed)")
+    check_key(key)
 
 
 # --------------------------------------------------------------------- task arithmetic
@@ -455,11 +464,12 @@ def sce(base, models, *, select_topk=1.0, filter=None, num_layers=None):
 
     def leaf(path, layers, b, xs, _k):
         frac = _scalar(select_topk, path, layers, "select_topk")
+        check_fraction(frac, "select_topk", path, low_open=False)
         d = jnp.stack([_f32(x) - _f32(b) for x in xs])
         if frac < 1:
             var = jnp.var(d, axis=0)
             nonzero = jnp.sum(var != 0)
-            k = jnp.floor(abs(frac) * nonzero).astype(jnp.int32)
+            k = jnp.floor(frac * nonzero).astype(jnp.int32)
             order = jnp.argsort(-jnp.abs(var).reshape(-1))
             rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.size))
             keep = (rank < k).reshape(var.shape)
@@ -481,6 +491,10 @@ def karcher(models, *, max_iter=10, tol=1e-5, filter=None, num_layers=None):
     """Karcher (Riemannian) mean of the tensors' directions on the sphere, scaled by their
     mean norm. No base."""
     check_models(models)
+    if isinstance(max_iter, bool) or not isinstance(max_iter, Integral) or max_iter < 1:
+        raise MergeError(f"karcher max_iter={max_iter!r} must be an integer >= 1")
+    if not tol > 0:
+        raise MergeError(f"karcher tol={tol!r} must be > 0")
 
     def leaf(path, layers, _b, xs, _k):
         x = jnp.stack([_f32(v).reshape(-1) for v in xs])

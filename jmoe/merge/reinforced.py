@@ -6,6 +6,8 @@ counts of shared and unique changed entries in the tensor."""
 
 from __future__ import annotations
 
+from numbers import Real
+
 import jax.numpy as jnp
 
 from jmoe.merge.methods import _f32, map_merge
@@ -27,6 +29,8 @@ def _merge(base, models, epsilon, scale, filter, num_layers, method):
     if base is None:
         raise MergeError(f"base is required for {method} (it merges task vectors m_i - base)")
     check_models(models)
+    if isinstance(epsilon, bool) or not (isinstance(epsilon, Real) and epsilon >= 0):
+        raise MergeError(f"{method} epsilon={epsilon!r} must be a number >= 0")
 
     def leaf(path, layers, b, xs, _k):
         tv, changed, count = _changed(b, xs, epsilon)

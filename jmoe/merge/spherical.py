@@ -32,6 +32,8 @@ def multislerp(base, models, *, weights, normalize_weights=True, eps=1e-8, filte
             return xs[0]
         w = jnp.asarray([_scalar(wi, path, layers, "weights") for wi in w_all], jnp.float32)
         if normalize_weights:
+            if abs(float(jnp.sum(w))) < 1e-12:
+                raise MergeError(f"multislerp: weights sum to 0 at leaf {path!r}; cannot normalize")
             w = w / jnp.sum(w)
         t = jnp.stack([_f32(x) for x in xs])
         if b is not None:

@@ -96,12 +96,19 @@ def resolve_at(value: Any, path: str, t: float, name: str = "parameter") -> Any:
     return value
 
 
+def _regex(pattern: str, name: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise MergeError(f"{name}={pattern!r} is not a regular expression ({e})") from None
+
+
 class Selector:
     """Which leaves a method touches: `include`/`exclude` regular expressions over paths."""
 
     def __init__(self, include: str | None = None, exclude: str | None = None):
-        self.include = re.compile(include) if include else None
-        self.exclude = re.compile(exclude) if exclude else None
+        self.include = _regex(include, "filter") if include else None
+        self.exclude = _regex(exclude, "exclude") if exclude else None
 
     def __call__(self, path: str) -> bool:
         if self.include is not None and not self.include.search(path):
@@ -116,6 +123,9 @@ def as_selector(filter: str | Selector | Callable[[str], bool] | None) -> Callab
         return lambda path: True
     if isinstance(filter, str):
         return Selector(include=filter)
+    if not callable(filter):
+        raise MergeError(f"filter must be a regular expression over leaf paths or a callable, got "
+                         f"{type(filter).__name__}")
     return filter
 
 
@@ -127,10 +137,15 @@ def check_models(models: Sequence[Any], argument: str = "models", minimum: int =
         raise MergeError(f"{argument} needs at least {minimum} model(s), got {len(models)}")
 
 
-def check_compatible(reference: Any, others: Sequence[Any], names: Sequence[str]) -> list[str]:
+def check_compatible(reference: Any, others: Sequence[Any], names: Sequence[str],
+                     reference_name: str = "the reference tree") -> list[str]:
     """ValueError naming the argument and leaf path where trees differ in structure, shape or
-    dtype; returns the leaf paths."""
+    dtype, or hold a leaf that is not an array; returns the leaf paths."""
     ref = leaves_with_paths(reference)
+    for tree, name in zip([reference, *others], [reference_name, *names]):
+        for path, leaf in leaves_with_paths(tree):
+            if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+                raise MergeError(f"{name}: leaf {path!r} is a {type(leaf).__name__}, not an array")
     ref_struct = jax.tree.structure(reference)
     paths = [p for p, _ in ref]
     for tree, name in zip(others, names):

@@ -12,6 +12,8 @@ regmean: for a linear map used as x @ W with inputs X_i in model i, the W minimi
 
 from __future__ import annotations
 
+import math
+
 from functools import partial
 from typing import Any, Callable, Iterable, Sequence
 
@@ -61,6 +63,8 @@ def fisher(models: Sequence, fishers: Sequence, *, weights=None, normalize_fishe
     if len(fishers) != len(models):
         raise MergeError(f"fishers has {len(fishers)} trees for {len(models)} models")
     check_compatible(models[0], list(fishers), [f"fishers[{i}]" for i in range(len(fishers))])
+    if not eps >= 0:
+        raise MergeError(f"fisher eps={eps!r} must be >= 0")
     n = len(models)
     c = [float(w) for w in _per_model(1.0 / n if weights is None else weights, n, "weights")]
     if normalize_fisher:
@@ -95,6 +99,18 @@ def regmean(models: Sequence, grams: Sequence[dict], *, alpha: float = 1.0, ridg
     for i, g in enumerate(grams):
         if set(g) != keys:
             raise MergeError(f"grams[{i}] covers different leaves than grams[0]: {sorted(set(g) ^ keys)[:3]}")
+    paths = dict(leaves_with_paths(models[0]))
+    for path in sorted(keys):
+        if path not in paths:
+            raise MergeError(f"grams[0] has a Gram matrix for {path!r}, which is not a leaf of the models")
+        shape = tuple(jnp.shape(paths[path]))
+        for i, g in enumerate(grams):
+            G = tuple(jnp.shape(g[path]))
+            nb = len(G) - 2
+            leading = [math.prod(shape[nb:j]) for j in range(nb + 1, len(shape))] if nb >= 0 else []
+            if nb < 0 or G[-1] != G[-2] or G[:nb] != shape[:nb] or G[-1] not in leading:
+                raise MergeError(f"grams[{i}][{path!r}] has shape {G}, which does not fit the weight {shape} "
+                                 "([*batch, n, n], n the product of the weight's leading dimensions)")
 
     def leaf(path, layers, _b, xs, _k):
         a = _scalar(alpha, path, layers, "alpha")
@@ -105,8 +121,6 @@ def regmean(models: Sequence, grams: Sequence[dict], *, alpha: float = 1.0, ridg
         nb = G0.ndim - 2
         n = G0.shape[-1]
         shape = jnp.shape(xs[0])
-        if G0.shape[-1] != G0.shape[-2] or tuple(G0.shape[:nb]) != tuple(shape[:nb]):
-            raise MergeError(f"Gram matrix of {path!r} has shape {tuple(G0.shape)}, which does not fit the weight {shape}")
         eye = jnp.eye(n)
         scaled = [a * g + (1 - a) * g * eye for g in gs]
         ws = [_f32(x).reshape(shape[:nb] + (n, -1)) for x in xs]

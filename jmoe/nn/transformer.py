@@ -486,6 +486,8 @@ def decoder_layers(
     auxes, inputs, adapter_auxes = [], [], {}
     layer_keys = jax.random.split(key, cfg.n_layers) if key is not None else [None] * cfg.n_layers
     adapters = params.get("adapters", {}) if cfg.adapter is not None else {}
+    if adapters:
+        adapters_lib.check_adapter_params(adapters, cfg)
     for i in range(cfg.n_layers):
         p = params["layers"][str(i)]
         ad = adapters.get(str(i), {})

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from functools import lru_cache, partial
-from typing import Callable
+from numbers import Integral
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ import numpy as np
 
 from jmoe.quant.gptq import gptq_experts
 from jmoe.quant.hqq import quantize_hqq
-from jmoe.quant.qarray import QuantizedArray, check_bits, quantize_rtn
+from jmoe.quant.qarray import QuantizedArray, check_bits, check_weight, quantize_rtn
 
 METHODS: dict[str, Callable[..., QuantizedArray]] = {"rtn": quantize_rtn, "hqq": quantize_hqq}
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
@@ -29,9 +30,7 @@ def quantize_expert_weights(experts: dict, bits: int, *, group_size: int = 64, m
         if name in EXPERT_WEIGHTS and isinstance(w, QuantizedArray):
             raise ValueError(f"experts[{name!r}] is already quantized ({w.bits} bits)")
         if name in EXPERT_WEIGHTS:
-            if w.shape[-2] % group_size:
-                raise ValueError(f"group_size={group_size} does not divide the contraction axis of experts[{name!r}] "
-                                 f"{tuple(w.shape)}")
+            check_weight(w, group_size, f"experts[{name!r}]")
             out[name] = jax.jit(METHODS[method], static_argnums=(1, 2))(w, bits, group_size)
         else:
             out[name] = w
@@ -51,21 +50,31 @@ def quantize_layer_experts(experts, bits, *, group_size: int = 64, method: str =
 
     stacked = stacked_experts(experts)
     E = jax.tree.leaves(stacked)[0].shape[0]
-    per_expert = [int(bits)] * E if isinstance(bits, (int, np.integer)) else [int(b) for b in bits]
+    if isinstance(bits, (str, bytes)) or not isinstance(bits, (Integral, Sequence, np.ndarray)):
+        raise ValueError(f"bits={bits!r} must be one integer width or a list of one width per expert")
+    per_expert = [check_bits(bits)] * E if isinstance(bits, Integral) else [check_bits(b) for b in bits]
     if len(per_expert) != E:
         raise ValueError(f"bits has {len(per_expert)} widths for {E} experts")
-    for b in set(per_expert):
-        check_bits(b)
-    if method == "gptq" and hessians is None:
-        raise ValueError("GPTQ needs calibration Hessians (jmoe.quant.calibrate)")
+    if method == "gptq":
+        if hessians is None:
+            raise ValueError("GPTQ needs calibration Hessians (jmoe.quant.calibrate)")
+        for name, w in stacked.items():
+            if name not in EXPERT_WEIGHTS:
+                continue
+            h_name = WEIGHTS_OF_INPUT[name]
+            a = w.shape[-2]
+            if h_name not in hessians:
+                raise ValueError(f"hessians has no {h_name!r}, the input Hessians of experts[{name!r}]")
+            if tuple(jnp.shape(hessians[h_name])) != (E, a, a):
+                raise ValueError(f"hessians[{h_name!r}] has shape {tuple(jnp.shape(hessians[h_name]))}, expected "
+                                 f"{(E, a, a)} for experts[{name!r}] {tuple(w.shape)}")
     if method not in METHODS and method != "gptq":
         raise ValueError(f"quantization method {method!r} is unknown; known: {', '.join([*METHODS, 'gptq'])}")
     for name, w in stacked.items():
         if name in EXPERT_WEIGHTS and isinstance(w, QuantizedArray):
             raise ValueError(f"experts[{name!r}] is already quantized ({w.bits} bits)")
-        if name in EXPERT_WEIGHTS and w.shape[-2] % group_size:
-            raise ValueError(f"group_size={group_size} does not divide the contraction axis of experts[{name!r}] "
-                             f"{tuple(w.shape)}")
+        if name in EXPERT_WEIGHTS:
+            check_weight(w, group_size, f"experts[{name!r}]")
     by_width: dict[int, dict] = {}
     for b in sorted(set(per_expert)):
         idx = np.asarray([e for e in range(E) if per_expert[e] == b])
@@ -106,6 +115,8 @@ def quantize_lm_experts(params: dict, bits, *, group_size: int = 64, method: str
     bits: one width for every expert, or {layer: [width per expert]} (e.g. from
     `jmoe.quant.allocate_bits`). calibration: `jmoe.quant.calibrate` output (GPTQ's Hessians).
     """
+    if not isinstance(params, dict) or not isinstance(params.get("layers"), dict):
+        raise ValueError("params must be a language model's parameters (jmoe.nn.init_lm), with 'layers'")
     layers = {}
     moe_layers = [name for name, layer in params["layers"].items() if "moe" in layer]
     if isinstance(bits, dict):

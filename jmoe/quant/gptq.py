@@ -22,7 +22,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from jmoe.quant.qarray import QuantizedArray, check_bits, pack
+from jmoe.quant.qarray import QuantizedArray, check_bits, check_weight, pack
 
 DAMP = 0.01
 
@@ -30,6 +30,11 @@ DAMP = 0.01
 def hessian(x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
     """H = x^T x over the calibration rows x [n, a] (rows weighted by `weights` [n] if given,
     e.g. 0 for padding) -> [a, a] float32."""
+    if jnp.ndim(x) != 2:
+        raise ValueError(f"x must be calibration rows [n, a], got shape {tuple(jnp.shape(x))}")
+    if weights is not None and tuple(jnp.shape(weights)) != (x.shape[0],):
+        raise ValueError(f"weights must hold one weight per row of x ({x.shape[0]}), got shape "
+                         f"{tuple(jnp.shape(weights))}")
     x = x.astype(jnp.float32)
     if weights is not None:
         x = x * jnp.sqrt(weights.astype(jnp.float32))[:, None]
@@ -40,9 +45,12 @@ def hessian(x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
 def gptq_quantize(w: jax.Array, h: jax.Array, bits: int, group_size: int = 64, damp: float = DAMP) -> QuantizedArray:
     """GPTQ of `w [a, b]` with input Hessian `h [a, a]` (`hessian`) -> `QuantizedArray`."""
     check_bits(bits)
+    check_weight(w, group_size)
+    if w.ndim != 2:
+        raise ValueError(f"w must be one [a, b] weight matrix, got shape {tuple(w.shape)}")
     a, b = w.shape
-    if a % group_size:
-        raise ValueError(f"group_size={group_size} must divide the contraction axis of a {tuple(w.shape)} weight")
+    if tuple(h.shape) != (a, a):
+        raise ValueError(f"h has shape {tuple(h.shape)}, expected {(a, a)}: the input Hessian of w {tuple(w.shape)}")
     qmax = (1 << bits) - 1
     W = w.astype(jnp.float32)
     h = h.astype(jnp.float32)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jmoe.quant.qarray import QuantizedArray, check_bits, from_params, group_view, minmax_params
+from jmoe.quant.qarray import QuantizedArray, check_bits, check_weight, from_params, group_view, minmax_params
 
 P, BETA, KAPPA, ITERS = 0.7, 10.0, 1.01, 20
 
@@ -60,6 +60,7 @@ def refine_zero(w: jax.Array, scale: jax.Array, zero: jax.Array, bits: int, grou
 def quantize_hqq(w: jax.Array, bits: int, group_size: int = 64, **options) -> QuantizedArray:
     """Group quantization of `w [..., a, b]` with min-max scales and HQQ-refined zero points."""
     check_bits(bits)
+    check_weight(w, group_size)
     scale, zero = minmax_params(w, bits, group_size)
     zero = refine_zero(w, scale, zero, bits, group_size, **options)
     return from_params(w, scale, zero, bits, group_size)

@@ -19,6 +19,7 @@ quantizer uses, so they are kept in float here.
 from __future__ import annotations
 
 import dataclasses
+from numbers import Integral
 
 import jax
 import jax.numpy as jnp
@@ -27,10 +28,24 @@ BITS = (1, 2, 3, 4, 8)
 
 
 def check_bits(bits: int, what: str = "bits") -> int:
-    """bits, or a ValueError naming `what` unless it is one of `BITS`."""
-    if bits not in BITS:
-        raise ValueError(f"{what}={bits} is not supported; supported: {', '.join(map(str, BITS))}")
-    return bits
+    """bits, or a ValueError naming `what` unless it is one of `BITS` (an integer)."""
+    if isinstance(bits, bool) or not isinstance(bits, Integral) or bits not in BITS:
+        raise ValueError(f"{what}={bits!r} is not supported; supported: {', '.join(map(str, BITS))}")
+    return int(bits)
+
+
+def check_weight(w, group_size: int, what: str = "w") -> None:
+    """A ValueError naming `what` unless w is a floating [..., a, b] array whose contraction
+    axis a the integer group_size >= 1 divides."""
+    if isinstance(group_size, bool) or not isinstance(group_size, Integral) or group_size < 1:
+        raise ValueError(f"group_size={group_size!r} must be an integer >= 1")
+    shape = tuple(getattr(w, "shape", ()))
+    if len(shape) < 2:
+        raise ValueError(f"{what} must be a [..., a, b] weight matrix, got shape {shape}")
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise ValueError(f"{what} must be a floating-point weight, got dtype {w.dtype}")
+    if shape[-2] % group_size:
+        raise ValueError(f"group_size={group_size} does not divide the contraction axis of {what} {shape}")
 
 
 @jax.tree_util.register_dataclass
@@ -166,5 +181,6 @@ def from_params(w: jax.Array, scale: jax.Array, zero: jax.Array, bits: int, grou
 def quantize_rtn(w: jax.Array, bits: int, group_size: int = 128) -> QuantizedArray:
     """Round-to-nearest group quantization of `w [..., a, b]` (asymmetric, float zero points)."""
     check_bits(bits)
+    check_weight(w, group_size)
     scale, zero = minmax_params(w, bits, group_size)
     return from_params(w, scale, zero, bits, group_size)

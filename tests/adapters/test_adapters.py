@@ -291,3 +291,24 @@ def test_cached_generation_with_adapters_equals_the_full_forward(kind="mixlora")
     full, _ = apply(params, jnp.asarray([s + [0] * (9 - len(s)) for s in seqs], jnp.int32), cfg, state=state)
     for r, p in enumerate(prompts):
         np.testing.assert_allclose(logits[r], np.asarray(full[r, len(p) - 1: len(p) + 4]), rtol=2e-4, atol=2e-4)
+
+
+def test_adapter_params_that_are_not_the_configs_are_refused_by_leaf():
+    from jmoe.adapters.base import init_lora
+
+    cfg = DENSE.replace(adapter=_cfg("lora", rank=4))
+    params = init_lm(jax.random.key(0), cfg)
+    with pytest.raises(ValueError, match="cfg has no adapter"):
+        init_adapters(jax.random.key(0), DENSE)
+    with pytest.raises(ValueError, match="key must be a PRNG key"):
+        init_adapters(0, cfg)
+    extra = {**params, "adapters": {**params["adapters"], "7": params["adapters"]["0"]}}
+    with pytest.raises(ValueError, match=r"params\['adapters'\]\['7'\].* is not an adapter of this model"):
+        merge_lora(extra, cfg)
+    wider = init_lm(jax.random.key(0), DENSE.replace(adapter=_cfg("lora", rank=8)))
+    for call in (lambda: merge_lora(wider, cfg), lambda: lm_apply(wider, TOKENS, cfg)):
+        with pytest.raises(ValueError, match=r"params\['adapters'\]\['0'\].* has shape .* \(cfg.adapter rank 4\)"):
+            call()
+    for rank in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=f"rank={rank} must be an integer >= 1"):
+            init_lora(jax.random.key(0), 8, 8, rank, jnp.float32)

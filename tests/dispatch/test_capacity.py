@@ -31,6 +31,10 @@ def loop_assignment(ids, mask, E, C):
 def test_expert_capacity():
     assert expert_capacity(100, 2, 8, 1.25) == math.ceil(1.25 * 100 * 2 / 8) == 32
     assert expert_capacity(1, 1, 64, 0.1) == 1
+    for args, name in [((16, 2, 4, 0.0), "capacity_factor"), ((16, 2, 4, -1.0), "capacity_factor"),
+                       ((16, 2, 0, 1.0), "num_experts"), ((16, 0, 4, 1.0), "top_k"), ((-1, 2, 4, 1.0), "num_tokens")]:
+        with pytest.raises(ValueError, match=name):
+            expert_capacity(*args)
 
 
 @given(

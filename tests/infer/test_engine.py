@@ -207,3 +207,20 @@ def test_context_limit_and_truncation(engine):
         engine.generate([[]], max_new_tokens=4)
     with pytest.raises(ValueError, match="token id 99 outside the vocabulary of 48"):
         engine.generate([[1, 99]], max_new_tokens=4)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompts=[[1.7, 2.2]]), "prompt 0 must be a flat list of integer token ids, got dtype float"),
+    (dict(prompts=[1, 2, 3]), "got a list of ids: wrap one prompt as \\[ids\\]"),
+    (dict(prompts=["abc"]), "prompt 0 is text"),
+    (dict(prompts=[[[1, 2]]]), "prompt 0 must be a flat list .* got shape \\(1, 2\\)"),
+    (dict(max_new_tokens=2.5), "max_new_tokens=2.5 must be an integer >= 1"),
+    (dict(max_new_tokens="3"), "max_new_tokens='3' must be an integer >= 1"),
+    (dict(stop_ids=5), "stop_ids must be a list of token ids, got int"),
+    (dict(stop_ids=["eos"]), "stop_ids holds 'eos', not a token id"),
+    (dict(seed=1.5), "seed=1.5 must be an integer"),
+])
+def test_generate_arguments_are_checked_before_any_work(engine, kwargs, message):
+    args = {"prompts": [[1, 2]], "max_new_tokens": 2, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        engine.generate(args.pop("prompts"), **args)

@@ -57,6 +57,12 @@ def test_frequency_weighted_merge_normalises_within_each_group():
     np.testing.assert_allclose(merged["w_up"][1], 2.0)  # a never-used group: uniform mean of 1 and 3
     with pytest.raises(ValueError, match="group 1 has no experts"):
         mx.merge_groups(E, np.array([0, 0, 2, 2]), np.ones(4), align=None)
+    with pytest.raises(ValueError, match="labels must give each of the 4 experts a group"):
+        mx.merge_groups(E, np.array([0, 1]), np.ones(4), align=None)
+    with pytest.raises(ValueError, match="weights must hold one weight per expert"):
+        mx.merge_groups(E, labels, np.ones(3), align=None)
+    with pytest.raises(ValueError, match="align='activation' needs calib"):
+        mx.merge_groups(E, labels, np.ones(4), align="activation")
 
 
 def test_merging_permuted_copies_of_one_expert_gives_that_expert_and_the_same_model():
@@ -238,6 +244,29 @@ def test_bad_inputs_get_clear_errors():
         mx.collect_routing_stats(params, CFG, [])
     with pytest.raises(ValueError, match="expert_map entries"):
         CFG.moe.replace(expert_map=(0, 4))
+    for bad_stats in ({}, {"layers": {}}):
+        with pytest.raises(ValueError, match="stats"):
+            mx.merge_experts(params, CFG, bad_stats, 2)
+        with pytest.raises(ValueError, match="stats"):
+            mx.prune_experts(params, CFG, bad_stats, 2)
+    with pytest.raises(ValueError, match="keep must be a list of expert indices"):
+        mx.prune_layer(params["layers"]["0"]["moe"], CFG.moe, [0.9, 2.5])
+    with pytest.raises(ValueError, match=r"batches\[0\] holds token ids in \[\d+, 99\], outside the vocabulary"):
+        mx.collect_routing_stats(params, CFG, [np.full((1, 5), 99)])
+    with pytest.raises(ValueError, match=r"batches\[0\] must be a non-empty integer token array"):
+        mx.collect_routing_stats(params, CFG, [np.arange(5)])
+    dense_cfg = CFG.replace(moe=None)
+    dense = init_lm(jax.random.key(1), dense_cfg)
+    for call in (lambda: mx.upcycle(dense, dense_cfg, num_experts=4, top_k=2, key=jax.random.key(0), layers=[5]),
+                 lambda: mx.partition(dense, dense_cfg, num_experts=4, top_k=2, layers=[5])):
+        with pytest.raises(ValueError, match="layers=\\[5\\]: 5 is not a layer of the 2-layer model"):
+            call()
+    with pytest.raises(ValueError, match="key must be a PRNG key"):
+        mx.upcycle(dense, dense_cfg, num_experts=4, top_k=2, key=0)
+    other = jax.tree.map(lambda a: a, dense)
+    other["embed"]["w"] = jnp.zeros((33, 16))
+    with pytest.raises(ValueError, match=r"models\[1\]\['embed'\]\['w'\] has shape \(33, 16\)"):
+        mx.bam([dense, other], dense_cfg, top_k=1, key=jax.random.key(0))
 
 
 def test_layers_with_different_expert_counts_evaluate_and_train():

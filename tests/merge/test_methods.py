@@ -398,3 +398,22 @@ def test_bad_inputs_name_the_leaf_and_argument():
         merge.dare(BASE, MODELS, density=0.5, key=None)
     with pytest.raises(MergeError, match="exactly one"):
         merge.slerp(BASE, MODELS, t=0.5)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: merge.task_arithmetic(BASE, MODELS, weights=float("nan")), "weights=nan at leaf .* not a finite number"),
+    (lambda: merge.slerp(BASE, MODELS[:1], t=float("inf")), "t=inf at leaf .* not a finite number"),
+    (lambda: merge.multislerp(BASE, MODELS[:2], weights=[1.0, -1.0]), "weights sum to 0"),
+    (lambda: merge.task_arithmetic(BASE, MODELS, filter="("), r"filter='\(' is not a regular expression"),
+    (lambda: merge.task_arithmetic(BASE, MODELS, filter=3), "filter must be a regular expression .* got int"),
+    (lambda: merge.task_arithmetic({"a": 1.0}, [{"a": 2.0}]), "base: leaf 'a' is a float, not an array"),
+    (lambda: merge.dare(BASE, MODELS, density=0.5, key=0), "key must be a PRNG key .* got int 0"),
+    (lambda: merge.karcher(MODELS, max_iter=-1), "max_iter=-1"),
+    (lambda: merge.breadcrumbs(BASE, MODELS, density=0.5, gamma=-1.0), r"gamma=-1.0 at leaf .* must be in \[0, 1\]"),
+    (lambda: merge.sce(BASE, MODELS, select_topk=-0.5), r"select_topk=-0.5 at leaf .* must be in \[0, 1\]"),
+    (lambda: merge.ram(BASE, MODELS, epsilon=-1.0), "epsilon=-1.0 must be a number >= 0"),
+    (lambda: merge.consensus(BASE, MODELS, lam=-1.0), "lam=-1.0 must be a number >= 0"),
+])
+def test_bad_values_from_python_are_one_line_errors(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()

@@ -1,8 +1,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jmoe import MoEConfig, merge
+from jmoe.merge import MergeError
 from jmoe.nn import LMConfig, init_lm
 
 
@@ -49,3 +51,15 @@ def test_lm_grams_and_regmean_on_a_moe_lm():
     W = [np.asarray(p["layers"]["1"]["moe"]["experts"]["w_up"][e]) for p in (p1, p2)]
     want = np.linalg.solve(sum(Gs) + 1e-6 * np.mean(np.diag(sum(Gs))) * np.eye(16), sum(g @ w for g, w in zip(Gs, W)))
     np.testing.assert_allclose(out["layers"]["1"]["moe"]["experts"]["w_up"][e], want, rtol=1e-3, atol=1e-4)
+
+
+def test_regmean_and_fisher_name_what_does_not_fit():
+    m1, m2 = {"w": jnp.ones((4, 3))}, {"w": jnp.zeros((4, 3))}
+    G = jnp.eye(4)
+    np.testing.assert_allclose(merge.regmean([m1, m2], [{"w": G}, {"w": G}])["w"], 0.5, atol=1e-5)
+    with pytest.raises(MergeError, match="grams\\[0\\] has a Gram matrix for 'nope', which is not a leaf"):
+        merge.regmean([m1, m2], [{"nope": G}, {"nope": G}])
+    with pytest.raises(MergeError, match=r"grams\[1\]\['w'\] has shape \(5, 5\), which does not fit the weight \(4, 3\)"):
+        merge.regmean([m1, m2], [{"w": G}, {"w": jnp.eye(5)}])
+    with pytest.raises(MergeError, match="eps=-1"):
+        merge.fisher([m1, m2], [m1, m1], eps=-1)

@@ -9,7 +9,7 @@ import pytest
 import jmoe
 from jmoe.experts import ExpertList
 from jmoe.quant import (BITS, QuantizedArray, pack, param_bytes, quantize_expert_weights, quantize_hqq,
-                        quantize_lm_experts, quantize_rtn, unpack)
+                        quantize_layer_experts, quantize_lm_experts, quantize_rtn, unpack)
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -72,6 +72,20 @@ def test_bad_input_names_what_is_wrong():
     q = quantize_expert_weights(experts, 4, group_size=16)
     with pytest.raises(ValueError, match="already quantized"):
         quantize_expert_weights(q, 4, group_size=16)
+    for call, message in [
+        (lambda: quantize_rtn(jnp.arange(128, dtype=jnp.int32).reshape(16, 8), 8, 8), "floating-point weight"),
+        (lambda: quantize_rtn(w, 4.0, 16), "bits=4.0 is not supported"),
+        (lambda: quantize_rtn(w, 4, 0), "group_size=0 must be an integer >= 1"),
+        (lambda: quantize_expert_weights(experts, 4, group_size=0), "group_size=0"),
+        (lambda: quantize_layer_experts(experts, [2.7, 2.2], group_size=16), "bits=2.7 is not supported"),
+        (lambda: quantize_layer_experts(experts, 3.0, group_size=16), "bits=3.0 must be one integer width"),
+        (lambda: quantize_layer_experts(experts, 4, group_size=16, method="gptq", hessians={}), "hessians has no 'h_in'"),
+        (lambda: quantize_layer_experts(experts, 4, group_size=16, method="gptq",
+                                        hessians={"h_in": jnp.zeros((2, 16, 16))}), "hessians\\['h_in'\\] has shape"),
+        (lambda: quantize_lm_experts({"w": w}, 4), "params must be a language model's parameters"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            call()
 
 
 CFG = jmoe.MoEConfig(num_experts=8, top_k=2, d_model=64, d_ff=128)

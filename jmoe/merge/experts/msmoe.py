@@ -22,7 +22,7 @@ import numpy as np
 
 from jmoe.merge.experts.align import activation_matching, permute_expert, weight_matching
 from jmoe.merge.experts.registry import CompressMethod, check_target_experts, register_compress_method
-from jmoe.merge.experts.stats import router_logit_similarity
+from jmoe.merge.experts.stats import check_stats, router_logit_similarity
 from jmoe.nn.transformer import LMConfig
 
 METHODS = ("msmoe", "average", "random")
@@ -72,8 +72,17 @@ def merge_groups(experts: dict, labels: np.ndarray, weights: np.ndarray, *, alig
     it (align: "weight", "activation" (needs calib {expert: inputs [N, d]}) or None), then the
     group is averaged with `weights` (uniformly when they sum to 0).
     """
-    K = int(labels.max()) + 1
     experts = {n: np.asarray(v, np.float32) for n, v in experts.items()}
+    E = next(iter(experts.values())).shape[0]
+    labels, weights = np.asarray(labels), np.asarray(weights)
+    if labels.shape != (E,) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+        raise ValueError(f"labels must give each of the {E} experts a group (integers >= 0), got "
+                         f"{labels.dtype}{labels.shape}")
+    if weights.shape != (E,):
+        raise ValueError(f"weights must hold one weight per expert ({E}), got shape {weights.shape}")
+    if align == "activation" and calib is None:
+        raise ValueError("align='activation' needs calib ({expert: MoE inputs [N, d]})")
+    K = int(labels.max()) + 1
     merged = {n: [] for n in experts}
     for g in range(K):
         members = np.flatnonzero(labels == g)
@@ -139,6 +148,7 @@ def merge_experts(params: dict, cfg: LMConfig, stats: dict, target_experts: floa
     if method not in METHODS:
         raise ValueError(f"method={method!r} must be one of {METHODS}")
     check_mergeable(cfg, target_experts, method=method)
+    check_stats(stats, cfg, "stats")
     layers = [str(i) for i in cfg.moe_layers]
     shares = {l: np.asarray(stats["layers"][l]["topk_share"])[: cfg.moe_for(int(l)).num_experts] for l in layers}
     budget = allocate_dominant(shares, target_experts)

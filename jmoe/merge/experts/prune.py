@@ -13,6 +13,7 @@ import numpy as np
 from jmoe.experts import ExpertList
 from jmoe.merge.experts.msmoe import allocate_dominant
 from jmoe.merge.experts.registry import CompressMethod, check_target_experts, register_compress_method
+from jmoe.merge.experts.stats import check_stats
 from jmoe.nn.transformer import LMConfig
 
 
@@ -35,8 +36,10 @@ def check_prunable(cfg: LMConfig, target_experts: float, source: str = "the mode
 
 def prune_layer(moe_params: dict, moe_cfg, keep) -> tuple[dict, object]:
     """Keep experts `keep` (indices, in the order given) of one MoE layer."""
-    keep = np.asarray(keep, int)
     E = moe_cfg.num_experts
+    keep = np.asarray(keep)
+    if keep.ndim != 1 or not (np.issubdtype(keep.dtype, np.integer) or keep.size == 0):
+        raise ValueError(f"keep must be a list of expert indices, got {keep.dtype}{keep.shape}")
     if keep.size == 0 or keep.min() < 0 or keep.max() >= E or len(set(keep.tolist())) != keep.size:
         raise ValueError(f"keep={keep.tolist()} must be distinct expert indices in [0, {E})")
     _check_prunable_layer(moe_cfg)
@@ -65,6 +68,7 @@ def prune_experts(params: dict, cfg: LMConfig, stats: dict, target_experts: floa
     Returns (params, cfg with per-layer MoE configs, {layer: kept expert indices}).
     """
     check_prunable(cfg, target_experts)
+    check_stats(stats, cfg, "stats")
     layers = [str(i) for i in cfg.moe_layers]
     shares = {l: np.asarray(stats["layers"][l]["topk_share"])[: cfg.moe_for(int(l)).num_experts] for l in layers}
     budget = allocate_dominant(shares, target_experts)

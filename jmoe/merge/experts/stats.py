@@ -39,8 +39,14 @@ def collect_routing_stats(params: dict, cfg: LMConfig, batches: Iterable, *, rou
     coact: dict[str, np.ndarray] = {}
     tokens_seen = 0
     kept = 0
-    for tokens in batches:
+    for n, tokens in enumerate(batches):
         tokens = np.asarray(tokens)
+        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer) or tokens.size == 0:
+            raise ValueError(f"batches[{n}] must be a non-empty integer token array [B, S], got "
+                             f"{tokens.dtype}{tokens.shape}")
+        if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
+            raise ValueError(f"batches[{n}] holds token ids in [{tokens.min()}, {tokens.max()}], outside the "
+                             f"vocabulary [0, {cfg.vocab_size})")
         if tokens.shape[1] > cfg.max_seq_len:
             tokens = tokens[:, : cfg.max_seq_len]
         res = _routing(params, jnp.asarray(tokens), cfg, router_state)
@@ -136,6 +142,8 @@ def load_stats(path: str | Path) -> dict:
 def check_stats(stats: dict, cfg: LMConfig, source: str = "the routing statistics") -> None:
     """ValueError naming `source` unless `stats` cover every MoE layer of `cfg` with its
     number of experts (statistics of another model cannot steer this one's reduction)."""
+    if not isinstance(stats, dict) or not isinstance(stats.get("layers"), dict):
+        raise ValueError(f"{source} must be collect_routing_stats' output, a dict with 'layers'")
     layers = [str(i) for i in cfg.moe_layers]
     missing = [l for l in layers if l not in stats["layers"]]
     if missing:
@@ -145,6 +153,9 @@ def check_stats(stats: dict, cfg: LMConfig, source: str = "the routing statistic
         moe = cfg.moe_for(int(l))
         E = len(moe.expert_map) if moe.expert_map else moe.num_experts  # the router's outputs
         s = stats["layers"][l]
+        absent = [k for k in ("top1", "topk", "top1_share", "topk_share", "logits") if k not in s]
+        if absent:
+            raise ValueError(f"{source}: layer {l} has no {absent[0]!r}")
         for k in ("top1", "topk", "top1_share", "topk_share"):
             v = np.asarray(s[k])
             if v.shape != (E,):

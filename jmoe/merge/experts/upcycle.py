@@ -17,11 +17,13 @@ bam: Branch-Attend-Mix style (Zhang et al., 2024): several dense fine-tunes of o
 
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
+from jmoe.checks import check_key
 from jmoe.config import MoEConfig
 from jmoe.layer import init_moe
 from jmoe.nn.transformer import LMConfig
@@ -34,6 +36,20 @@ def moe_config_from_dense(cfg: LMConfig, num_experts: int, top_k: int, **kw) -> 
         kw.setdefault("router_options", dict(renormalize=True))
     return MoEConfig(num_experts=num_experts, top_k=top_k, d_model=cfg.d_model, d_ff=cfg.d_ff,
                      activation=cfg.activation, **kw)
+
+
+def check_layers(layers: Sequence[int] | None, cfg: LMConfig) -> list[int]:
+    """The sorted layer indices to turn into MoE layers (default: all); a ValueError naming
+    `layers` for an index the model lacks or a repeated one."""
+    if layers is None:
+        return list(range(cfg.n_layers))
+    bad = [i for i in layers if not isinstance(i, Integral) or isinstance(i, bool) or not 0 <= i < cfg.n_layers]
+    if bad:
+        raise ValueError(f"layers={list(layers)}: {bad[0]!r} is not a layer of the {cfg.n_layers}-layer model")
+    out = sorted(int(i) for i in layers)
+    if len(set(out)) != len(out):
+        raise ValueError(f"layers={list(layers)} repeats a layer")
+    return out
 
 
 def average_trees(trees: Sequence) -> dict:
@@ -50,7 +66,8 @@ def upcycle(params: dict, cfg: LMConfig, *, num_experts: int, top_k: int, key: j
         raise ValueError("upcycle takes a dense model (cfg.moe is None)")
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
-    layers = list(range(cfg.n_layers)) if layers is None else sorted(layers)
+    check_key(key)
+    layers = check_layers(layers, cfg)
     moe_cfg = moe_config_from_dense(cfg, num_experts, top_k, **moe_options)
     new = dict(params)
     new["layers"] = dict(params["layers"])
@@ -82,7 +99,7 @@ def partition(params: dict, cfg: LMConfig, *, num_experts: int, top_k: int,
         raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
     if cfg.d_ff % num_experts:
         raise ValueError(f"num_experts={num_experts} must divide the FFN width d_ff={cfg.d_ff}")
-    layers = list(range(cfg.n_layers)) if layers is None else sorted(layers)
+    layers = check_layers(layers, cfg)
     f = cfg.d_ff // num_experts
     moe_cfg = MoEConfig(num_experts=num_experts, top_k=top_k, d_model=cfg.d_model, d_ff=f, activation=cfg.activation,
                         router="grouped_softmax", router_options=dict(renormalize=True, route_scale=float(top_k)))
@@ -118,7 +135,12 @@ def bam(models: Sequence[dict], cfg: LMConfig, *, top_k: int, key: jax.Array, la
     for i, m in enumerate(models[1:], 1):
         if jax.tree.structure(m) != structure:
             raise ValueError(f"models[{i}] has a different tree than models[0]")
-    layers = list(range(cfg.n_layers)) if layers is None else sorted(layers)
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(models[0]), jax.tree.leaves(m)):
+            if jnp.shape(a) != jnp.shape(b):
+                raise ValueError(f"models[{i}]{jax.tree_util.keystr(path)} has shape {jnp.shape(b)}, "
+                                 f"models[0]'s has {jnp.shape(a)}")
+    check_key(key)
+    layers = check_layers(layers, cfg)
     averaged = average_trees(models)
     moe_cfg = moe_config_from_dense(cfg, n, top_k, **moe_options)
     keys = jax.random.split(key, len(layers))
