@@ -18,10 +18,10 @@ from jmoe.adapters import dynmole, lora, mixlora, smora, twin, wemoe  # noqa: F4
 from jmoe.adapters.base import Adapter, AdapterAux, adapted_ffn, init_lora, lora_delta, projection_adapter
 from jmoe.adapters.config import FFN_TARGETS, AdapterConfig
 from jmoe.adapters.model import (adapted_attention, adapted_experts, adapted_ffn_layer, adapter_layers, check_adapter,
-                                 check_adapter_params, fold_weight_lora, init_adapter_state, init_adapters, matrix_shape, mean_adapter_loss,
-                                 merge_lora, update_adapter_state)
+                                 check_adapter_params, fold_weight_lora, init_adapter_state, init_adapters,
+                                 matrix_shape, mean_adapter_loss, merge_lora, update_adapter_state)
 
 __all__ = ["FFN_TARGETS", "Adapter", "AdapterAux", "AdapterConfig", "adapted_attention", "adapted_experts", "adapted_ffn",
-           "adapted_ffn_layer", "adapter_layers", "check_adapter", "check_adapter_params", "fold_weight_lora", "init_adapter_state",
-           "init_adapters", "init_lora", "lora_delta", "matrix_shape", "mean_adapter_loss", "merge_lora",
-           "projection_adapter", "update_adapter_state"]
+           "adapted_ffn_layer", "adapter_layers", "check_adapter", "check_adapter_params", "fold_weight_lora",
+           "init_adapter_state", "init_adapters", "init_lora", "lora_delta", "matrix_shape", "mean_adapter_loss",
+           "merge_lora", "projection_adapter", "update_adapter_state"]

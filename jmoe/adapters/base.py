@@ -94,7 +94,8 @@ def lora_a(key: jax.Array, shape: tuple[int, ...], d_in: int, dtype) -> jax.Arra
 def init_lora(key: jax.Array, d_in: int, d_out: int, rank: int, dtype, experts: int | None = None) -> dict:
     """`{"A": [d_in, r], "B": [r, d_out]}` (a leading [E] axis with `experts`); B starts at
     zero, so the adapted model starts as the frozen one."""
-    for name, v in (("d_in", d_in), ("d_out", d_out), ("rank", rank)) + ((("experts", experts),) if experts is not None else ()):
+    sizes = (("d_in", d_in), ("d_out", d_out), ("rank", rank)) + ((("experts", experts),) if experts is not None else ())
+    for name, v in sizes:
         if isinstance(v, bool) or not isinstance(v, Integral) or v < 1:
             raise ValueError(f"{name}={v!r} must be an integer >= 1")
     check_key(key)

@@ -233,5 +233,5 @@ def merge_lora(params: dict, cfg) -> dict:
 
 
 __all__ = ["FFN_TARGETS", "adapted_attention", "adapted_experts", "adapted_ffn_layer", "adapter_layers", "check_adapter",
-           "check_adapter_params", "fold_weight_lora", "init_adapter_state", "init_adapters", "matrix_shape", "mean_adapter_loss", "merge_lora",
-           "update_adapter_state"]
+           "check_adapter_params", "fold_weight_lora", "init_adapter_state", "init_adapters", "matrix_shape",
+           "mean_adapter_loss", "merge_lora", "update_adapter_state"]
