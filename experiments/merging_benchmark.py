@@ -39,7 +39,7 @@ run with --preset tiny and --preset small, the results table also compares every
 score from the two bases ("What Matters for Model Merging at Scale"). Runs and scores are
 cached by configuration and code version, so a stopped run resumes (train in slices with
 --train-only). A seed can also be measured on its own with --slice, which stores its scores in
-results/merging_benchmark_<preset>.seed<S>.json; the full run takes each seed from its slice
+slices/merging_benchmark_<preset>.seed<S>.json; the full run takes each seed from its slice
 when the settings match, and records the code version each seed was measured with.
 
     python experiments/merging_benchmark.py --preset tiny
@@ -136,11 +136,14 @@ def merged_model(method: str, base: Model, fts: list[Model], tasks, seed: int, l
 
 
 SLICE_ROLE = ("one seed of the benchmark, stored to be joined with the other seeds by a full run: its scores back no "
-              "claim on their own (the claims and their intervals are in merging_benchmark_<preset>.json)")
+              "claim on their own (the claims and their intervals are in results/merging_benchmark_<preset>.json)")
+
+
+SLICES = Path(__file__).parent / "slices"  # measurements to be joined, kept apart from the results that back claims
 
 
 def slice_path(preset_name: str, seed: int) -> Path:
-    return _zoo.RESULTS / f"merging_benchmark_{preset_name}.seed{seed}.json"
+    return SLICES / f"merging_benchmark_{preset_name}.seed{seed}.json"
 
 
 def write_slice(seed: int, settings: dict, scores: dict, learned: dict) -> None:
@@ -149,6 +152,7 @@ def write_slice(seed: int, settings: dict, scores: dict, learned: dict) -> None:
     out = {"seed": seed, "role": SLICE_ROLE, "settings": settings, "scores": scores, "learned": learned,
            "code_version": code_version(), "git_commit": _zoo.git_commit()}
     path = slice_path(settings["preset"], seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=1, default=str))
     tmp.replace(path)
@@ -181,7 +185,7 @@ def main(argv=None):
     ap.add_argument("--wemoe-steps", type=int, default=WEMOE["steps"], help="WEMoE's router steps (a smoke run: few)")
     ap.add_argument("--twin-steps", type=int, default=TWIN["steps"], help="Twin-Merging's router steps (a smoke run: few)")
     ap.add_argument("--slice", action="store_true",
-                    help="measure these seeds and store each one's scores as a slice (results/merging_benchmark_"
+                    help="measure these seeds and store each one's scores as a slice (slices/merging_benchmark_"
                          "<preset>.seed<S>.json) without the table; a later run takes a seed from its slice when "
                          "the settings match")
     a = ap.parse_args(argv)
