@@ -3,8 +3,22 @@ one-line ValueError naming the argument."""
 
 from __future__ import annotations
 
+from numbers import Integral
+
 import jax
 import jax.numpy as jnp
+
+
+def is_int(value) -> bool:
+    """Whether `value` is an integer (Python's or NumPy's), a bool not counting as one."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def check_int(value, name: str, minimum: int = 1) -> int:
+    """`value` as an int, or a ValueError naming `name` unless it is an integer >= minimum."""
+    if not is_int(value) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+    return int(value)
 
 
 def check_key(key, name: str = "key"):

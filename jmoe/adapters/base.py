@@ -10,7 +10,6 @@ projection; MixLoRA, whose experts are whole FFNs, gives its own `apply`.
 from __future__ import annotations
 
 import dataclasses
-from numbers import Integral
 from typing import Callable
 
 import jax
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jmoe.adapters.config import AdapterConfig
-from jmoe.checks import check_key
+from jmoe.checks import check_int, check_key
 from jmoe.registry import ACTIVATIONS
 
 
@@ -96,8 +95,7 @@ def init_lora(key: jax.Array, d_in: int, d_out: int, rank: int, dtype, experts: 
     zero, so the adapted model starts as the frozen one."""
     sizes = (("d_in", d_in), ("d_out", d_out), ("rank", rank)) + ((("experts", experts),) if experts is not None else ())
     for name, v in sizes:
-        if isinstance(v, bool) or not isinstance(v, Integral) or v < 1:
-            raise ValueError(f"{name}={v!r} must be an integer >= 1")
+        check_int(v, name)
     check_key(key)
     lead = () if experts is None else (experts,)
     return {"A": lora_a(key, lead + (d_in, rank), d_in, dtype), "B": jnp.zeros(lead + (rank, d_out), dtype)}

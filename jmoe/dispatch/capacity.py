@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from numbers import Integral
 from functools import partial
 from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
+from jmoe.checks import check_int
 from jmoe.experts import ffn
 from jmoe.options import Options, option
 from jmoe.registry import DISPATCHERS
@@ -39,9 +39,9 @@ class CapacityOptions(Options):
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
     """C = ceil(capacity_factor * T * k / E), at least 1."""
-    for name, v in (("num_tokens", num_tokens), ("top_k", top_k), ("num_experts", num_experts)):
-        if isinstance(v, bool) or not isinstance(v, Integral) or v < (0 if name == "num_tokens" else 1):
-            raise ValueError(f"{name}={v!r} must be an integer >= {0 if name == 'num_tokens' else 1}")
+    check_int(num_tokens, "num_tokens", minimum=0)
+    check_int(top_k, "top_k")
+    check_int(num_experts, "num_experts")
     if not capacity_factor > 0:
         raise ValueError(f"capacity_factor={capacity_factor!r} must be > 0")
     return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))

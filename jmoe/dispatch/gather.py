@@ -24,13 +24,13 @@ Choosing between this and "dropless" for a static step shape: `decode_dispatch`.
 
 from __future__ import annotations
 
-import numbers
 from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jmoe.checks import is_int
 from jmoe.dispatch.base import expert_fn_for
 from jmoe.registry import DISPATCHERS
 
@@ -141,7 +141,7 @@ def decode_dispatch(num_tokens: int, top_k: int, num_experts: int) -> str:
       "gather" or "dropless" (names in `jmoe.registry.DISPATCHERS`).
     """
     for name, value in (("num_tokens", num_tokens), ("top_k", top_k), ("num_experts", num_experts)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if num_tokens * top_k <= GATHER_MAX_SLOTS_PER_EXPERT * num_experts:
         return "gather"

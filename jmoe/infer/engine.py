@@ -17,13 +17,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from functools import partial
-from numbers import Integral
 from typing import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jmoe.checks import check_int, is_int
 from jmoe.infer.cache import KVCache
 from jmoe.infer.contrast import SelfContrast
 from jmoe.infer.forward import check_servable, extend, prefill, serving_params
@@ -141,10 +141,9 @@ def prepare_prompts(prompts: Sequence[Sequence[int]], cfg: LMConfig, max_new_tok
     and, with `truncate`, cut to their last tokens so that max_new_tokens fit in its context."""
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
         raise ValueError("prompts must be a non-empty list of token-id lists")
-    if isinstance(prompts[0], Integral):
+    if is_int(prompts[0]):
         raise ValueError("prompts must be a list of token-id lists, got a list of ids: wrap one prompt as [ids]")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+    check_int(max_new_tokens, "max_new_tokens")
     V, C = cfg.vocab_size, cfg.max_seq_len
     out = []
     for i, p in enumerate(prompts):
@@ -174,7 +173,7 @@ def _stop_ids(stop_ids) -> set[int]:
     if isinstance(stop_ids, (str, bytes)) or not isinstance(stop_ids, Iterable):
         raise ValueError(f"stop_ids must be a list of token ids, got {type(stop_ids).__name__}")
     stops = list(stop_ids)
-    bad = [s for s in stops if isinstance(s, bool) or not isinstance(s, Integral) or s < 0]
+    bad = [s for s in stops if not is_int(s) or s < 0]
     if bad:
         raise ValueError(f"stop_ids holds {bad[0]!r}, not a token id (an integer >= 0)")
     return {int(s) for s in stops}
@@ -261,7 +260,7 @@ class Engine:
             raise ValueError("recorder: the model has no MoE layers to trace")
         prompts = self.prepare(prompts, max_new_tokens, truncate=truncate)
         stops = _stop_ids(stop_ids)
-        if isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed < 2**32:
+        if not is_int(seed) or not 0 <= seed < 2**32:
             raise ValueError(f"seed={seed!r} must be an integer in [0, 2**32)")
         key = jax.random.key(seed, impl=PRNG_IMPL)
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))

@@ -22,13 +22,12 @@ its parameters and their names in a mergekit configuration.
 from __future__ import annotations
 
 import math
-from numbers import Integral
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from jmoe.checks import check_key
+from jmoe.checks import check_key, is_int
 from jmoe.merge import sparsify as sp
 from jmoe.merge.registry import Param, as_bool, merge_method
 from jmoe.merge.select import kth_largest
@@ -491,7 +490,7 @@ def karcher(models, *, max_iter=10, tol=1e-5, filter=None, num_layers=None):
     """Karcher (Riemannian) mean of the tensors' directions on the sphere, scaled by their
     mean norm. No base."""
     check_models(models)
-    if isinstance(max_iter, bool) or not isinstance(max_iter, Integral) or max_iter < 1:
+    if not is_int(max_iter) or max_iter < 1:
         raise MergeError(f"karcher max_iter={max_iter!r} must be an integer >= 1")
     if not tol > 0:
         raise MergeError(f"karcher tol={tol!r} must be > 0")

@@ -142,10 +142,7 @@ def check_compatible(reference: Any, others: Sequence[Any], names: Sequence[str]
     """ValueError naming the argument and leaf path where trees differ in structure, shape or
     dtype, or hold a leaf that is not an array; returns the leaf paths."""
     ref = leaves_with_paths(reference)
-    for tree, name in zip([reference, *others], [reference_name, *names]):
-        for path, leaf in leaves_with_paths(tree):
-            if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
-                raise MergeError(f"{name}: leaf {path!r} is a {type(leaf).__name__}, not an array")
+    _check_arrays(ref, reference_name)
     ref_struct = jax.tree.structure(reference)
     paths = [p for p, _ in ref]
     for tree, name in zip(others, names):
@@ -154,12 +151,20 @@ def check_compatible(reference: Any, others: Sequence[Any], names: Sequence[str]
             missing = sorted(set(paths) - other_paths)[:3]
             extra = sorted(other_paths - set(paths))[:3]
             raise MergeError(f"{name} has a different tree: missing {missing}, unexpected {extra}")
-        for (path, a), (_, b) in zip(ref, leaves_with_paths(tree)):
+        leaves = leaves_with_paths(tree)
+        _check_arrays(leaves, name)
+        for (path, a), (_, b) in zip(ref, leaves):
             if tuple(a.shape) != tuple(b.shape):
                 raise MergeError(f"{name}: leaf {path!r} has shape {tuple(b.shape)}, expected {tuple(a.shape)}")
             if jnp.dtype(a.dtype) != jnp.dtype(b.dtype):
                 raise MergeError(f"{name}: leaf {path!r} has dtype {b.dtype}, expected {a.dtype}")
     return paths
+
+
+def _check_arrays(leaves: list[tuple[str, Any]], name: str) -> None:
+    for path, leaf in leaves:
+        if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+            raise MergeError(f"{name}: leaf {path!r} is a {type(leaf).__name__}, not an array")
 
 
 def leaf_key(key: jax.Array | None, path: str) -> jax.Array | None:

@@ -16,7 +16,6 @@ Parameters are a plain pytree:
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from functools import partial
 from typing import Any, Callable
 
@@ -26,6 +25,7 @@ from flax import nnx, struct
 
 from jmoe import adapters as adapters_lib
 from jmoe.adapters import AdapterAux, AdapterConfig
+from jmoe.checks import is_int
 from jmoe.config import MoEConfig, canonical_dtype
 from jmoe.options import check_fields, option, reject_unknown_fields
 from jmoe.experts import ffn, init_ffn
@@ -122,7 +122,7 @@ class LMConfig:
         if self.head_dim % 2:
             raise ValueError(f"LMConfig.d_head={self.head_dim} must be even (rotary embeddings)")
         for i in self.dense_layers:
-            if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < self.n_layers:
+            if not is_int(i) or not 0 <= i < self.n_layers:
                 raise ValueError(f"LMConfig.dense_layers entry {i!r} must be a layer index in [0, n_layers={self.n_layers})")
         object.__setattr__(self, "dense_layers", tuple(int(i) for i in self.dense_layers))
         overrides = []

@@ -19,17 +19,18 @@ quantizer uses, so they are kept in float here.
 from __future__ import annotations
 
 import dataclasses
-from numbers import Integral
 
 import jax
 import jax.numpy as jnp
+
+from jmoe.checks import check_int, is_int
 
 BITS = (1, 2, 3, 4, 8)
 
 
 def check_bits(bits: int, what: str = "bits") -> int:
     """bits, or a ValueError naming `what` unless it is one of `BITS` (an integer)."""
-    if isinstance(bits, bool) or not isinstance(bits, Integral) or bits not in BITS:
+    if not is_int(bits) or bits not in BITS:
         raise ValueError(f"{what}={bits!r} is not supported; supported: {', '.join(map(str, BITS))}")
     return int(bits)
 
@@ -37,8 +38,7 @@ def check_bits(bits: int, what: str = "bits") -> int:
 def check_weight(w, group_size: int, what: str = "w") -> None:
     """A ValueError naming `what` unless w is a floating [..., a, b] array whose contraction
     axis a the integer group_size >= 1 divides."""
-    if isinstance(group_size, bool) or not isinstance(group_size, Integral) or group_size < 1:
-        raise ValueError(f"group_size={group_size!r} must be an integer >= 1")
+    check_int(group_size, "group_size")
     shape = tuple(getattr(w, "shape", ()))
     if len(shape) < 2:
         raise ValueError(f"{what} must be a [..., a, b] weight matrix, got shape {shape}")

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
+from jmoe.checks import is_int
 from jmoe.experts import ExpertList
 from jmoe.quant.allocate import ALPHA, BETA, allocate_bits, least_average
 from jmoe.quant.experts import param_bytes, quantize_lm_experts
@@ -86,7 +87,7 @@ def abstract_state(model_cfg, quantization: dict, router_state_like=None) -> dic
 
 
 def _check_int(name, value, lo):
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < lo:
+    if not is_int(value) or value < lo:
         raise ValueError(f"{name}={value!r} must be an integer >= {lo}")
 
 

@@ -25,6 +25,7 @@ import math
 import numbers
 from typing import Any, Callable
 
+from jmoe.checks import is_int
 from jmoe.merge.registry import MethodTable
 
 
@@ -86,7 +87,7 @@ def check_options(method: str, *, rank=None, sparsity=None, budget=None, importa
     if spec.low_rank:
         if rank is None or (sparsity is None) == (budget is None):
             raise ValueError(f"method={method!r} needs rank and exactly one of sparsity or budget")
-        if not isinstance(rank, numbers.Integral) or isinstance(rank, bool) or rank < 1:
+        if not is_int(rank) or rank < 1:
             raise ValueError(f"rank={rank!r} must be an integer >= 1")
         if sparsity is not None and not (_number(sparsity) and 0 <= sparsity <= 1):
             raise ValueError(f"sparsity={sparsity!r} must be a number in [0, 1]")

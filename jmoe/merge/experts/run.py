@@ -10,7 +10,6 @@ state with a fresh optimizer), so `jmoe eval`, `jmoe generate` and `jmoe train -
 
 from __future__ import annotations
 
-import numbers
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,6 +17,7 @@ from typing import Callable
 import jax
 import numpy as np
 
+from jmoe.checks import is_int
 from jmoe.merge.experts.compress import check_low_rank, compress_experts, expert_gradients
 from jmoe.merge.experts.registry import check_options, check_target_experts
 from jmoe.merge.experts.stats import check_stats, collect_expert_inputs, collect_routing_stats, load_stats, save_stats
@@ -84,7 +84,7 @@ def compress_run(ckpt: str | Path, out: str | Path, *, method: str, target_exper
 
     spec = check_options(method, rank=rank, sparsity=sparsity, budget=budget, importance=importance, router=router,
                          align=align)
-    if not isinstance(calib_batches, numbers.Integral) or isinstance(calib_batches, bool) or calib_batches < 1:
+    if not is_int(calib_batches) or calib_batches < 1:
         raise ValueError(f"calib_batches={calib_batches!r} must be an integer >= 1")
     importance = (importance or "magnitude") if spec.low_rank else None
     router = (router or "share") if spec.merges else None

@@ -17,13 +17,12 @@ bam: Branch-Attend-Mix style (Zhang et al., 2024): several dense fine-tunes of o
 
 from __future__ import annotations
 
-from numbers import Integral
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
-from jmoe.checks import check_key
+from jmoe.checks import check_key, is_int
 from jmoe.config import MoEConfig
 from jmoe.layer import init_moe
 from jmoe.nn.transformer import LMConfig
@@ -43,7 +42,7 @@ def check_layers(layers: Sequence[int] | None, cfg: LMConfig) -> list[int]:
     `layers` for an index the model lacks or a repeated one."""
     if layers is None:
         return list(range(cfg.n_layers))
-    bad = [i for i in layers if not isinstance(i, Integral) or isinstance(i, bool) or not 0 <= i < cfg.n_layers]
+    bad = [i for i in layers if not is_int(i) or not 0 <= i < cfg.n_layers]
     if bad:
         raise ValueError(f"layers={list(layers)}: {bad[0]!r} is not a layer of the {cfg.n_layers}-layer model")
     out = sorted(int(i) for i in layers)
